@@ -1,0 +1,1 @@
+"""The attention math: score functions (interventions), block-sparse prefill, corpus attention."""

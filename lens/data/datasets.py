@@ -1,0 +1,217 @@
+"""Corpora, queries and relevance judgements: BEIR folders and seeded synthetic generators."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lens.data.words import FIRST_NAMES, KEY_ADJECTIVES, KEY_NOUNS, LAST_NAMES, LIKEABLE_ITEMS
+from lens.errors import LensError
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    text: str
+
+
+@dataclass
+class Dataset:
+    """A document pool, queries, and qrels (query id -> {document id: relevance > 0})."""
+
+    name: str
+    documents: list[Document]
+    queries: list[Query]
+    qrels: dict[str, dict[str, int]]
+    _index: dict[str, int] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self._index = {d.id: i for i, d in enumerate(self.documents)}
+        if len(self._index) != len(self.documents):
+            seen: set[str] = set()
+            dup = next(d.id for d in self.documents if d.id in seen or seen.add(d.id))
+            raise LensError(f"{self.name}: document id {dup!r} appears more than once")
+
+    def doc_index(self, doc_id: str) -> int:
+        return self._index[doc_id]
+
+    def gold(self, query_id: str) -> list[int]:
+        """Pool indices of the query's relevant documents."""
+        return [self._index[d] for d in sorted(self.qrels[query_id], key=self._index.__getitem__)]
+
+
+# ---------------------------------------------------------------------------------------- BEIR
+
+
+def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise LensError(f"{path}:{line_no}: malformed JSON ({err.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise LensError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise LensError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+    return rows
+
+
+def _read_qrels(folder: Path, split: str) -> tuple[Path, list[tuple[str, str, int]]]:
+    tsv, jsonl = folder / "qrels" / f"{split}.tsv", folder / "qrels.jsonl"
+    if tsv.is_file():
+        out = []
+        with tsv.open(encoding="utf-8", newline="") as f:
+            reader = csv.reader(f, delimiter="\t")
+            for line_no, row in enumerate(reader, 1):
+                if not row or (line_no == 1 and row[0] == "query-id"):
+                    continue
+                if len(row) < 3:
+                    raise LensError(f"{tsv}:{line_no}: expected query-id<TAB>corpus-id<TAB>score, got {len(row)} field(s)")
+                try:
+                    out.append((row[0], row[1], int(float(row[2]))))
+                except ValueError:
+                    raise LensError(f"{tsv}:{line_no}: score {row[2]!r} is not a number") from None
+        return tsv, out
+    if jsonl.is_file():
+        rows = _read_jsonl(jsonl, ("query-id", "corpus-id", "score"))
+        return jsonl, [(str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for r in rows]
+    raise LensError(f"{folder}: no qrels (looked for qrels/{split}.tsv and qrels.jsonl)")
+
+
+def load_beir(folder: str | Path, split: str = "test", drop_unjudged: bool = False) -> Dataset:
+    """Load a BEIR-format folder.  Queries with no positive qrels are an error unless
+    ``drop_unjudged`` (then they are left out, and the count says so)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise LensError(f"{folder}: not a folder; a BEIR dataset is a folder with corpus.jsonl, queries.jsonl and qrels")
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        if not (folder / name).is_file():
+            raise LensError(f"{folder}: no {name}; not a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    docs = [
+        Document(str(r["_id"]), str(r.get("text") or ""), str(r.get("title") or ""))
+        for r in _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
+    ]
+    queries = [Query(str(r["_id"]), str(r["text"])) for r in _read_jsonl(folder / "queries.jsonl", ("_id", "text"))]
+    qrels_path, triples = _read_qrels(folder, split)
+    doc_ids, query_ids = {d.id for d in docs}, {q.id for q in queries}
+    qrels: dict[str, dict[str, int]] = {}
+    for qid, did, score in triples:
+        if qid not in query_ids:
+            raise LensError(f"{qrels_path}: query id {qid!r} is not in queries.jsonl")
+        if did not in doc_ids:
+            raise LensError(f"{qrels_path}: corpus id {did!r} (for query {qid!r}) is not in corpus.jsonl")
+        if score > 0:
+            qrels.setdefault(qid, {})[did] = score
+    unjudged = [q.id for q in queries if q.id not in qrels]
+    if unjudged and not drop_unjudged:
+        raise LensError(
+            f"{folder}: {len(unjudged)} quer{'y' if len(unjudged) == 1 else 'ies'} (first {unjudged[0]!r}) "
+            f"have no positive qrels in {qrels_path.name}; pass --drop-unjudged to leave them out"
+        )
+    queries = [q for q in queries if q.id in qrels]
+    if not queries:
+        raise LensError(f"{folder}: no query has a positive judgement in {qrels_path.name}")
+    return Dataset(folder.name, docs, queries, qrels)
+
+
+# ------------------------------------------------------------------------------- synthetic data
+
+
+def _join_items(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + ", and " + items[-1]
+
+
+def limit_dataset(n_docs: int = 256, items_per_doc: int = 20, n_queries: int = 64, seed: int = 0) -> Dataset:
+    """LIMIT-style data: "<First Last> likes A, B, ..., and Z."; queries "Who likes X?" with
+    exactly two relevant documents each.  Items not asked about are drawn from a shared pool, so
+    documents overlap heavily (hard negatives), as in LIMIT."""
+    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
+    if n_docs > len(names):
+        raise LensError(f"synthetic-limit: at most {len(names)} documents (unique names), asked for {n_docs}")
+    if n_docs < 2:
+        raise LensError("synthetic-limit: needs at least 2 documents (two relevant per query)")
+    if not 1 <= items_per_doc <= 60:
+        raise LensError(f"synthetic-limit: items per document must be 1..60, got {items_per_doc}")
+    max_queries = min(len(LIKEABLE_ITEMS) - items_per_doc, n_docs * items_per_doc // 2)
+    if not 1 <= n_queries <= max_queries:
+        raise LensError(f"synthetic-limit: {n_docs} docs x {items_per_doc} items allow 1..{max_queries} queries, asked for {n_queries}")
+    rng = random.Random(seed)
+    people = rng.sample(names, n_docs)
+    items = rng.sample(LIKEABLE_ITEMS, len(LIKEABLE_ITEMS))
+    query_items, fillers = items[:n_queries], items[n_queries:]
+    liked: list[list[str]] = [[] for _ in range(n_docs)]
+    qrels: dict[str, dict[str, int]] = {}
+    for qi, item in enumerate(query_items):
+        open_docs = [d for d in range(n_docs) if len(liked[d]) < items_per_doc]
+        pair = rng.sample(open_docs, 2)
+        for d in pair:
+            liked[d].append(item)
+        qrels[f"q{qi}"] = {f"d{d}": 1 for d in pair}
+    documents = []
+    for d in range(n_docs):
+        extra = rng.sample(fillers, items_per_doc - len(liked[d]))
+        mine = liked[d] + extra
+        rng.shuffle(mine)
+        documents.append(Document(f"d{d}", f"{people[d]} likes {_join_items(mine)}."))
+    queries = [Query(f"q{qi}", f"Who likes {item}?") for qi, item in enumerate(query_items)]
+    return Dataset(f"synthetic-limit-{n_docs}x{items_per_doc}-s{seed}", documents, queries, qrels)
+
+
+def needle_dataset(n_docs: int = 256, n_queries: int = 64, seed: int = 0) -> Dataset:
+    """Key-value needles: "The secret word for <key> is <value>."; one relevant document per query."""
+    keys = [f"{a} {n}" for a in KEY_ADJECTIVES for n in KEY_NOUNS]
+    if n_docs > len(keys):
+        raise LensError(f"needle: at most {len(keys)} documents (unique keys), asked for {n_docs}")
+    if not 1 <= n_queries <= n_docs:
+        raise LensError(f"needle: queries must be 1..{n_docs}, asked for {n_queries}")
+    rng = random.Random(seed)
+    doc_keys = rng.sample(keys, n_docs)
+    values = [rng.choice(LIKEABLE_ITEMS) for _ in range(n_docs)]
+    documents = [Document(f"d{i}", f"The secret word for {k} is {v}.") for i, (k, v) in enumerate(zip(doc_keys, values))]
+    asked = rng.sample(range(n_docs), n_queries)
+    queries = [Query(f"q{j}", f"What is the secret word for {doc_keys[d]}?") for j, d in enumerate(asked)]
+    qrels = {f"q{j}": {f"d{d}": 1} for j, d in enumerate(asked)}
+    return Dataset(f"needle-{n_docs}-s{seed}", documents, queries, qrels)
+
+
+def _parse_options(spec: str, allowed: dict[str, type]) -> dict:
+    name, _, rest = spec.partition(":")
+    out = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed:
+            raise LensError(f"dataset {spec!r}: unknown option {item!r}; {name} takes {', '.join(f'{k}=' for k in allowed)}")
+        try:
+            out[key] = allowed[key](value)
+        except ValueError:
+            raise LensError(f"dataset {spec!r}: {key}={value!r} is not a {allowed[key].__name__}") from None
+    return out
+
+
+def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False) -> Dataset:
+    """``synthetic-limit[:docs=..,items=..,queries=..]``, ``needle[:docs=..,queries=..]`` or a BEIR folder."""
+    if spec.split(":")[0] == "synthetic-limit":
+        o = _parse_options(spec, {"docs": int, "items": int, "queries": int, "seed": int})
+        return limit_dataset(o.get("docs", 256), o.get("items", 20), o.get("queries", 64), o.get("seed", seed))
+    if spec.split(":")[0] == "needle":
+        o = _parse_options(spec, {"docs": int, "queries": int, "seed": int})
+        return needle_dataset(o.get("docs", 256), o.get("queries", 64), o.get("seed", seed))
+    if Path(spec).expanduser().is_dir():
+        return load_beir(spec, drop_unjudged=drop_unjudged)
+    raise LensError(f"dataset {spec!r}: not a folder, 'synthetic-limit[:docs=N,items=K,queries=Q]' or 'needle[:docs=N]'")

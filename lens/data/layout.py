@@ -1,0 +1,189 @@
+"""The BlockSearch layout: instruction block, one block per document with a fixed four-digit
+code, and a query block after which the model decodes the gold document's code.
+
+Position schemes (``LayoutConfig.positions``):
+
+* ``shared`` (BlockRank): every document starts right after the instruction; the query block
+  starts at the fixed far offset ``query_offset``.
+* ``restart`` (MSA): every document's positions restart at 0; the query starts at
+  ``query_offset``.
+* ``sequential``: plain concatenation; the query follows the last document.  A document's KV
+  then depends on where it sits, so its cache key includes its start position.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lens.data.datasets import Dataset
+from lens.errors import LensError
+
+POSITION_SCHEMES = ("shared", "restart", "sequential")
+N_CODES = 10_000  # four digits: 0000-9999
+
+
+@dataclass(frozen=True)
+class LayoutConfig:
+    positions: str = "shared"
+    query_offset: int = 4096
+    max_doc_tokens: int = 256
+    truncate: bool = False  # cut documents longer than max_doc_tokens (counted) instead of failing
+    instruction: str = (
+        "Each document below starts with a unique four-digit code in brackets. "
+        "After the query, answer with the code of the document that answers it.\n\n"
+    )
+    document_template: str = "[{code}] {title}{text}\n"
+    query_template: str = "\nQuery: {query}\nCode: ["
+    code_seed: int = 0  # codes are fixed per document of a pool, drawn with this seed
+
+    def __post_init__(self):
+        if self.positions not in POSITION_SCHEMES:
+            raise LensError(f"positions {self.positions!r}: choose one of {', '.join(POSITION_SCHEMES)}")
+        if self.max_doc_tokens < 1:
+            raise LensError(f"max_doc_tokens must be >= 1, got {self.max_doc_tokens}")
+
+    def document_fingerprint(self) -> str:
+        """What a document's KV depends on (the query side is left out on purpose)."""
+        fields = asdict(self)
+        for name in ("query_offset", "query_template"):
+            fields.pop(name)
+        return hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
+
+
+def assign_codes(n_docs: int, seed: int) -> list[str]:
+    if n_docs > N_CODES:
+        raise LensError(
+            f"a pool of {n_docs} documents cannot carry unique four-digit codes (at most {N_CODES}); "
+            "use a smaller pool (e.g. synthetic-limit:docs=10000)"
+        )
+    return [f"{c:04d}" for c in random.Random(seed).sample(range(N_CODES), n_docs)]
+
+
+@dataclass
+class PoolLayout:
+    """A dataset's documents tokenized once in the layout, with their fixed codes."""
+
+    dataset: Dataset
+    config: LayoutConfig
+    instruction_ids: list[int]
+    doc_token_ids: list[list[int]]
+    codes: list[str]
+    truncated: int  # documents cut to max_doc_tokens (only with config.truncate)
+
+    def query_token_ids(self, tokenizer, query_id: str) -> list[int]:
+        text = next(q.text for q in self.dataset.queries if q.id == query_id)
+        return tokenizer(self.config.query_template.format(query=text), add_special_tokens=False).input_ids
+
+    def code_of(self, doc_index: int) -> str:
+        return self.codes[doc_index]
+
+
+def build_pool_layout(dataset: Dataset, tokenizer, config: LayoutConfig) -> PoolLayout:
+    codes = assign_codes(len(dataset.documents), config.code_seed)
+    texts = [
+        config.document_template.format(code=code, title=f"{d.title}: " if d.title else "", text=d.text)
+        for d, code in zip(dataset.documents, codes)
+    ]
+    ids = tokenizer(texts, add_special_tokens=False).input_ids
+    truncated = 0
+    for i, doc in enumerate(ids):
+        if len(doc) > config.max_doc_tokens:
+            if not config.truncate:
+                raise LensError(
+                    f"{dataset.name}: document {dataset.documents[i].id!r} has {len(doc)} tokens, more than "
+                    f"max_doc_tokens={config.max_doc_tokens}; raise --max-doc-tokens or pass --truncate"
+                )
+            ids[i] = doc[: config.max_doc_tokens]
+            truncated += 1
+    instruction = tokenizer(config.instruction, add_special_tokens=False).input_ids
+    return PoolLayout(dataset, config, instruction, ids, codes, truncated)
+
+
+def corpus_for_query(dataset: Dataset, query_id: str, n_docs: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """The query's corpus at size N: its gold document(s) plus the first N-g distractors of one
+    seeded permutation of the pool, so corpora are nested across N.  Gold documents sit at
+    seeded positions.  Returns (pool indices in corpus order, positions of the gold documents)."""
+    if query_id not in dataset.qrels:
+        raise LensError(f"{dataset.name}: query {query_id!r} has no relevance judgements")
+    gold = dataset.gold(query_id)
+    pool = len(dataset.documents)
+    if n_docs > pool:
+        raise LensError(f"N={n_docs} is larger than the pool of {pool} documents in {dataset.name}; use N <= {pool}")
+    if n_docs < len(gold):
+        raise LensError(f"N={n_docs} cannot hold the {len(gold)} gold documents of query {query_id!r}")
+    order = list(range(pool))
+    random.Random(seed).shuffle(order)
+    gold_set = set(gold)
+    corpus = [d for d in order if d not in gold_set][: n_docs - len(gold)]
+    rng = random.Random(f"{seed}:{query_id}")
+    for g in gold:
+        corpus.insert(rng.randint(0, len(corpus)), g)
+    gold_positions = sorted(corpus.index(g) for g in gold)
+    return corpus, gold_positions
+
+
+def document_start(config: LayoutConfig, instruction_len: int, offset_in_corpus: int) -> int:
+    """Position of a document's first token; ``offset_in_corpus`` counts the tokens of the
+    documents before it (used by ``sequential`` only)."""
+    if config.positions == "shared":
+        return instruction_len
+    if config.positions == "restart":
+        return 0
+    return instruction_len + offset_in_corpus
+
+
+def query_start(config: LayoutConfig, instruction_len: int, corpus_tokens: int, longest_doc: int) -> int:
+    if config.positions == "sequential":
+        return instruction_len + corpus_tokens
+    first_free = longest_doc + (instruction_len if config.positions == "shared" else 0)
+    if config.query_offset < max(first_free, instruction_len):
+        raise LensError(
+            f"query_offset={config.query_offset} overlaps document positions (they reach {first_free}); raise it"
+        )
+    return config.query_offset
+
+
+@dataclass
+class DenseLayout:
+    """One query's whole layout as a single sequence, for dense reference runs at small N."""
+
+    tokens: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    mask: torch.Tensor  # [T, T] bool, True = may attend
+    key_doc: torch.Tensor  # [T] document index in the corpus, -1 for instruction and query tokens
+    query_slice: slice  # the query block's tokens
+
+
+def dense_layout(pool: PoolLayout, corpus: list[int], query_ids: list[int]) -> DenseLayout:
+    cfg, inst = pool.config, pool.instruction_ids
+    tokens, positions, key_doc, segments = list(inst), list(range(len(inst))), [-1] * len(inst), []
+    offset = 0
+    for j, d in enumerate(corpus):
+        doc = pool.doc_token_ids[d]
+        start = document_start(cfg, len(inst), offset)
+        segments.append((len(tokens), len(tokens) + len(doc)))
+        tokens += doc
+        positions += range(start, start + len(doc))
+        key_doc += [j] * len(doc)
+        offset += len(doc)
+    longest = max(len(pool.doc_token_ids[d]) for d in corpus)
+    q0 = query_start(cfg, len(inst), offset, longest)
+    q_begin = len(tokens)
+    tokens += query_ids
+    positions += range(q0, q0 + len(query_ids))
+    key_doc += [-1] * len(query_ids)
+    t = len(tokens)
+    mask = torch.zeros(t, t, dtype=torch.bool)
+    mask[: len(inst), : len(inst)] = torch.ones(len(inst), len(inst), dtype=torch.bool).tril()
+    for a, b in segments:
+        mask[a:b, : len(inst)] = True
+        mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
+    mask[q_begin:, :q_begin] = True
+    mask[q_begin:, q_begin:] = torch.ones(t - q_begin, t - q_begin, dtype=torch.bool).tril()
+    return DenseLayout(
+        torch.tensor(tokens), torch.tensor(positions), mask, torch.tensor(key_doc), slice(q_begin, t)
+    )

@@ -239,7 +239,7 @@ class BlockSearchRunner:
         if record:
             hooks = self._record_hooks()
         resid = self._step(torch.tensor(query_ids), side, keys, values, key_doc, len(corpus), score_fn,
-                           gold_positions if record else None, results)
+                           gold_positions if record else None, results if record else None)
         for h in hooks.values():
             h.remove()
         logits = self.model.unembed(resid[:, -1:])[0, -1].float()

@@ -1,0 +1,121 @@
+"""The ``lens`` command line.  Bad input ends in one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from lens.errors import LensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="lens: in-context retrieval at corpus scale")
+
+
+def _clean_errors(fn):
+    """Turn LensError (and spec errors) into one line on stderr, exit 2: no traceback as the message."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from kernels.score_functions import InterventionSpecError
+
+        try:
+            return fn(*args, **kwargs)
+        except (LensError, InterventionSpecError) as err:
+            typer.echo(f"lens: error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.command()
+@_clean_errors
+def models():
+    """List the registered models: architecture, layers, heads, whether weights are present."""
+    from lens.models.registry import REGISTRY
+
+    typer.echo(f"{'name':<16} {'arch':<6} {'layers':>6} {'heads':>6} {'kv':>3} {'d_model':>7}  weights  description")
+    for entry in REGISTRY.values():
+        cfg = entry.config()
+        present = "yes" if entry.weights_present() else "no"
+        typer.echo(
+            f"{entry.name:<16} {cfg.architecture:<6} {cfg.n_layers:>6} {cfg.n_heads:>6} {cfg.n_kv_heads:>3} "
+            f"{cfg.d_model:>7}  {present:<7}  {entry.description}"
+        )
+    typer.echo("(any local HF checkpoint folder of a llama or qwen3 model also works as --model PATH)")
+
+
+def _parse_n_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise LensError(f"--n {text!r}: expected comma-separated integers, e.g. 16,64,256") from None
+    if not values or min(values) < 1:
+        raise LensError(f"--n {text!r}: expected positive integers, e.g. 16,64,256")
+    return values
+
+
+@app.command()
+@_clean_errors
+def demo(
+    model: Annotated[str, typer.Option(help="registry name or HF folder")] = "smollm2-135m",
+    dataset: Annotated[str, typer.Option(help="synthetic-limit[:docs=..,items=..], needle, or a BEIR folder")] = "synthetic-limit:docs=64,items=10,queries=8",
+    n: Annotated[str, typer.Option(help="corpus sizes N, comma-separated")] = "64",
+    queries: Annotated[int, typer.Option(help="number of queries")] = 4,
+    intervention: Annotated[Optional[list[str]], typer.Option(help="score-function spec; repeatable")] = None,
+    positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
+    max_doc_tokens: Annotated[int, typer.Option()] = 256,
+    truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
+    drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    seed: Annotated[int, typer.Option()] = 0,
+):
+    """Run a model on a generated corpus and print the decoded codes per query (a small sweep)."""
+    import torch
+
+    from kernels.score_functions import parse_intervention
+    from lens.data.datasets import load_dataset
+    from lens.data.layout import LayoutConfig
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    sizes = _parse_n_list(n)
+    score_fns = [parse_intervention(s) for s in (intervention or ["none"])]
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
+    if torch_dtype is None:
+        raise LensError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+    data = load_dataset(dataset, seed=seed, drop_unjudged=drop_unjudged)
+    if queries < 1 or queries > len(data.queries):
+        raise LensError(f"--queries {queries}: {data.name} has {len(data.queries)} queries")
+    too_big = [s for s in sizes if s > len(data.documents)]
+    if too_big:
+        raise LensError(f"--n {too_big[0]} is larger than the pool of {len(data.documents)} documents in {data.name}")
+    t0 = time.time()
+    lm = load_model(model, dtype=torch_dtype)
+    typer.echo(f"model {model} loaded in {time.time() - t0:.1f}s; dataset {data.name}: "
+               f"{len(data.documents)} documents, {len(data.queries)} queries")
+    layout = LayoutConfig(positions=positions, max_doc_tokens=max_doc_tokens, truncate=truncate)
+    runner = BlockSearchRunner(lm, data, layout, seed=seed)
+    if runner.pool.truncated:
+        typer.echo(f"note: {runner.pool.truncated} documents truncated to {max_doc_tokens} tokens (--truncate)")
+    for size in sizes:
+        for fn in score_fns:
+            hits, t0 = 0, time.time()
+            for query in data.queries[:queries]:
+                run = runner.run_query(query.id, size, score_fn=fn, record=False)
+                hits += run.correct
+                typer.echo(
+                    f"N={size:<5} {fn.spec():<24} {query.id:<6} decoded {run.decoded}  gold {','.join(run.gold_codes)}"
+                    f"  {'hit' if run.correct else 'miss'}  ({run.n_tokens} tokens)  {query.text[:60]}"
+                )
+            typer.echo(f"N={size:<5} {fn.spec():<24} hit@1 {hits}/{queries}  ({time.time() - t0:.1f}s)")
+
+
+def main():  # pragma: no cover
+    sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

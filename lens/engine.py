@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from kernels.block_prefill import block_prefill
 from kernels.corpus_attention import CorpusAttentionResult, corpus_attention
-from kernels.score_functions import ScoreFunction
+from kernels.score_functions import Route, ScoreFunction, find_route
 from lens.data.datasets import Dataset
 from lens.data.layout import (
     LayoutConfig,
@@ -30,6 +30,7 @@ from lens.data.layout import (
     document_start,
     query_start,
 )
+from lens.errors import LensError
 from lens.models.decoder import Decoder
 
 CODE_DIGITS = 4
@@ -82,6 +83,8 @@ class QueryRun:
     gold_attn_out: Tensor | None = None  # [layer, d_model] W_O applied to the gold part a^G
     resid_post: Tensor | None = None  # [layer, d_model] residual stream after each layer, readout token
     n_tokens: int = 0  # context length: instruction + documents + query block
+    route_scores: Tensor | None = None  # [layer, 2, N] QK-MaxSim routing score per document (head max, head mean)
+    routed: list[int] | None = None  # corpus positions kept by a route intervention (after its layer)
 
     @property
     def gold_codes(self) -> list[str]:
@@ -99,6 +102,8 @@ class _QuerySide:
     keys: list[Tensor]  # per layer [kv_head, S, d]
     values: list[Tensor]
     next_position: int
+    route: Route | None = None
+    keep_docs: Tensor | None = None  # bool [N], set at the route layer
 
 
 class BlockSearchRunner:
@@ -232,7 +237,11 @@ class BlockSearchRunner:
         n_inst = len(self.pool.instruction_ids)
         longest = max(len(self.pool.doc_token_ids[d]) for d in corpus)
         q_start = query_start(self.layout, n_inst, keys.shape[2] - n_inst, longest)
-        side = _QuerySide([None] * self.model.cfg.n_layers, [None] * self.model.cfg.n_layers, q_start)
+        n_layers = self.model.cfg.n_layers
+        route = find_route(score_fn)
+        if route is not None and not 0 <= route.layer < n_layers - 1:
+            raise LensError(f"route layer {route.layer}: must be 0..{n_layers - 2} for a {n_layers}-layer model")
+        side = _QuerySide([None] * n_layers, [None] * n_layers, q_start, route)
 
         results: list[CorpusAttentionResult] = []
         hooks = {}
@@ -264,15 +273,17 @@ class BlockSearchRunner:
             readout_logits=readout_logits,
             layers=results,
             n_tokens=keys.shape[2] + len(query_ids),
+            routed=side.keep_docs.nonzero().squeeze(1).tolist() if side.keep_docs is not None else None,
         )
         if record:
             run.attn_out = torch.stack(self._recorded["attn_out"])
             run.gold_attn_out = torch.stack(self._recorded["gold_attn_out"])
             run.resid_post = torch.stack(self._recorded["resid_post"])
+            run.route_scores = torch.stack(self._recorded["route_scores"])
         return run
 
     def _record_hooks(self):
-        self._recorded = {"attn_out": [], "gold_attn_out": [], "resid_post": []}
+        self._recorded = {"attn_out": [], "gold_attn_out": [], "resid_post": [], "route_scores": []}
         handles = {}
         for block in self.model.blocks:
             handles[f"a{block.layer}"] = block.hook_attn_out.register_forward_hook(
@@ -297,12 +308,22 @@ class BlockSearchRunner:
                 side.keys[layer] = torch.cat([side.keys[layer], k_new], dim=1)
                 side.values[layer] = torch.cat([side.values[layer], v_new], dim=1)
             attn = self.model.blocks[layer].attn
+            route = side.route
+            deciding = route is not None and layer == route.layer and side.keep_docs is None
             res = corpus_attention(
                 q[0].transpose(0, 1), keys[layer], values[layer], key_doc, n_docs,
                 side.keys[layer], side.values[layer], layer=layer, scale=attn.scale,
                 score_fn=score_fn, gold_docs=gold_positions, stats=results is not None,
+                keep_docs=side.keep_docs if route is not None and layer > route.layer else None,
+                route_stats=results is not None or deciding,
             )
+            if deciding:
+                top = route.scores(res.route_max).topk(min(route.B, n_docs)).indices
+                side.keep_docs = torch.zeros(n_docs, dtype=torch.bool)
+                side.keep_docs[top] = True
             if results is not None:
+                per_head = res.route_max.amax(dim=1)  # max over query tokens -> [head, N]
+                self._recorded["route_scores"].append(torch.stack([per_head.amax(0), per_head.mean(0)]))
                 results.append(_readout_only(res))
                 gold = res.gold_output[-1:] if res.gold_output is not None else torch.zeros_like(res.output[-1:])
                 self._recorded["gold_attn_out"].append(attn.o_proj(gold.reshape(1, -1).to(q.dtype))[0].float())

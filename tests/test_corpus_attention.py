@@ -55,3 +55,72 @@ def test_corpus_attention_matches_naive(fn, shape):
     assert torch.allclose(torch.exp(res.doc_lse - res.lse[..., None]), mass, atol=1e-5)
     assert torch.allclose(res.doc_max, doc_max, atol=1e-5)
     assert torch.allclose(res.gold_output, gold_out, atol=1e-5)
+
+
+from kernels.corpus_attention import dense_corpus_attention  # noqa: E402
+from kernels.score_functions import HeadScale  # noqa: E402
+
+
+def _assert_same(a, b, atol=1e-5):
+    assert torch.allclose(a.output, b.output, atol=atol)
+    assert torch.allclose(a.lse, b.lse, atol=atol)
+    for name in ("doc_max", "doc_lse", "route_max"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert (x is None) == (y is None), name
+        if x is not None:
+            assert torch.equal(torch.isinf(x), torch.isinf(y)), name
+            finite = torch.isfinite(x)
+            assert torch.allclose(x[finite], y[finite], atol=atol), name
+    if a.gold_output is not None or b.gold_output is not None:
+        assert torch.allclose(a.gold_output, b.gold_output, atol=atol)
+
+
+FNS = [None, Temperature(0.6), SSMax(0.43, n="keys"), SSMax(0.7, n="docs"), Sink(0.5), HeadScale(2, (1, 3), 2.5),
+       Temperature(0.8) + SSMax(0.5, n="docs") + Sink(-1.0)]
+SHAPES = [
+    dict(),  # GQA 6 over 2
+    dict(heads=9, kv=3, doc_lens=(1,), q=1, s=1),  # a corpus of one document, N=1
+    dict(heads=16, kv=8, doc_lens=(30, 2, 11, 1, 17), q=4, s=6),  # Qwen3-0.6B-like grouping
+    dict(heads=4, kv=4, doc_lens=tuple(range(1, 40)), q=2, s=3, n_inst=0),  # many unequal documents, no instruction
+]
+
+
+@pytest.mark.parametrize("fn", FNS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 64, 16384])
+def test_streaming_equals_dense_reference(fn, shape, chunk_size):
+    """Exact within 1e-5 (fp32), documents spanning chunk boundaries included."""
+    args = _inputs(seed=2, **shape)
+    gold = [0] if args["n_docs"] == 1 else [1, args["n_docs"] - 1]
+    streamed = corpus_attention(**args, score_fn=fn, gold_docs=gold, route_stats=True, chunk_size=chunk_size)
+    dense = dense_corpus_attention(**args, score_fn=fn, gold_docs=gold, route_stats=True)
+    _assert_same(streamed, dense)
+
+
+@pytest.mark.parametrize("fn", [None, SSMax(0.43, n="docs"), SSMax(0.43, n="keys"), Sink(1.0)])
+@pytest.mark.parametrize("chunk_size", [3, 16384])
+def test_routing_keep_docs_equals_dense_reference_and_masking(fn, chunk_size):
+    args = _inputs(seed=4, doc_lens=(5, 9, 2, 7, 3, 6), q=3, s=4)
+    keep = torch.tensor([True, False, True, False, False, True])
+    streamed = corpus_attention(**args, score_fn=fn, gold_docs=[2], keep_docs=keep, chunk_size=chunk_size)
+    dense = dense_corpus_attention(**args, score_fn=fn, gold_docs=[2], keep_docs=keep)
+    _assert_same(streamed, dense)
+    assert torch.isinf(streamed.doc_max[..., ~keep]).all() and torch.isfinite(streamed.doc_max[..., keep]).all()
+    # routing == physically removing the documents that were not kept
+    kept_keys = (args["key_doc"] < 0) | keep[args["key_doc"].clamp(min=0)]
+    remap = torch.cumsum(keep.long(), 0) - 1
+    sub = dict(args, corpus_k=args["corpus_k"][:, kept_keys], corpus_v=args["corpus_v"][:, kept_keys],
+               key_doc=torch.where(args["key_doc"][kept_keys] >= 0, remap[args["key_doc"][kept_keys].clamp(min=0)], -1),
+               n_docs=int(keep.sum()))
+    removed = dense_corpus_attention(**sub, score_fn=fn, gold_docs=[int(remap[2])])
+    assert torch.allclose(streamed.output, removed.output, atol=1e-5)
+    assert torch.allclose(streamed.doc_lse[..., keep], removed.doc_lse, atol=1e-5)
+
+
+def test_bf16_streaming_close_to_fp32():
+    args = _inputs(seed=5, heads=9, kv=3, doc_lens=(40, 33, 51), q=5, s=5, d=64)
+    bf = {k: (v.bfloat16() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in args.items()}
+    a = corpus_attention(**args, gold_docs=[1])
+    b = corpus_attention(**bf, gold_docs=[1], chunk_size=16)
+    assert torch.allclose(a.output, b.output.float(), atol=0.05)
+    assert torch.allclose(torch.exp(a.doc_lse - a.lse[..., None]), torch.exp(b.doc_lse - b.lse[..., None]), atol=0.02)

@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner, DocumentKVCache
+    from lens.engine import BlockSearchRunner, length_batches
     from lens.models.registry import load_model, smollm2_folder
 
     dtype = getattr(torch, args.dtype)
@@ -44,13 +44,8 @@ def main() -> None:
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
     # The same batches lens forms (documents sorted by length, up to batch_tokens per batch).
     order = sorted(docs, key=lambda d: len(runner.pool.doc_token_ids[d]))
-    batches, i = [], 0
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and (j - i + 1) * len(runner.pool.doc_token_ids[order[j]]) <= args.batch_tokens:
-            j += 1
-        batches.append(order[i:j])
-        i = j
+    batches = [[order[i] for i in batch]
+               for batch in length_batches([len(runner.pool.doc_token_ids[d]) for d in order], args.batch_tokens)]
     hf_inputs = []
     for batch in batches:
         width = max(len(runner.pool.doc_token_ids[d]) for d in batch)
@@ -63,7 +58,7 @@ def main() -> None:
         hf_inputs.append((ids, mask))
 
     def run_lens():
-        runner.cache = DocumentKVCache()
+        runner.source.clear()
         runner.prefill(docs)
 
     def run_hf():

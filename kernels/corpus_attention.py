@@ -37,7 +37,7 @@ class CorpusAttentionResult:
     doc_max: Tensor | None = None  # [head, Q, N] max score over each document's tokens (MaxSim); -inf if not attended
     doc_lse: Tensor | None = None  # [head, Q, N] logsumexp of each document's scores; mass = exp(doc_lse - lse)
     gold_output: Tensor | None = None  # [Q, head, d] the part of output contributed by gold_docs' tokens
-    route_max: Tensor | None = None  # [head, Q, N] max of the raw scaled q.k per document (before interventions)
+    route_max: Tensor | None = None  # [head, N] max over query tokens and each document's keys of the raw scaled q.k
 
 
 Chunk = tuple[Tensor, Tensor, Tensor]  # keys [kv_head, C, d], values [kv_head, C, d], key_doc [C]
@@ -62,44 +62,82 @@ def iter_chunks(
         yield keys[:, start:stop], values[:, start:stop], key_doc[start:stop]
 
 
-class _OnlineSoftmax:
-    """Running max, denominator and weighted values over chunks of keys (fp32 accumulators)."""
+class CorpusAttentionStream:
+    """Online (flash-style) softmax of one set of query tokens over chunks of corpus keys.
 
-    def __init__(self, n_heads: int, n_q: int, d: int, n_docs: int, gold_docs, stats: bool, route: bool):
+    Feed chunks with :meth:`update` in any order and as many as wanted (each key once), then
+    :meth:`finish` with the query side's own keys.  ``n_corpus_keys`` / ``n_docs_attended`` are
+    how many corpus keys and documents will be fed in all: score functions (SSMax) need them
+    before the stream ends.  ``stats_rows="last"`` keeps per-document statistics for the last
+    query token only (the readout token), which is what keeps many streams cheap at large N."""
+
+    def __init__(
+        self, q: Tensor, n_docs: int, *, n_corpus_keys: int, n_docs_attended: int, n_self: int, layer: int,
+        scale: float, score_fn: ScoreFunction | None = None, gold_docs: list[int] | None = None,
+        stats: bool = True, route_stats: bool = False, stats_rows: str = "all",
+    ):
+        n_heads, n_q, d = q.shape
+        self.q, self.scale, self.layer, self.score_fn = q, scale, layer, score_fn
+        self.n_docs, self.n_docs_attended = n_docs, n_docs_attended
+        self.self_pos = torch.arange(n_self - n_q, n_self)
+        self.n_keys = (n_corpus_keys + self.self_pos + 1).view(1, n_q, 1)
+        self.rows = slice(n_q - 1, n_q) if stats_rows == "last" else slice(0, n_q)
+        n_rows = 1 if stats_rows == "last" else n_q
         self.m = torch.full((n_heads, n_q), float("-inf"))
         self.l = torch.zeros(n_heads, n_q)
         self.acc = torch.zeros(n_heads, n_q, d)
         self.gold = torch.tensor(gold_docs, dtype=torch.long) if gold_docs else None
-        self.gold_acc = torch.zeros(n_heads, n_q, d) if gold_docs else None
-        self.doc_max = torch.full((n_heads, n_q, n_docs), float("-inf")) if stats else None
-        self.doc_lse = torch.full((n_heads, n_q, n_docs), float("-inf")) if stats else None
-        self.route_max = torch.full((n_heads, n_q, n_docs), float("-inf")) if route else None
+        self.gold_acc = torch.zeros(n_heads, n_rows, d) if gold_docs and stats else None
+        self.doc_max = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
+        self.doc_lse = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
+        self.route_max = torch.full((n_heads, n_docs), float("-inf")) if route_stats else None
 
-    def update(self, scores: Tensor, values: Tensor, key_doc: Tensor | None, n_rep: int) -> None:
-        """scores [head, Q, C] (fp32, masked with -inf); values [kv_head, C, d]."""
+    def _context(self, key_doc: Tensor) -> ScoreContext:
+        return ScoreContext(self.layer, self.q.shape[0], self.n_keys, self.n_docs_attended, key_doc)
+
+    def update(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
+        """One chunk: keys, values [kv_head, C, d]; key_doc [C] (document of each key, -1 none)."""
+        raw = _grouped_scores(self.q, keys, self.scale)
+        if self.route_max is not None:
+            _doc_max(raw.amax(1, keepdim=True), key_doc, self.route_max[:, None])
+        scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
+        self._accumulate(scores, values, key_doc)
+
+    def finish(self, self_k: Tensor, self_v: Tensor) -> CorpusAttentionResult:
+        s = self_k.shape[1]
+        scores, sink = apply_score_function(
+            _grouped_scores(self.q, self_k, self.scale), self.score_fn,
+            self._context(torch.full((s,), -1, dtype=torch.long)),
+        )
+        causal = torch.arange(s)[None, :] <= self.self_pos[:, None]
+        self._accumulate(scores.masked_fill(~causal, float("-inf")), self_v, None)
+        lse = self.m + torch.log(self.l)
+        if sink is not None:
+            lse = torch.logaddexp(lse, sink.view(-1, 1).float())
+        scale = torch.exp(self.m - lse)[..., None]
+        output = (self.acc * scale).transpose(0, 1).to(self.q.dtype)
+        gold = None
+        if self.gold_acc is not None:
+            gold = (self.gold_acc * scale[:, self.rows]).transpose(0, 1).to(self.q.dtype)
+        return CorpusAttentionResult(output, lse, self.doc_max, self.doc_lse, gold, self.route_max)
+
+    def _accumulate(self, scores: Tensor, values: Tensor, key_doc: Tensor | None) -> None:
+        n_rep = scores.shape[0] // values.shape[0]
         m_new = torch.maximum(self.m, scores.amax(-1))
         safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
         alpha = torch.exp(self.m - safe)
         p = torch.exp(scores - safe[..., None])
         self.l = self.l * alpha + p.sum(-1)
         self.acc = self.acc * alpha[..., None] + _grouped_pv(p, values, n_rep)
+        self.m = m_new
         if self.gold_acc is not None:
-            self.gold_acc = self.gold_acc * alpha[..., None]
+            self.gold_acc = self.gold_acc * alpha[:, self.rows, None]
             if key_doc is not None:
                 is_gold = torch.isin(key_doc, self.gold)
                 if is_gold.any():
-                    self.gold_acc += _grouped_pv(p * is_gold, values, n_rep)
-        self.m = m_new
+                    self.gold_acc += _grouped_pv(p[:, self.rows] * is_gold, values, n_rep)
         if self.doc_max is not None and key_doc is not None:
-            _merge_doc_stats(scores, key_doc, self.doc_max, self.doc_lse)
-
-    def finish(self, sink: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-        lse = self.m + torch.log(self.l)
-        if sink is not None:
-            lse = torch.logaddexp(lse, sink.view(-1, 1).float())
-        scale = torch.exp(self.m - lse)[..., None]
-        gold = (self.gold_acc * scale).transpose(0, 1) if self.gold_acc is not None else None
-        return (self.acc * scale).transpose(0, 1), lse, gold
+            _merge_doc_stats(scores[:, self.rows], key_doc, self.doc_max, self.doc_lse)
 
 
 def _grouped_pv(p: Tensor, values: Tensor, n_rep: int) -> Tensor:
@@ -119,7 +157,7 @@ def _grouped_scores(q: Tensor, keys: Tensor, scale: float) -> Tensor:
 
 
 def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: Tensor) -> None:
-    """Fold one chunk's per-document max and logsumexp into the running [head, Q, N] tensors
+    """Fold one chunk's per-document max and logsumexp into the running [head, rows, N] tensors
     (documents may span chunk boundaries)."""
     is_doc = key_doc >= 0
     if not is_doc.any():
@@ -138,6 +176,7 @@ def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: 
 
 
 def _doc_max(scores: Tensor, key_doc: Tensor, out: Tensor) -> None:
+    """out[..., d] = max(out[..., d], max of scores over d's keys), in place."""
     is_doc = key_doc >= 0
     if is_doc.any():
         s = scores[..., is_doc]
@@ -151,43 +190,13 @@ def attend_chunks(
     n_docs: int,
     self_k: Tensor,
     self_v: Tensor,
-    *,
-    n_corpus_keys: int,
-    n_docs_attended: int,
-    layer: int,
-    scale: float,
-    score_fn: ScoreFunction | None = None,
-    gold_docs: list[int] | None = None,
-    stats: bool = True,
-    route_stats: bool = False,
+    **kwargs,
 ) -> CorpusAttentionResult:
-    """Streaming core.  ``n_corpus_keys`` / ``n_docs_attended``: how many corpus keys and
-    documents the chunks hold in all (score functions see these counts before the stream ends)."""
-    n_heads, n_q, d = q.shape
-    n_rep = n_heads // self_k.shape[0]
-    s = self_k.shape[1]
-    self_pos = torch.arange(s - n_q, s)
-    n_keys = (n_corpus_keys + self_pos + 1).view(1, n_q, 1)
-    state = _OnlineSoftmax(n_heads, n_q, d, n_docs, gold_docs, stats, route_stats)
-    ctx = None
+    """Stream ``chunks`` through a :class:`CorpusAttentionStream` (keyword arguments as there)."""
+    stream = CorpusAttentionStream(q, n_docs, n_self=self_k.shape[1], **kwargs)
     for keys, values, key_doc in chunks:
-        raw = _grouped_scores(q, keys, scale)
-        if state.route_max is not None:
-            _doc_max(raw, key_doc, state.route_max)
-        ctx = ScoreContext(layer, n_heads, n_keys, n_docs_attended, key_doc)
-        scores, _ = apply_score_function(raw, score_fn, ctx)
-        state.update(scores, values, key_doc, n_rep)
-    # the query side's own keys, causal among themselves
-    self_doc = torch.full((s,), -1, dtype=torch.long)
-    ctx = ScoreContext(layer, n_heads, n_keys, n_docs_attended, self_doc)
-    scores, sink = apply_score_function(_grouped_scores(q, self_k, scale), score_fn, ctx)
-    causal = torch.arange(s)[None, :] <= self_pos[:, None]
-    state.update(scores.masked_fill(~causal, float("-inf")), self_v, None, n_rep)
-    output, lse, gold_output = state.finish(sink)
-    return CorpusAttentionResult(
-        output.to(q.dtype), lse, state.doc_max,
-        state.doc_lse, gold_output.to(q.dtype) if gold_output is not None else None, state.route_max,
-    )
+        stream.update(keys, values, key_doc)
+    return stream.finish(self_k, self_v)
 
 
 def corpus_attention(
@@ -206,6 +215,7 @@ def corpus_attention(
     stats: bool = True,
     keep_docs: Tensor | None = None,
     route_stats: bool = False,
+    stats_rows: str = "all",
     chunk_size: int = 16384,
 ) -> CorpusAttentionResult:
     """Streaming corpus attention.  q: [head, Q, d] (rotated); corpus_k/v: [kv_head, T, d];
@@ -216,7 +226,7 @@ def corpus_attention(
     return attend_chunks(
         q, iter_chunks(corpus_k, corpus_v, key_doc, chunk_size, keep_docs), n_docs, self_k, self_v,
         n_corpus_keys=n_keys, n_docs_attended=n_attended, layer=layer, scale=scale, score_fn=score_fn,
-        gold_docs=gold_docs, stats=stats, route_stats=route_stats,
+        gold_docs=gold_docs, stats=stats, route_stats=route_stats, stats_rows=stats_rows,
     )
 
 
@@ -264,8 +274,9 @@ def dense_corpus_attention(
     probs = torch.exp(scores - lse[..., None])
     result = CorpusAttentionResult((probs @ values).transpose(0, 1).to(q.dtype), lse)
     if route_stats:
-        result.route_max = torch.full((n_heads, n_q, n_docs), float("-inf"))
-        _doc_max(raw[..., :t], key_doc, result.route_max)
+        result.route_max = torch.full((n_heads, 1, n_docs), float("-inf"))
+        _doc_max(raw[..., :t].amax(1, keepdim=True), key_doc, result.route_max)
+        result.route_max = result.route_max[:, 0]
     if not stats:
         return result
     doc_scores = scores[..., :t]

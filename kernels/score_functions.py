@@ -220,9 +220,8 @@ class Route(ScoreFunction):
             raise ValueError(f"route reduce must be 'max' or 'mean', got {self.reduce!r}")
 
     def scores(self, route_max: Tensor) -> Tensor:
-        """Document routing scores [N] from raw per-document maxima [head, Q, N]."""
-        per_head = route_max.amax(dim=1)  # max over query tokens
-        return per_head.amax(0) if self.reduce == "max" else per_head.mean(0)
+        """Document routing scores [N] from raw per-document maxima over query tokens [head, N]."""
+        return route_max.amax(0) if self.reduce == "max" else route_max.mean(0)
 
     def spec(self):
         return f"route:layer={self.layer},B={self.B}" + ("" if self.reduce == "max" else f",reduce={self.reduce}")

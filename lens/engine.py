@@ -1,11 +1,15 @@
 """Running the BlockSearch layout on a hooked decoder.
 
 1. The instruction block is run once (causal).
-2. Documents are prefilled block-sparsely in batches (each sees the instruction and itself);
-   their per-layer keys and values go into a :class:`DocumentKVCache` keyed by model, layout
-   and document content, so every query and every intervention reuses them.
-3. A query block runs over the cached corpus through ``kernels.corpus_attention``, which also
-   returns the per-document statistics the lens records.
+2. Documents are prefilled block-sparsely in batches (each sees the instruction and itself).
+   Their per-layer keys and values live in a KV source: :class:`MemoryKV` (a per-document
+   cache keyed by model, layout, document tokens and start position; prefilled on demand) or
+   :class:`lens.kv_store.DiskKV` (the whole pool on disk, for corpora larger than RAM).
+3. Query streams, one per (query, N, intervention), run *layer-major*: every stream computes its
+   queries for layer L, the source feeds the layer's corpus chunks to all streams at once (a
+   disk-backed corpus is read once per layer, whatever the number of streams), then every
+   stream finishes the layer.  Attention goes through ``kernels.corpus_attention``, which also
+   returns the per-document statistics the lens records (for the readout token).
 4. Four digits are decoded greedily (over the ten digit tokens), reusing the query side's KV.
 """
 
@@ -19,17 +23,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kernels.block_prefill import block_prefill
-from kernels.corpus_attention import CorpusAttentionResult, corpus_attention
+from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream, iter_chunks
 from kernels.score_functions import Route, ScoreFunction, find_route
 from lens.data.datasets import Dataset
-from lens.data.layout import (
-    LayoutConfig,
-    PoolLayout,
-    build_pool_layout,
-    corpus_for_query,
-    document_start,
-    query_start,
-)
+from lens.data.layout import LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, document_start, query_start
 from lens.errors import LensError
 from lens.models.decoder import Decoder
 
@@ -42,29 +39,57 @@ class DocumentKV:
     values: Tensor  # [layer, kv_head, len, d_head]
 
 
-class DocumentKVCache:
-    """Per-document KV, keyed by (model, layout, document tokens, start position).  In memory."""
+@torch.no_grad()
+def run_instruction(model: Decoder, token_ids: list[int]) -> DocumentKV:
+    """The instruction block's KV (causal, positions 0..I-1)."""
+    ids = torch.tensor([token_ids])
+    keys, values = [], []
 
-    def __init__(self):
-        self._store: dict[str, DocumentKV] = {}
+    def attend(layer, q, k, v):
+        keys.append(k[0].transpose(0, 1))
+        values.append(v[0].transpose(0, 1))
+        mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()[None, None]
+        return model.blocks[layer].attn.dense(q, k, v, mask)
 
-    @staticmethod
-    def key(model_fingerprint: str, layout_fingerprint: str, tokens: list[int], start: int) -> str:
-        h = hashlib.sha256(f"{model_fingerprint}|{layout_fingerprint}|{start}|".encode())
-        h.update(torch.tensor(tokens, dtype=torch.int64).numpy().tobytes())
-        return h.hexdigest()
+    model.run_blocks(model.embed(ids), torch.arange(ids.shape[1])[None], attend)
+    return DocumentKV(torch.stack(keys), torch.stack(values))
 
-    def get(self, key: str) -> DocumentKV | None:
-        return self._store.get(key)
 
-    def put(self, key: str, kv: DocumentKV) -> None:
-        self._store[key] = kv
+@torch.no_grad()
+def prefill_batch(
+    model: Decoder, instruction: DocumentKV, docs: list[list[int]], starts: list[int], pad_id: int
+) -> tuple[Tensor, Tensor]:
+    """Block-sparse prefill of right-padded documents: keys, values [docs, layer, len, kv_head, d]."""
+    width = max(map(len, docs))
+    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(docs), width, dtype=torch.long)
+    for row, (toks, start) in enumerate(zip(docs, starts)):
+        ids[row, : len(toks)] = torch.tensor(toks)
+        positions[row] = torch.arange(start, start + width)
+    keys, values = [], []
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._store
+    def attend(layer, q, k, v):
+        keys.append(k)
+        values.append(v)
+        return block_prefill(q, k, v, instruction.keys[layer], instruction.values[layer])
 
-    def __len__(self) -> int:
-        return len(self._store)
+    model.run_blocks(model.embed(ids), positions, attend)
+    return torch.stack(keys, dim=1), torch.stack(values, dim=1)
+
+
+def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Group items (indices into ``lengths``, taken in the given order) so that each batch's
+    padded size (count x longest) stays within ``batch_tokens``."""
+    batches, current, longest = [], [], 0
+    for i, n in enumerate(lengths):
+        if current and (len(current) + 1) * max(longest, n) > batch_tokens:
+            batches.append(current)
+            current, longest = [], 0
+        current.append(i)
+        longest = max(longest, n)
+    if current:
+        batches.append(current)
+    return batches
 
 
 @dataclass
@@ -72,6 +97,8 @@ class QueryRun:
     """One query over one corpus: decoded code and the per-layer record of the readout token."""
 
     query_id: str
+    n_docs: int
+    intervention: str
     corpus: list[int]  # pool indices, in corpus order
     gold_positions: list[int]  # indices into corpus
     codes: list[str]  # code of each corpus document
@@ -82,9 +109,9 @@ class QueryRun:
     attn_out: Tensor | None = None  # [layer, d_model] attention block output at the readout token
     gold_attn_out: Tensor | None = None  # [layer, d_model] W_O applied to the gold part a^G
     resid_post: Tensor | None = None  # [layer, d_model] residual stream after each layer, readout token
-    n_tokens: int = 0  # context length: instruction + documents + query block
     route_scores: Tensor | None = None  # [layer, 2, N] QK-MaxSim routing score per document (head max, head mean)
     routed: list[int] | None = None  # corpus positions kept by a route intervention (after its layer)
+    n_tokens: int = 0  # context length: instruction + documents + query block
 
     @property
     def gold_codes(self) -> list[str]:
@@ -96,14 +123,110 @@ class QueryRun:
 
 
 @dataclass
-class _QuerySide:
-    """The query block's own keys and values per layer, grown by each decoded digit."""
+class QueryStream:
+    """One (query, N, intervention) moving through the layers; grows by each decoded digit."""
 
-    keys: list[Tensor]  # per layer [kv_head, S, d]
-    values: list[Tensor]
+    query_id: str
+    corpus: list[int]
+    gold_positions: list[int]
+    query_ids: list[int]
+    score_fn: ScoreFunction | None
+    route: Route | None
+    record: bool
     next_position: int
-    route: Route | None = None
+    n_layers: int
+    self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
+    self_v: list = field(default_factory=list)
     keep_docs: Tensor | None = None  # bool [N], set at the route layer
+    recording: dict = field(default_factory=dict)
+    # per step, set by the engine
+    resid: Tensor | None = None
+    rotary: tuple | None = None
+    attention: CorpusAttentionStream | None = None
+    q: Tensor | None = None
+
+    def __post_init__(self):
+        self.self_k, self.self_v = [None] * self.n_layers, [None] * self.n_layers
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.corpus)
+
+    def attends_routed(self, layer: int) -> bool:
+        return self.route is not None and layer > self.route.layer and self.keep_docs is not None
+
+
+class MemoryKV:
+    """Documents' KV in memory, prefilled on demand (the interactive path, up to a few million
+    tokens of KV: SmolLM2 needs 23 KB per token in bf16)."""
+
+    def __init__(self, model: Decoder, pool: PoolLayout, batch_tokens: int = 8192, progress: bool = True):
+        self.model, self.pool, self.layout = model, pool, pool.config
+        self.batch_tokens, self.progress = batch_tokens, progress
+        self.instruction = run_instruction(model, pool.instruction_ids)
+        self._store: dict[str, DocumentKV] = {}
+        self._fingerprint = self.layout.document_fingerprint()
+
+    def _key(self, doc: int, start: int) -> str:
+        h = hashlib.sha256(f"{self.model.fingerprint}|{self._fingerprint}|{start}|".encode())
+        h.update(torch.tensor(self.pool.doc_token_ids[doc], dtype=torch.int64).numpy().tobytes())
+        return h.hexdigest()
+
+    def starts(self, corpus: list[int]) -> list[int]:
+        starts, offset, n_inst = [], 0, len(self.pool.instruction_ids)
+        for d in corpus:
+            starts.append(document_start(self.layout, n_inst, offset))
+            offset += len(self.pool.doc_token_ids[d])
+        return starts
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+
+    def prefill(self, corpus: list[int]) -> None:
+        """Make sure every document of ``corpus`` (pool indices) has its KV cached."""
+        todo = sorted(
+            {(d, s) for d, s in zip(corpus, self.starts(corpus)) if self._key(d, s) not in self._store},
+            key=lambda ds: len(self.pool.doc_token_ids[ds[0]]),
+        )
+        if not todo:
+            return
+        lengths = [len(self.pool.doc_token_ids[d]) for d, _ in todo]
+        with tqdm(total=len(todo), desc="prefill documents", unit="doc", disable=not self.progress, leave=False) as bar:
+            for batch in length_batches(lengths, self.batch_tokens):
+                items = [todo[i] for i in batch]
+                keys, values = prefill_batch(
+                    self.model, self.instruction, [self.pool.doc_token_ids[d] for d, _ in items],
+                    [s for _, s in items], self.model.tokenizer.pad_token_id or 0,
+                )
+                for row, (d, s) in enumerate(items):
+                    n = len(self.pool.doc_token_ids[d])
+                    self._store[self._key(d, s)] = DocumentKV(
+                        keys[row, :, :n].transpose(1, 2).contiguous(), values[row, :, :n].transpose(1, 2).contiguous()
+                    )
+                bar.update(len(items))
+
+    def corpus_keys(self, stream: QueryStream, layer: int | None = None) -> int:
+        """Number of corpus keys (instruction + documents) the stream attends at ``layer``."""
+        lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
+        if layer is not None and stream.attends_routed(layer):
+            lengths = [n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep]
+        return len(self.pool.instruction_ids) + sum(lengths)
+
+    def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 16384) -> None:
+        for stream in streams:
+            docs = [self._store[self._key(d, s)] for d, s in zip(stream.corpus, self.starts(stream.corpus))]
+            keys = torch.cat([self.instruction.keys[layer]] + [kv.keys[layer] for kv in docs], dim=1)
+            values = torch.cat([self.instruction.values[layer]] + [kv.values[layer] for kv in docs], dim=1)
+            key_doc = torch.cat(
+                [torch.full((self.instruction.keys.shape[2],), -1, dtype=torch.long)]
+                + [torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(docs)]
+            )
+            keep = stream.keep_docs if stream.attends_routed(layer) else None
+            for chunk in iter_chunks(keys, values, key_doc, chunk_size, keep):
+                stream.attention.update(*chunk)
 
 
 class BlockSearchRunner:
@@ -115,230 +238,130 @@ class BlockSearchRunner:
         dataset: Dataset,
         layout: LayoutConfig | None = None,
         seed: int = 0,
-        cache: DocumentKVCache | None = None,
         batch_tokens: int = 8192,
         progress: bool = True,
+        source=None,
     ):
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig()
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
-        self.cache = cache if cache is not None else DocumentKVCache()
-        self.batch_tokens, self.progress = batch_tokens, progress
+        self.progress = progress
+        self.source = source if source is not None else MemoryKV(model, self.pool, batch_tokens, progress)
         self.digit_ids = torch.tensor(
             [model.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)], dtype=torch.long
         )
-        self._layout_fingerprint = self.layout.document_fingerprint()
-        self._instruction = self._run_instruction()
 
-    # ------------------------------------------------------------------------------ prefill
-    @torch.no_grad()
-    def _run_instruction(self) -> DocumentKV:
-        ids = torch.tensor([self.pool.instruction_ids])
-        keys, values = [], []
-
-        def attend(layer, q, k, v):
-            keys.append(k[0].transpose(0, 1))
-            values.append(v[0].transpose(0, 1))
-            mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()[None, None]
-            return self.model.blocks[layer].attn.dense(q, k, v, mask)
-
-        self.model.run_blocks(self.model.embed(ids), torch.arange(ids.shape[1])[None], attend)
-        return DocumentKV(torch.stack(keys), torch.stack(values))
-
-    def _doc_key(self, doc: int, start: int) -> str:
-        return DocumentKVCache.key(
-            self.model.fingerprint, self._layout_fingerprint, self.pool.doc_token_ids[doc], start
-        )
-
-    def _starts(self, corpus: list[int]) -> list[int]:
-        starts, offset, n_inst = [], 0, len(self.pool.instruction_ids)
-        for d in corpus:
-            starts.append(document_start(self.layout, n_inst, offset))
-            offset += len(self.pool.doc_token_ids[d])
-        return starts
-
-    @torch.no_grad()
-    def prefill(self, corpus: list[int], starts: list[int] | None = None) -> None:
-        """Make sure every document of ``corpus`` (pool indices) has its KV in the cache."""
-        starts = starts if starts is not None else self._starts(corpus)
-        todo = sorted(
-            {(d, s) for d, s in zip(corpus, starts) if self._doc_key(d, s) not in self.cache},
-            key=lambda ds: len(self.pool.doc_token_ids[ds[0]]),
-        )
-        if not todo:
-            return
-        bar = tqdm(total=len(todo), desc="prefill documents", unit="doc", disable=not self.progress, leave=False)
-        i = 0
-        while i < len(todo):
-            longest = len(self.pool.doc_token_ids[todo[i][0]])
-            j = i + 1
-            while j < len(todo) and (j - i + 1) * len(self.pool.doc_token_ids[todo[j][0]]) <= self.batch_tokens:
-                j += 1
-            self._prefill_batch(todo[i:j])
-            bar.update(j - i)
-            i = j
-        bar.close()
-
-    def _prefill_batch(self, batch: list[tuple[int, int]]) -> None:
-        lengths = [len(self.pool.doc_token_ids[d]) for d, _ in batch]
-        width = max(lengths)
-        pad = self.model.tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        positions = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, ((d, start), n) in enumerate(zip(batch, lengths)):
-            ids[row, :n] = torch.tensor(self.pool.doc_token_ids[d])
-            positions[row] = torch.arange(start, start + width)
-        keys, values = [], []
-
-        def attend(layer, q, k, v):
-            keys.append(k)
-            values.append(v)
-            inst = self._instruction
-            return block_prefill(q, k, v, inst.keys[layer], inst.values[layer])
-
-        self.model.run_blocks(self.model.embed(ids), positions, attend)
-        keys_all = torch.stack(keys, dim=1)  # [docs, layer, len, kv_head, d]
-        values_all = torch.stack(values, dim=1)
-        for row, ((d, start), n) in enumerate(zip(batch, lengths)):
-            self.cache.put(
-                self._doc_key(d, start),
-                DocumentKV(
-                    keys_all[row, :, :n].transpose(1, 2).contiguous(),
-                    values_all[row, :, :n].transpose(1, 2).contiguous(),
-                ),
-            )
-
-    # -------------------------------------------------------------------------------- query
     def corpus(self, query_id: str, n_docs: int) -> tuple[list[int], list[int]]:
         return corpus_for_query(self.dataset, query_id, n_docs, self.seed)
 
-    def _corpus_kv(self, corpus: list[int], starts: list[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """Instruction + documents, concatenated: keys, values [layer, kv_head, T, d]; key_doc [T]."""
-        docs = [self.cache.get(self._doc_key(d, s)) for d, s in zip(corpus, starts)]
-        inst = self._instruction
-        keys = torch.cat([inst.keys] + [kv.keys for kv in docs], dim=2)
-        values = torch.cat([inst.values] + [kv.values for kv in docs], dim=2)
-        key_doc = torch.cat(
-            [torch.full((inst.keys.shape[2],), -1, dtype=torch.long)]
-            + [torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(docs)]
-        )
-        return keys, values, key_doc
+    def prefill(self, corpus: list[int]) -> None:
+        self.source.prefill(corpus)
 
-    @torch.no_grad()
-    def run_query(
-        self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True
-    ) -> QueryRun:
-        """Run one query over its corpus of N documents and decode four digits."""
+    def stream(self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True) -> QueryStream:
         corpus, gold_positions = self.corpus(query_id, n_docs)
-        starts = self._starts(corpus)
-        self.prefill(corpus, starts)
-        keys, values, key_doc = self._corpus_kv(corpus, starts)
-        query_ids = self.pool.query_token_ids(self.model.tokenizer, query_id)
-        n_inst = len(self.pool.instruction_ids)
-        longest = max(len(self.pool.doc_token_ids[d]) for d in corpus)
-        q_start = query_start(self.layout, n_inst, keys.shape[2] - n_inst, longest)
         n_layers = self.model.cfg.n_layers
         route = find_route(score_fn)
         if route is not None and not 0 <= route.layer < n_layers - 1:
             raise LensError(f"route layer {route.layer}: must be 0..{n_layers - 2} for a {n_layers}-layer model")
-        side = _QuerySide([None] * n_layers, [None] * n_layers, q_start, route)
-
-        results: list[CorpusAttentionResult] = []
-        hooks = {}
-        if record:
-            hooks = self._record_hooks()
-        resid = self._step(torch.tensor(query_ids), side, keys, values, key_doc, len(corpus), score_fn,
-                           gold_positions if record else None, results if record else None)
-        for h in hooks.values():
-            h.remove()
-        logits = self.model.unembed(resid[:, -1:])[0, -1].float()
-        readout_logits = logits
-        digits, logprobs = [], []
-        for step in range(CODE_DIGITS):
-            digit_logp = torch.log_softmax(logits[self.digit_ids], dim=-1)
-            digit = int(digit_logp.argmax())
-            digits.append(digit)
-            logprobs.append(digit_logp)
-            if step < CODE_DIGITS - 1:
-                resid = self._step(self.digit_ids[digit : digit + 1], side, keys, values, key_doc,
-                                   len(corpus), score_fn, None, None)
-                logits = self.model.unembed(resid[:, -1:])[0, -1].float()
-        run = QueryRun(
-            query_id=query_id,
-            corpus=corpus,
-            gold_positions=gold_positions,
-            codes=[self.pool.codes[d] for d in corpus],
-            decoded="".join(map(str, digits)),
-            digit_logprobs=torch.stack(logprobs),
-            readout_logits=readout_logits,
-            layers=results,
-            n_tokens=keys.shape[2] + len(query_ids),
-            routed=side.keep_docs.nonzero().squeeze(1).tolist() if side.keep_docs is not None else None,
+        n_inst = len(self.pool.instruction_ids)
+        lengths = [len(self.pool.doc_token_ids[d]) for d in corpus]
+        q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
+        return QueryStream(
+            query_id, corpus, gold_positions, self.pool.query_token_ids(self.model.tokenizer, query_id),
+            score_fn, route, record, q_start, n_layers,
         )
-        if record:
-            run.attn_out = torch.stack(self._recorded["attn_out"])
-            run.gold_attn_out = torch.stack(self._recorded["gold_attn_out"])
-            run.resid_post = torch.stack(self._recorded["resid_post"])
-            run.route_scores = torch.stack(self._recorded["route_scores"])
-        return run
 
-    def _record_hooks(self):
-        self._recorded = {"attn_out": [], "gold_attn_out": [], "resid_post": [], "route_scores": []}
-        handles = {}
-        for block in self.model.blocks:
-            handles[f"a{block.layer}"] = block.hook_attn_out.register_forward_hook(
-                lambda mod, inp, out: self._recorded["attn_out"].append(out[0, -1].float())
-            )
-            handles[f"r{block.layer}"] = block.hook_resid_post.register_forward_hook(
-                lambda mod, inp, out: self._recorded["resid_post"].append(out[0, -1].float())
-            )
-        return handles
+    def run_query(self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True) -> QueryRun:
+        """Run one query over its corpus of N documents and decode four digits."""
+        return self.run_streams([self.stream(query_id, n_docs, score_fn, record)])[0]
 
-    def _step(self, tokens, side, keys, values, key_doc, n_docs, score_fn, gold_positions, results):
-        """Run query-side tokens [S_new] over the corpus, appending their KV to ``side``."""
-        n_new = tokens.shape[0]
-        positions = torch.arange(side.next_position, side.next_position + n_new)[None]
-        side.next_position += n_new
+    @torch.no_grad()
+    def run_streams(self, streams: list[QueryStream], desc: str | None = None) -> list[QueryRun]:
+        """Run several streams together, layer-major (see the module docstring)."""
+        for s in streams:  # each in its own order: under `sequential` positions depend on it
+            self.source.prefill(s.corpus)
+        digits: dict[int, list[int]] = {id(s): [] for s in streams}
+        logprobs: dict[int, list[Tensor]] = {id(s): [] for s in streams}
+        readout: dict[int, Tensor] = {}
+        total = CODE_DIGITS * self.model.cfg.n_layers
+        with tqdm(total=total, desc=desc or "query layers", disable=not self.progress or len(streams) < 2, leave=False) as bar:
+            for step in range(CODE_DIGITS):
+                tokens = {
+                    id(s): torch.tensor(s.query_ids) if step == 0 else self.digit_ids[digits[id(s)][-1]].view(1)
+                    for s in streams
+                }
+                for s in streams:
+                    n_new = tokens[id(s)].shape[0]
+                    positions = torch.arange(s.next_position, s.next_position + n_new)[None]
+                    s.next_position += n_new
+                    s.resid = self.model.embed(tokens[id(s)][None])
+                    s.rotary = self.model.rotary(positions)
+                for layer in range(self.model.cfg.n_layers):
+                    self._layer(layer, streams, record=step == 0)
+                    bar.update(1)
+                for s in streams:
+                    logits = self.model.unembed(s.resid[:, -1:])[0, -1].float()
+                    if step == 0:
+                        readout[id(s)] = logits
+                    digit_logp = torch.log_softmax(logits[self.digit_ids], dim=-1)
+                    digits[id(s)].append(int(digit_logp.argmax()))
+                    logprobs[id(s)].append(digit_logp)
+        return [self._result(s, digits[id(s)], logprobs[id(s)], readout[id(s)]) for s in streams]
 
-        def attend(layer, q, k, v):
+    def _layer(self, layer: int, streams: list[QueryStream], record: bool) -> None:
+        block = self.model.blocks[layer]
+        attn = block.attn
+        for s in streams:
+            s.resid, (q, k, v) = block.attention_inputs(s.resid, *s.rotary)
             k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
-            if side.keys[layer] is None:
-                side.keys[layer], side.values[layer] = k_new, v_new
+            if s.self_k[layer] is None:
+                s.self_k[layer], s.self_v[layer] = k_new, v_new
             else:
-                side.keys[layer] = torch.cat([side.keys[layer], k_new], dim=1)
-                side.values[layer] = torch.cat([side.values[layer], v_new], dim=1)
-            attn = self.model.blocks[layer].attn
-            route = side.route
-            deciding = route is not None and layer == route.layer and side.keep_docs is None
-            res = corpus_attention(
-                q[0].transpose(0, 1), keys[layer], values[layer], key_doc, n_docs,
-                side.keys[layer], side.values[layer], layer=layer, scale=attn.scale,
-                score_fn=score_fn, gold_docs=gold_positions, stats=results is not None,
-                keep_docs=side.keep_docs if route is not None and layer > route.layer else None,
-                route_stats=results is not None or deciding,
+                s.self_k[layer] = torch.cat([s.self_k[layer], k_new], dim=1)
+                s.self_v[layer] = torch.cat([s.self_v[layer], v_new], dim=1)
+            deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
+            routed = s.attends_routed(layer)
+            s.attention = CorpusAttentionStream(
+                q[0].transpose(0, 1), s.n_docs,
+                n_corpus_keys=self.source.corpus_keys(s, layer), n_self=s.self_k[layer].shape[1],
+                n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
+                layer=layer, scale=attn.scale, score_fn=s.score_fn,
+                gold_docs=s.gold_positions if record and s.record else None,
+                stats=record and s.record, route_stats=deciding or (record and s.record), stats_rows="last",
             )
-            if deciding:
-                top = route.scores(res.route_max).topk(min(route.B, n_docs)).indices
-                side.keep_docs = torch.zeros(n_docs, dtype=torch.bool)
-                side.keep_docs[top] = True
-            if results is not None:
-                per_head = res.route_max.amax(dim=1)  # max over query tokens -> [head, N]
-                self._recorded["route_scores"].append(torch.stack([per_head.amax(0), per_head.mean(0)]))
-                results.append(_readout_only(res))
-                gold = res.gold_output[-1:] if res.gold_output is not None else torch.zeros_like(res.output[-1:])
-                self._recorded["gold_attn_out"].append(attn.o_proj(gold.reshape(1, -1).to(q.dtype))[0].float())
-            return res.output[None]
+        self.source.feed(layer, streams)
+        for s in streams:
+            res = s.attention.finish(s.self_k[layer], s.self_v[layer])
+            s.attention = None
+            if s.route is not None and layer == s.route.layer and s.keep_docs is None:
+                top = s.route.scores(res.route_max).topk(min(s.route.B, s.n_docs)).indices
+                s.keep_docs = torch.zeros(s.n_docs, dtype=torch.bool)
+                s.keep_docs[top] = True
+            resid_in = s.resid
+            s.resid = block.finish(resid_in, res.output[None])
+            if record and s.record:
+                gold = res.gold_output if res.gold_output is not None else torch.zeros_like(res.output[-1:])
+                rec = s.recording.setdefault("layers", [])
+                rec.append(dict(
+                    result=CorpusAttentionResult(res.output[-1:], res.lse[:, -1:], res.doc_max, res.doc_lse, res.gold_output),
+                    attn_out=attn.o_proj(res.output[-1:].reshape(1, -1))[0].float(),
+                    gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
+                    resid_post=s.resid[0, -1].float(),
+                    route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]),
+                ))
 
-        return self.model.run_blocks(self.model.embed(tokens[None]), positions, attend)
-
-
-def _readout_only(res: CorpusAttentionResult) -> CorpusAttentionResult:
-    """Keep the last query token's statistics (the readout token predicting the first digit)."""
-    return CorpusAttentionResult(
-        output=res.output[-1:],
-        lse=res.lse[:, -1:],
-        doc_max=res.doc_max[:, -1:] if res.doc_max is not None else None,
-        doc_lse=res.doc_lse[:, -1:] if res.doc_lse is not None else None,
-        gold_output=res.gold_output[-1:] if res.gold_output is not None else None,
-    )
-
+    def _result(self, s: QueryStream, digits: list[int], logprobs: list[Tensor], readout: Tensor) -> QueryRun:
+        n_inst = len(self.pool.instruction_ids)
+        run = QueryRun(
+            query_id=s.query_id, n_docs=s.n_docs, intervention=s.score_fn.spec() if s.score_fn else "none",
+            corpus=s.corpus, gold_positions=s.gold_positions, codes=[self.pool.codes[d] for d in s.corpus],
+            decoded="".join(map(str, digits)), digit_logprobs=torch.stack(logprobs), readout_logits=readout,
+            routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.keep_docs is not None else None,
+            n_tokens=n_inst + sum(len(self.pool.doc_token_ids[d]) for d in s.corpus) + len(s.query_ids),
+        )
+        layers = s.recording.get("layers")
+        if layers:
+            run.layers = [r["result"] for r in layers]
+            for name in ("attn_out", "gold_attn_out", "resid_post", "route_scores"):
+                setattr(run, name, torch.stack([r[name] for r in layers]))
+        return run

@@ -59,3 +59,18 @@ def test_bad_routes(models, small_limit):
         parse_intervention("route:B=3")
     with pytest.raises(InterventionSpecError, match="reduce must be"):
         parse_intervention("route:layer=1,B=3,reduce=sum")
+
+
+def test_many_streams_together_equal_one_at_a_time(models, small_limit):
+    """Layer-major batching of (query, N, intervention) streams changes no number."""
+    model = models("tiny-qwen3")
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    requests = [("q0", 5, None), ("q1", 12, parse_intervention("ssmax:s=0.4")),
+                ("q2", 24, parse_intervention("route:layer=0,B=3+sink:b=1")), ("q0", 12, parse_intervention("temperature:t=2"))]
+    together = runner.run_streams([runner.stream(q, n, fn) for q, n, fn in requests])
+    for run, (q, n, fn) in zip(together, requests):
+        alone = runner.run_query(q, n, fn)
+        assert run.decoded == alone.decoded and run.routed == alone.routed
+        assert torch.allclose(run.readout_logits, alone.readout_logits, atol=1e-5)
+        for a, b in zip(run.layers, alone.layers):
+            assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5)

@@ -174,9 +174,18 @@ class Block(nn.Module):
         self.hook_resid_post = HookPoint()  # [batch, pos, d_model]
 
     def forward(self, resid: Tensor, cos: Tensor, sin: Tensor, attend: AttendFn) -> Tensor:
+        resid, (q, k, v) = self.attention_inputs(resid, cos, sin)
+        return self.finish(resid, attend(self.layer, q, k, v))
+
+    # The two halves of forward, for engines that run many sequences through one layer at a
+    # time and attend for all of them together in between.
+    def attention_inputs(self, resid: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
         resid = self.hook_resid_pre(resid)
-        q, k, v = self.attn.qkv(self.ln1(resid), cos, sin)
-        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn.out(attend(self.layer, q, k, v))))
+        return resid, self.attn.qkv(self.ln1(resid), cos, sin)
+
+    def finish(self, resid: Tensor, z: Tensor) -> Tensor:
+        """resid: the block's (hooked) input; z [b, pos, head, d_head] from attention."""
+        resid = self.hook_resid_mid(resid + self.hook_attn_out(self.attn.out(z)))
         return self.hook_resid_post(resid + self.hook_mlp_out(self.mlp(self.ln2(resid))))
 
 

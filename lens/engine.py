@@ -156,7 +156,27 @@ class QueryStream:
         return self.route is not None and layer > self.route.layer and self.keep_docs is not None
 
 
-class MemoryKV:
+class KVSource:
+    """What the engine needs of a place that holds documents' KV (see MemoryKV, DiskKV)."""
+
+    pool: PoolLayout
+
+    def prefill(self, corpus: list[int]) -> None:
+        raise NotImplementedError
+
+    def feed(self, layer: int, streams: list[QueryStream]) -> None:
+        """Pass every stream's corpus keys of ``layer`` to ``stream.attention.update``."""
+        raise NotImplementedError
+
+    def corpus_keys(self, stream: QueryStream, layer: int | None = None) -> int:
+        """Number of corpus keys (instruction + documents) the stream attends at ``layer``."""
+        lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
+        if layer is not None and stream.attends_routed(layer):
+            lengths = [n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep]
+        return len(self.pool.instruction_ids) + sum(lengths)
+
+
+class MemoryKV(KVSource):
     """Documents' KV in memory, prefilled on demand (the interactive path, up to a few million
     tokens of KV: SmolLM2 needs 23 KB per token in bf16)."""
 
@@ -208,13 +228,6 @@ class MemoryKV:
                     )
                 bar.update(len(items))
 
-    def corpus_keys(self, stream: QueryStream, layer: int | None = None) -> int:
-        """Number of corpus keys (instruction + documents) the stream attends at ``layer``."""
-        lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
-        if layer is not None and stream.attends_routed(layer):
-            lengths = [n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep]
-        return len(self.pool.instruction_ids) + sum(lengths)
-
     def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 16384) -> None:
         for stream in streams:
             docs = [self._store[self._key(d, s)] for d, s in zip(stream.corpus, self.starts(stream.corpus))]
@@ -240,13 +253,23 @@ class BlockSearchRunner:
         seed: int = 0,
         batch_tokens: int = 8192,
         progress: bool = True,
-        source=None,
+        kv: str = "memory",
+        kv_folder=None,
     ):
+        """``kv="memory"`` prefills documents on demand into RAM; ``kv="disk"`` prefills the whole
+        pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``)."""
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig()
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
         self.progress = progress
-        self.source = source if source is not None else MemoryKV(model, self.pool, batch_tokens, progress)
+        if kv == "memory":
+            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens, progress)
+        elif kv == "disk":
+            from lens.kv_store import DiskKV
+
+            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens, progress=progress)
+        else:
+            raise LensError(f"kv={kv!r}: choose memory or disk")
         self.digit_ids = torch.tensor(
             [model.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)], dtype=torch.long
         )

@@ -103,6 +103,13 @@ def build_pool_layout(dataset: Dataset, tokenizer, config: LayoutConfig) -> Pool
     return PoolLayout(dataset, config, instruction, ids, codes, truncated)
 
 
+def pool_order(n_docs: int, seed: int) -> list[int]:
+    """The seeded permutation of the pool that every query's distractors are drawn from, in order."""
+    order = list(range(n_docs))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def corpus_for_query(dataset: Dataset, query_id: str, n_docs: int, seed: int = 0) -> tuple[list[int], list[int]]:
     """The query's corpus at size N: its gold document(s) plus the first N-g distractors of one
     seeded permutation of the pool, so corpora are nested across N.  Gold documents sit at
@@ -115,8 +122,7 @@ def corpus_for_query(dataset: Dataset, query_id: str, n_docs: int, seed: int = 0
         raise LensError(f"N={n_docs} is larger than the pool of {pool} documents in {dataset.name}; use N <= {pool}")
     if n_docs < len(gold):
         raise LensError(f"N={n_docs} cannot hold the {len(gold)} gold documents of query {query_id!r}")
-    order = list(range(pool))
-    random.Random(seed).shuffle(order)
+    order = pool_order(pool, seed)
     gold_set = set(gold)
     corpus = [d for d in order if d not in gold_set][: n_docs - len(gold)]
     rng = random.Random(f"{seed}:{query_id}")

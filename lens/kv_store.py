@@ -1,0 +1,269 @@
+"""A disk-backed document KV cache for corpora larger than RAM (SmolLM2: 23 KB of bf16 KV per
+token, so a million-token corpus is 23 GB).
+
+The whole pool is prefilled once, in the seeded permutation order that every query's corpus is
+drawn from, into one file per layer (``[k|v, kv_head, token, d_head]``).  A query's corpus at
+size N is then a prefix of that order plus its gold documents, so the engine streams each
+layer's prefix once for all streams with plain positioned reads (no memory map: resident memory
+stays at a chunk, not the corpus).
+
+The folder is content-addressed (model fingerprint, layout, every document's tokens and code,
+storage order, dtype), built in a ``.partial`` folder that a restarted build resumes batch by
+batch, and renamed into place only when complete.  Opening it checks every file's size and
+CRC-32 against the manifest: a truncated or corrupt cache is reported, deleted and rebuilt,
+never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from lens.data.layout import PoolLayout, document_start, pool_order
+from lens.engine import DocumentKV, KVSource, QueryStream, length_batches, prefill_batch, run_instruction
+from lens.errors import LensError
+from lens.models.decoder import Decoder
+from lens.paths import cache_dir
+
+FORMAT = 1
+_NUMPY = {torch.bfloat16: np.int16, torch.float16: np.int16, torch.float32: np.float32}
+
+
+def _crc32_file(path: Path, bar: tqdm | None = None, block: int = 64 << 20) -> int:
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(block):
+            crc = zlib.crc32(chunk, crc)
+            if bar is not None:
+                bar.update(len(chunk))
+    return crc
+
+
+class DiskKV(KVSource):
+    def __init__(
+        self, model: Decoder, pool: PoolLayout, seed: int = 0, folder: str | Path | None = None,
+        batch_tokens: int = 8192, chunk_tokens: int = 65536, progress: bool = True,
+    ):
+        if pool.config.positions == "sequential":
+            raise LensError(
+                "the disk KV cache needs position-independent documents: under `sequential` positions a "
+                "document's KV depends on its place in each corpus; use positions shared or restart"
+            )
+        if model.dtype not in _NUMPY:
+            raise LensError(f"disk KV cache: dtype {model.dtype} not supported (use bfloat16 or float32)")
+        self.model, self.pool, self.seed = model, pool, seed
+        self.batch_tokens, self.chunk_tokens, self.progress = batch_tokens, chunk_tokens, progress
+        cfg = model.cfg
+        self.n_layers, self.n_kv, self.d_head = cfg.n_layers, cfg.n_kv_heads, cfg.d_head
+        self.order = pool_order(len(pool.doc_token_ids), seed)
+        self.rank = torch.empty(len(self.order), dtype=torch.long)
+        self.rank[torch.tensor(self.order)] = torch.arange(len(self.order))
+        lengths = np.array([len(pool.doc_token_ids[d]) for d in self.order], dtype=np.int64)
+        self.doc_offsets = np.concatenate([[0], np.cumsum(lengths)])
+        self.n_tokens = int(self.doc_offsets[-1])
+        self.token_doc = torch.from_numpy(np.repeat(np.arange(len(self.order)), lengths))  # storage doc of each token
+        self.key = self._content_key()
+        base = Path(folder).expanduser() if folder is not None else cache_dir() / "kv"
+        self.root = base / self.key
+        self.itemsize = torch.empty((), dtype=model.dtype).element_size()
+        if not self._open():
+            self._build()
+            if not self._open():
+                raise LensError(f"{self.root}: the KV cache just built does not verify; is the disk full?")
+
+    # -------------------------------------------------------------------------- identity
+    def _content_key(self) -> str:
+        h = hashlib.sha256()
+        h.update(f"lens-kv{FORMAT}|{self.model.fingerprint}|{self.pool.config.document_fingerprint()}|{self.model.dtype}|".encode())
+        h.update(np.asarray(self.pool.instruction_ids, dtype=np.int64).tobytes())
+        for d in self.order:
+            h.update(f"|{self.pool.codes[d]}|".encode())
+            h.update(np.asarray(self.pool.doc_token_ids[d], dtype=np.int64).tobytes())
+        return h.hexdigest()[:32]
+
+    def _layer_path(self, root: Path, layer: int) -> Path:
+        return root / f"layer_{layer:03d}.bin"
+
+    def _layer_bytes(self) -> int:
+        return 2 * self.n_kv * self.n_tokens * self.d_head * self.itemsize
+
+    # -------------------------------------------------------------------------- open / verify
+    def _open(self) -> bool:
+        manifest_path = self.root / "manifest.json"
+        if not manifest_path.is_file():
+            return False
+        problem = self._verify(manifest_path)
+        if problem:
+            print(f"lens: KV cache {self.root} is unusable ({problem}); deleting and rebuilding it")
+            shutil.rmtree(self.root, ignore_errors=True)
+            return False
+        tensors = load_file(self.root / "instruction.safetensors")
+        self.instruction = DocumentKV(tensors["keys"], tensors["values"])
+        self._fds = [os.open(self._layer_path(self.root, l), os.O_RDONLY) for l in range(self.n_layers)]
+        return True
+
+    def _verify(self, manifest_path: Path) -> str | None:
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError:
+            return "manifest is not valid JSON"
+        if manifest.get("format") != FORMAT or manifest.get("key") != self.key:
+            return "manifest does not match this model, layout and corpus"
+        files = [self._layer_path(self.root, l) for l in range(self.n_layers)] + [self.root / "instruction.safetensors"]
+        for f in files:
+            if not f.is_file():
+                return f"{f.name} missing"
+        for f in files[:-1]:
+            if f.stat().st_size != self._layer_bytes():
+                return f"{f.name} has {f.stat().st_size} bytes, expected {self._layer_bytes()} (truncated?)"
+        total = sum(f.stat().st_size for f in files)
+        with tqdm(total=total, desc="verify KV cache", unit="B", unit_scale=True, disable=not self.progress, leave=False) as bar:
+            for f in files:
+                if _crc32_file(f, bar) != manifest["crc32"].get(f.name):
+                    return f"{f.name} fails its checksum (corrupt)"
+        return None
+
+    # -------------------------------------------------------------------------- build
+    def _build(self) -> None:
+        partial = self.root.with_name(self.root.name + ".partial")
+        partial.mkdir(parents=True, exist_ok=True)
+        progress_path = partial / "progress.json"
+        done = json.loads(progress_path.read_text())["docs_done"] if progress_path.is_file() else 0
+        free = shutil.disk_usage(partial).free
+        need = self._layer_bytes() * self.n_layers
+        if done == 0 and free < need:
+            raise LensError(f"{partial}: the KV cache needs {need / 1e9:.1f} GB, only {free / 1e9:.1f} GB free; "
+                            "set LENS_CACHE to a bigger disk")
+        instruction = run_instruction(self.model, self.pool.instruction_ids)
+        save_file({"keys": instruction.keys.contiguous(), "values": instruction.values.contiguous()},
+                  partial / "instruction.safetensors")
+        fds = []
+        for layer in range(self.n_layers):
+            path = self._layer_path(partial, layer)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT)
+            if os.fstat(fd).st_size != self._layer_bytes():
+                os.ftruncate(fd, self._layer_bytes())
+            fds.append(fd)
+        n_inst = len(self.pool.instruction_ids)
+        docs = [self.pool.doc_token_ids[d] for d in self.order]
+        todo = list(range(done, len(docs)))
+        batches = [[todo[i] for i in b] for b in length_batches([len(docs[i]) for i in todo], self.batch_tokens)]
+        desc = f"prefill {len(docs)} documents to disk" + (f" (resuming at {done})" if done else "")
+        with tqdm(total=self.n_tokens, initial=int(self.doc_offsets[done]), desc=desc, unit="tok",
+                  unit_scale=True, disable=not self.progress) as bar:
+            for batch in batches:
+                starts = [document_start(self.pool.config, n_inst, 0) for _ in batch]
+                keys, values = prefill_batch(self.model, instruction, [docs[i] for i in batch], starts,
+                                             self.model.tokenizer.pad_token_id or 0)
+                lengths = [len(docs[i]) for i in batch]
+                first = int(self.doc_offsets[batch[0]])
+                for layer in range(self.n_layers):
+                    for which, tensor in enumerate((keys, values)):
+                        valid = torch.cat([tensor[row, layer, :n] for row, n in enumerate(lengths)])  # [tok, kv, d]
+                        self._write(fds[layer], which, first, valid.transpose(0, 1).contiguous())
+                done = batch[-1] + 1
+                tmp = progress_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"docs_done": done}))
+                os.replace(tmp, progress_path)
+                bar.update(sum(lengths))
+        for fd in fds:
+            os.fsync(fd)
+            os.close(fd)
+        files = [self._layer_path(partial, l) for l in range(self.n_layers)] + [partial / "instruction.safetensors"]
+        with tqdm(total=sum(f.stat().st_size for f in files), desc="checksum KV cache", unit="B", unit_scale=True,
+                  disable=not self.progress, leave=False) as bar:
+            crc = {f.name: _crc32_file(f, bar) for f in files}
+        progress_path.unlink()
+        (partial / "manifest.json").write_text(json.dumps({
+            "format": FORMAT, "key": self.key, "model": self.model.name, "dtype": str(self.model.dtype),
+            "n_docs": len(self.order), "n_tokens": self.n_tokens, "layers": self.n_layers, "crc32": crc,
+        }, indent=1))
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        os.replace(partial, self.root)
+
+    def _write(self, fd: int, which: int, first_token: int, tensor: torch.Tensor) -> None:
+        """tensor [kv_head, tokens, d] -> its place in a layer file."""
+        data = tensor.view(torch.int16).numpy() if self.itemsize == 2 else tensor.numpy()
+        for head in range(self.n_kv):
+            offset = ((which * self.n_kv + head) * self.n_tokens + first_token) * self.d_head * self.itemsize
+            os.pwrite(fd, data[head].tobytes(), offset)
+
+    def _read(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Storage tokens [start, stop) of a layer: keys, values [kv_head, stop - start, d]."""
+        n = stop - start
+        out = np.empty((2, self.n_kv, n, self.d_head), dtype=_NUMPY[self.model.dtype])
+        for which in range(2):
+            for head in range(self.n_kv):
+                offset = ((which * self.n_kv + head) * self.n_tokens + start) * self.d_head * self.itemsize
+                buf = os.pread(self._fds[layer], n * self.d_head * self.itemsize, offset)
+                out[which, head] = np.frombuffer(buf, dtype=out.dtype).reshape(n, self.d_head)
+        t = torch.from_numpy(out)
+        if self.itemsize == 2:
+            t = t.view(self.model.dtype)
+        return t[0], t[1]
+
+    # -------------------------------------------------------------------------- the engine's side
+    def prefill(self, corpus: list[int]) -> None:
+        """Everything is on disk already."""
+
+    def _plan(self, stream: QueryStream) -> tuple[int, list[int], torch.Tensor]:
+        """(prefix tokens, storage indices of documents past the prefix, storage doc -> corpus position)."""
+        lookup = torch.full((len(self.order),), -1, dtype=torch.long)
+        storage = self.rank[torch.tensor(stream.corpus)]
+        lookup[storage] = torch.arange(len(stream.corpus))
+        ranks = sorted(storage.tolist())
+        prefix = 0
+        while prefix < len(ranks) and ranks[prefix] == prefix:
+            prefix += 1
+        return int(self.doc_offsets[prefix]), ranks[prefix:], lookup
+
+    def feed(self, layer: int, streams: list[QueryStream]) -> None:
+        plans = [self._plan(s) for s in streams]
+        inst_k, inst_v = self.instruction.keys[layer], self.instruction.values[layer]
+        inst_doc = torch.full((inst_k.shape[1],), -1, dtype=torch.long)
+        for s in streams:
+            s.attention.update(inst_k, inst_v, inst_doc)
+
+        def update(s, keys, values, key_doc):
+            if s.attends_routed(layer):
+                kept = (key_doc >= 0) & s.keep_docs[key_doc.clamp(min=0)]
+                if not kept.any():
+                    return
+                keys, values, key_doc = keys[:, kept], values[:, kept], key_doc[kept]
+            s.attention.update(keys, values, key_doc)
+
+        longest = max(p[0] for p in plans)
+        for start in range(0, longest, self.chunk_tokens):  # the shared prefix: read once for all streams
+            stop = min(start + self.chunk_tokens, longest)
+            keys, values = self._read(layer, start, stop)
+            docs = self.token_doc[start:stop]
+            for s, (prefix, _, lookup) in zip(streams, plans):
+                if prefix > start:
+                    end = min(stop, prefix) - start
+                    update(s, keys[:, :end], values[:, :end], lookup[docs[:end]])
+        for s, (_, extra, lookup) in zip(streams, plans):  # gold documents past the prefix
+            for r in extra:
+                a, b = int(self.doc_offsets[r]), int(self.doc_offsets[r + 1])
+                keys, values = self._read(layer, a, b)
+                update(s, keys, values, lookup[self.token_doc[a:b]])
+
+    def close(self) -> None:
+        for fd in getattr(self, "_fds", []):
+            os.close(fd)
+        self._fds = []
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,100 @@
+"""The disk-backed KV cache: same numbers as the in-memory path; corrupt, truncated and
+interrupted caches are detected, rebuilt or resumed, never silently used."""
+
+import pytest
+import torch
+
+import lens.kv_store as kv_store
+from kernels.score_functions import parse_intervention
+from lens.data.datasets import limit_dataset
+from lens.data.layout import LayoutConfig
+from lens.engine import BlockSearchRunner
+from lens.errors import LensError
+
+REQUESTS = [("q0", 4, None), ("q1", 17, "ssmax:s=0.4,n=docs"), ("q2", 40, "route:layer=1,B=5"), ("q3", 40, None),
+            ("q4", 9, "sink:b=2+temperature:t=0.7")]
+
+
+@pytest.fixture(scope="module")
+def data():
+    return limit_dataset(n_docs=40, items_per_doc=5, n_queries=6, seed=9)
+
+
+def _runs(runner):
+    streams = [runner.stream(q, n, parse_intervention(fn) if fn else None) for q, n, fn in REQUESTS]
+    return runner.run_streams(streams)
+
+
+def _same(a_runs, b_runs):
+    # The disk cache prefills documents in storage order, the memory cache sorted by length: other
+    # padded batch widths, so fp32 rounding differs (~1.5e-5 on logits of ~13), hence 1e-4.
+    for a, b in zip(a_runs, b_runs):
+        assert a.decoded == b.decoded and a.routed == b.routed
+        assert torch.allclose(a.readout_logits, b.readout_logits, atol=1e-4)
+        for x, y in zip(a.layers, b.layers):
+            assert torch.allclose(x.doc_lse, y.doc_lse, atol=1e-4)
+            assert torch.allclose(x.gold_output, y.gold_output, atol=1e-4)
+
+
+def test_disk_equals_memory(models, data, tmp_path):
+    model = models("tiny-qwen3")
+    memory = BlockSearchRunner(model, data, progress=False, batch_tokens=100)
+    disk = BlockSearchRunner(model, data, progress=False, batch_tokens=100, kv="disk", kv_folder=tmp_path)
+    disk.source.chunk_tokens = 37  # documents straddle read chunks
+    _same(_runs(disk), _runs(memory))
+    # the gold of a small-N corpus usually lies past the shared prefix: it is read separately
+    assert any(disk.source._plan(s)[1] for s in [disk.stream("q0", 4)])
+
+
+def test_corrupt_and_truncated_caches_are_rebuilt(models, data, tmp_path, capsys):
+    model = models("tiny-llama")
+    first = BlockSearchRunner(model, data, progress=False, kv="disk", kv_folder=tmp_path)
+    root = first.source.root
+    expected = _runs(first)
+    first.source.close()
+
+    layer_file = root / "layer_001.bin"
+    raw = bytearray(layer_file.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    layer_file.write_bytes(bytes(raw))
+    again = BlockSearchRunner(model, data, progress=False, kv="disk", kv_folder=tmp_path)
+    assert "layer_001.bin fails its checksum (corrupt)" in capsys.readouterr().out
+    _same(_runs(again), expected)
+    again.source.close()
+
+    with (root / "layer_002.bin").open("r+b") as f:
+        f.truncate(100)
+    third = BlockSearchRunner(model, data, progress=False, kv="disk", kv_folder=tmp_path)
+    assert "layer_002.bin has 100 bytes" in capsys.readouterr().out
+    _same(_runs(third), expected)
+
+
+def test_interrupted_build_resumes(models, data, tmp_path, monkeypatch):
+    model = models("tiny-llama")
+    real = kv_store.prefill_batch
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kv_store, "prefill_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)
+    partial = next(tmp_path.glob("*.partial"))
+    done = int(__import__("json").loads((partial / "progress.json").read_text())["docs_done"])
+    assert 0 < done < 40 and not list(tmp_path.glob("*/manifest.json"))
+    monkeypatch.setattr(kv_store, "prefill_batch", real)
+    calls["n"] = 0
+    resumed = BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)
+    assert not list(tmp_path.glob("*.partial"))
+    fresh = BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path / "fresh")
+    _same(_runs(resumed), _runs(fresh))
+
+
+def test_sequential_positions_are_refused_on_disk(models, data, tmp_path):
+    with pytest.raises(LensError, match="use positions shared or restart"):
+        BlockSearchRunner(models("tiny-llama"), data, LayoutConfig(positions="sequential"), progress=False,
+                          kv="disk", kv_folder=tmp_path)

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -102,8 +102,8 @@ class QueryRun:
     corpus: list[int]  # pool indices, in corpus order
     gold_positions: list[int]  # indices into corpus
     codes: list[str]  # code of each corpus document
-    decoded: str  # greedy four digits
-    digit_logprobs: Tensor  # [4, 10] log-probs over the ten digits at each decoding step
+    decoded: str  # the four digits decoded (greedy, or the best of a beam over the corpus's codes)
+    digit_logprobs: Tensor  # [4, 10] log-probs over the ten digits at each step of the decoded path
     readout_logits: Tensor  # [vocab] at the readout token (predicts the first digit)
     layers: list[CorpusAttentionResult] = field(default_factory=list)  # readout token only (Q=1)
     attn_out: Tensor | None = None  # [layer, d_model] attention block output at the readout token
@@ -111,6 +111,8 @@ class QueryRun:
     resid_post: Tensor | None = None  # [layer, d_model] residual stream after each layer, readout token
     route_scores: Tensor | None = None  # [layer, 2, N] QK-MaxSim routing score per document (head max, head mean)
     routed: list[int] | None = None  # corpus positions kept by a route intervention (after its layer)
+    ranked_codes: list[str] = field(default_factory=list)  # best first (one code when greedy)
+    ranked_logprobs: list[float] = field(default_factory=list)  # log P(code) of each ranked code
     n_tokens: int = 0  # context length: instruction + documents + query block
 
     @property
@@ -145,8 +147,21 @@ class QueryStream:
     attention: CorpusAttentionStream | None = None
     q: Tensor | None = None
 
+    # decoding: the digits so far, their summed log-prob, and the ten-digit distributions seen
+    digits: list = field(default_factory=list)
+    score: float = 0.0
+    step_logprobs: list = field(default_factory=list)
+
     def __post_init__(self):
-        self.self_k, self.self_v = [None] * self.n_layers, [None] * self.n_layers
+        if not self.self_k:
+            self.self_k, self.self_v = [None] * self.n_layers, [None] * self.n_layers
+
+    def extend(self, digit: int, logprobs: Tensor) -> "QueryStream":
+        """A hypothesis one digit longer, sharing this one's KV so far (the lists are copied)."""
+        return replace(
+            self, self_k=list(self.self_k), self_v=list(self.self_v), digits=self.digits + [digit],
+            score=self.score + float(logprobs[digit]), step_logprobs=self.step_logprobs + [logprobs],
+        )
 
     @property
     def n_docs(self) -> int:
@@ -294,42 +309,55 @@ class BlockSearchRunner:
             score_fn, route, record, q_start, n_layers,
         )
 
-    def run_query(self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True) -> QueryRun:
+    def run_query(
+        self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True, beam: int = 1
+    ) -> QueryRun:
         """Run one query over its corpus of N documents and decode four digits."""
-        return self.run_streams([self.stream(query_id, n_docs, score_fn, record)])[0]
+        return self.run_streams([self.stream(query_id, n_docs, score_fn, record)], beam=beam)[0]
 
     @torch.no_grad()
-    def run_streams(self, streams: list[QueryStream], desc: str | None = None) -> list[QueryRun]:
-        """Run several streams together, layer-major (see the module docstring)."""
+    def run_streams(self, streams: list[QueryStream], desc: str | None = None, beam: int = 1) -> list[QueryRun]:
+        """Run several streams together, layer-major (see the module docstring).
+
+        ``beam=1`` decodes greedily over the ten digit tokens.  ``beam=k>1`` keeps the k most
+        probable prefixes of the corpus's own codes at each digit (a beam over the code trie),
+        so each run also carries its top-k codes ranked by the model's probability."""
         for s in streams:  # each in its own order: under `sequential` positions depend on it
             self.source.prefill(s.corpus)
-        digits: dict[int, list[int]] = {id(s): [] for s in streams}
-        logprobs: dict[int, list[Tensor]] = {id(s): [] for s in streams}
         readout: dict[int, Tensor] = {}
+        finished: dict[int, list[QueryStream]] = {}
+        codes = {id(s): {self.pool.codes[d] for d in s.corpus} for s in streams}
+        hypotheses = {id(s): [s] for s in streams}
         total = CODE_DIGITS * self.model.cfg.n_layers
         with tqdm(total=total, desc=desc or "query layers", disable=not self.progress or len(streams) < 2, leave=False) as bar:
             for step in range(CODE_DIGITS):
-                tokens = {
-                    id(s): torch.tensor(s.query_ids) if step == 0 else self.digit_ids[digits[id(s)][-1]].view(1)
-                    for s in streams
-                }
-                for s in streams:
-                    n_new = tokens[id(s)].shape[0]
-                    positions = torch.arange(s.next_position, s.next_position + n_new)[None]
-                    s.next_position += n_new
-                    s.resid = self.model.embed(tokens[id(s)][None])
-                    s.rotary = self.model.rotary(positions)
+                active = [h for hs in hypotheses.values() for h in hs]
+                for h in active:
+                    tokens = torch.tensor(h.query_ids) if step == 0 else self.digit_ids[h.digits[-1]].view(1)
+                    positions = torch.arange(h.next_position, h.next_position + tokens.shape[0])[None]
+                    h.next_position += tokens.shape[0]
+                    h.resid = self.model.embed(tokens[None])
+                    h.rotary = self.model.rotary(positions)
                 for layer in range(self.model.cfg.n_layers):
-                    self._layer(layer, streams, record=step == 0)
+                    self._layer(layer, active, record=step == 0)
                     bar.update(1)
-                for s in streams:
-                    logits = self.model.unembed(s.resid[:, -1:])[0, -1].float()
-                    if step == 0:
-                        readout[id(s)] = logits
-                    digit_logp = torch.log_softmax(logits[self.digit_ids], dim=-1)
-                    digits[id(s)].append(int(digit_logp.argmax()))
-                    logprobs[id(s)].append(digit_logp)
-        return [self._result(s, digits[id(s)], logprobs[id(s)], readout[id(s)]) for s in streams]
+                for root in streams:
+                    candidates = []
+                    for h in hypotheses[id(root)]:
+                        logits = self.model.unembed(h.resid[:, -1:])[0, -1].float()
+                        if step == 0:
+                            readout[id(root)] = logits
+                        logp = torch.log_softmax(logits[self.digit_ids], dim=-1)
+                        prefix = "".join(map(str, h.digits))
+                        allowed = range(10) if beam == 1 else sorted(
+                            {int(c[step]) for c in codes[id(root)] if c.startswith(prefix)})
+                        candidates += [(h.score + float(logp[d]), h, d, logp) for d in allowed]
+                    candidates.sort(key=lambda c: -c[0])
+                    hypotheses[id(root)] = [h.extend(d, logp) for _, h, d, logp in candidates[:beam]]
+                    for h in hypotheses[id(root)]:
+                        h.resid = h.rotary = None
+                    finished[id(root)] = hypotheses[id(root)]
+        return [self._result(s, finished[id(s)], readout[id(s)]) for s in streams]
 
     def _layer(self, layer: int, streams: list[QueryStream], record: bool) -> None:
         block = self.model.blocks[layer]
@@ -373,12 +401,15 @@ class BlockSearchRunner:
                     route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]),
                 ))
 
-    def _result(self, s: QueryStream, digits: list[int], logprobs: list[Tensor], readout: Tensor) -> QueryRun:
+    def _result(self, s: QueryStream, ranked: list[QueryStream], readout: Tensor) -> QueryRun:
         n_inst = len(self.pool.instruction_ids)
+        best = ranked[0]
         run = QueryRun(
             query_id=s.query_id, n_docs=s.n_docs, intervention=s.score_fn.spec() if s.score_fn else "none",
             corpus=s.corpus, gold_positions=s.gold_positions, codes=[self.pool.codes[d] for d in s.corpus],
-            decoded="".join(map(str, digits)), digit_logprobs=torch.stack(logprobs), readout_logits=readout,
+            decoded="".join(map(str, best.digits)), digit_logprobs=torch.stack(best.step_logprobs),
+            readout_logits=readout,
+            ranked_codes=["".join(map(str, h.digits)) for h in ranked], ranked_logprobs=[h.score for h in ranked],
             routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.keep_docs is not None else None,
             n_tokens=n_inst + sum(len(self.pool.doc_token_ids[d]) for d in s.corpus) + len(s.query_ids),
         )

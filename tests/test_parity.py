@@ -66,3 +66,29 @@ def test_bf16_prefill_close_to_fp32(small_limit):
         runs[dtype] = BlockSearchRunner(model, small_limit, progress=False).run_query("q1", 8)
     a, b = runs[torch.float32].readout_logits, runs[torch.bfloat16].readout_logits
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_beam_over_corpus_codes_ranks_by_code_probability(models, hf_models, small_limit):
+    """With a beam as wide as the corpus, the ranked codes are every corpus code sorted by
+    log P(code) = sum of the four digits' log-probs (over the ten digit tokens), each computed
+    here by transformers with teacher forcing on the whole layout."""
+    model, hf = models("tiny-llama"), hf_models("tiny-llama")
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    n = 6
+    run = runner.run_query("q1", n, beam=n)
+    query_ids = runner.pool.query_token_ids(model.tokenizer, "q1")
+    expected = {}
+    for code in run.codes:
+        digits = [runner.digit_ids[int(c)].item() for c in code]
+        layout = dense_layout(runner.pool, run.corpus, query_ids + digits[:-1])
+        logits = hf(layout.tokens[None], attention_mask=float_mask(layout.mask), position_ids=layout.positions[None]).logits[0]
+        readout = layout.query_slice.start + len(query_ids) - 1
+        logp = torch.log_softmax(logits[readout : readout + 4][:, runner.digit_ids], -1)
+        expected[code] = sum(logp[i, int(c)].item() for i, c in enumerate(code))
+    assert sorted(run.ranked_codes) == sorted(run.codes)
+    assert run.ranked_codes == sorted(expected, key=lambda c: -expected[c])
+    for code, lp in zip(run.ranked_codes, run.ranked_logprobs):
+        assert abs(lp - expected[code]) < 1e-4
+    assert run.decoded == run.ranked_codes[0]
+    narrow = runner.run_query("q1", n, beam=2)
+    assert narrow.ranked_codes[0] in run.codes and len(narrow.ranked_codes) == 2

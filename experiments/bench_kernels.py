@@ -1,0 +1,231 @@
+"""Corpus-scale kernel benchmarks; every number is measured in this run.
+
+  tl        end-to-end from text (no cache): per-layer, per-head gold statistics (MaxSim and
+            attention mass of every document at the readout token) on SmolLM2, lens vs
+            TransformerLens's TransformerBridge ``run_with_cache`` on the attention hooks, both
+            fp32; each TL size runs in a subprocess capped at --tl-mem-gb of address space to find
+            where it runs out of memory.  Ratio = TL time / lens time at the largest T TL held.
+  roof      corpus attention throughput against this box's roof, measured in the same run: the
+            bf16 matmul rate (2048^3) and memory bandwidth (1 GB copy); roofline = min(matmul
+            rate, arithmetic intensity x bandwidth).
+  rerun     an intervention rerun (SSMax) on a cached 1K-document corpus: seconds per query.
+
+    .venv/bin/python experiments/bench_kernels.py --part tl,roof,rerun
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ------------------------------------------------------------------------------------ TL vs lens
+def _layout_for_tokens(runner, target_tokens: int, query_id: str = "q0"):
+    per_doc = sum(map(len, runner.pool.doc_token_ids)) / len(runner.pool.doc_token_ids)
+    n = max(2, min(len(runner.pool.doc_token_ids), round((target_tokens - 60) / per_doc)))
+    return n
+
+
+def tl_worker(target_tokens: int) -> None:
+    """One TransformerLens measurement (run in a memory-capped subprocess): prints JSON."""
+    from transformers import AutoModelForCausalLM
+    from transformer_lens.model_bridge import TransformerBridge
+
+    from lens.data.datasets import limit_dataset
+    from lens.data.layout import build_pool_layout, corpus_for_query, dense_layout, LayoutConfig
+    from lens.models.registry import load_tokenizer, smollm2_folder
+
+    torch.set_grad_enabled(False)
+    folder = smollm2_folder()
+    tok = load_tokenizer(folder)
+    data = limit_dataset(n_docs=200, items_per_doc=28, n_queries=4, seed=0)
+    pool = build_pool_layout(data, tok, LayoutConfig())
+    per_doc = sum(map(len, pool.doc_token_ids)) / len(pool.doc_token_ids)
+    n = max(2, round((target_tokens - 60) / per_doc))
+    t0 = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    bridge = TransformerBridge.boot_transformers(
+        "HuggingFaceTB/SmolLM2-135M-Instruct", hf_model=hf, tokenizer=tok, device="cpu"
+    )
+    t_load = time.perf_counter() - t0
+    corpus, gold = corpus_for_query(data, "q0", n, 0)
+    query_ids = tok(pool.config.query_template.format(query=data.queries[0].text), add_special_tokens=False).input_ids
+    layout = dense_layout(pool, corpus, query_ids)
+    mask = torch.zeros(layout.mask.shape).masked_fill(~layout.mask, torch.finfo(torch.float32).min)[None, None]
+    t0 = time.perf_counter()
+    _, cache = bridge.run_with_cache(
+        layout.tokens[None], attention_mask=mask, position_ids=layout.positions[None],
+        names_filter=lambda name: name.endswith("hook_attn_scores") or name.endswith("hook_pattern"),
+    )
+    readout = layout.query_slice.stop - 1
+    gold_mass, gold_maxsim = [], []
+    for layer in range(hf.config.num_hidden_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, readout]  # [head, T]
+        scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0, :, readout]
+        in_gold = torch.isin(layout.key_doc, torch.tensor(gold))
+        gold_mass.append(pattern[:, in_gold].sum(-1))
+        gold_maxsim.append(scores[:, in_gold].amax(-1))
+    t_run = time.perf_counter() - t0
+    print(json.dumps({
+        "tokens": int(layout.tokens.shape[0]), "n_docs": n, "load_s": t_load, "run_s": t_run,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        "gold_mass_l15": torch.stack(gold_mass)[15].tolist(),
+    }))
+
+
+def lens_stats(target_tokens: int, dtype: torch.dtype) -> dict:
+    from lens.data.datasets import limit_dataset
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    torch.set_grad_enabled(False)
+    t0 = time.perf_counter()
+    model = load_model("smollm2-135m", dtype=dtype)
+    data = limit_dataset(n_docs=200, items_per_doc=28, n_queries=4, seed=0)
+    t_load = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runner = BlockSearchRunner(model, data, progress=False)
+    n = _layout_for_tokens(runner, target_tokens)
+    run = runner.run_query("q0", n)  # prefill + query pass + decoding, recording every layer
+    mass = [torch.exp(l.doc_lse[:, 0] - l.lse[:, :1])[:, run.gold_positions].sum(-1) for l in run.layers]
+    t_run = time.perf_counter() - t0
+    return {"tokens": run.n_tokens, "n_docs": n, "load_s": t_load, "run_s": t_run,
+            "gold_mass_l15": mass[15].tolist()}
+
+
+def part_tl(args) -> None:
+    print("== lens vs TransformerLens: per-layer, per-head gold statistics from text (SmolLM2, fp32)")
+    results = {}
+    for target in args.tl_tokens:
+        cmd = [sys.executable, __file__, "--tl-worker", str(target)]
+        limit = int(args.tl_mem_gb * 1024**3)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, cwd=ROOT,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)),
+        )
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("{")), None)
+        if proc.returncode != 0 or line is None:
+            oom = "can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr or proc.returncode < 0
+            why = "out of memory" if oom else f"failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}"
+            print(f"TransformerLens target T~{target}: {why} under a {args.tl_mem_gb:g} GB cap")
+            if oom:
+                results[target] = None
+                break
+            continue
+        res = json.loads(line)
+        results[target] = res
+        print(f"TransformerLens T={res['tokens']:>5}: {res['run_s']:.2f}s run_with_cache+stats "
+              f"(+{res['load_s']:.1f}s load), peak RSS {res['peak_rss_gb']:.1f} GB")
+    held = [r for r in results.values() if r]
+    if not held:
+        print("TransformerLens held no size; nothing to compare")
+        return
+    best = max(held, key=lambda r: r["tokens"])
+    for dtype in (torch.float32, torch.bfloat16):
+        ours = lens_stats(best["tokens"], dtype)
+        print(f"lens {str(dtype).split('.')[-1]:<8} T={ours['tokens']:>5}: {ours['run_s']:.2f}s prefill+query+stats "
+              f"(+{ours['load_s']:.1f}s load)  -> {best['run_s'] / ours['run_s']:.1f}x faster than TransformerLens")
+        if dtype is torch.float32:
+            diff = max(abs(a - b) for a, b in zip(ours["gold_mass_l15"], best["gold_mass_l15"]))
+            print(f"  gold mass at layer 15, lens vs TransformerLens, max abs diff over heads: {diff:.2e}")
+
+
+# ------------------------------------------------------------------------------------ roofline
+def part_roof(args) -> None:
+    from kernels.corpus_attention import corpus_attention
+
+    torch.manual_seed(0)
+    print("== corpus attention vs this box's roof (bf16, SmolLM2 shapes: 9 query heads over 3 KV heads, d=64)")
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    peak = 2 * 2048**3 * 10 / (time.perf_counter() - t0)
+    src = torch.empty(1 << 29, dtype=torch.int16)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src)
+    bandwidth = 2 * src.numel() * 2 * 5 / (time.perf_counter() - t0)  # read + write
+    print(f"measured: bf16 matmul {peak / 1e9:.0f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+    t, h, kv, d = args.roof_tokens, 9, 3, 64
+    keys = torch.randn(kv, t, d, dtype=torch.bfloat16)
+    values = torch.randn(kv, t, d, dtype=torch.bfloat16)
+    key_doc = torch.arange(t) // 100
+    for n_q in args.roof_queries:
+        q = torch.randn(h, n_q, d, dtype=torch.bfloat16)
+        self_k, self_v = keys[:, :n_q].clone(), values[:, :n_q].clone()
+        for stats in (False, True):
+            kwargs = dict(layer=0, scale=d**-0.5, stats=stats, stats_rows="last", gold_docs=[3] if stats else None)
+            corpus_attention(q, keys, values, key_doc, t // 100, self_k, self_v, **kwargs)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                corpus_attention(q, keys, values, key_doc, t // 100, self_k, self_v, **kwargs)
+                times.append(time.perf_counter() - t0)
+            el = min(times)
+            flops = 4 * h * n_q * t * d
+            bytes_ = 2 * kv * t * d * 2
+            roof = min(peak, flops / bytes_ * bandwidth)
+            print(f"T={t} Q={n_q:<3} stats={'on ' if stats else 'off'}: {el * 1e3:7.1f} ms, {flops / el / 1e9:6.1f} GFLOP/s, "
+                  f"{bytes_ / el / 1e9:5.1f} GB/s of KV; roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof")
+
+
+# ------------------------------------------------------------------------------------ rerun
+def part_rerun(args) -> None:
+    from kernels.score_functions import parse_intervention
+    from lens.data.datasets import limit_dataset
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    torch.set_grad_enabled(False)
+    print(f"== intervention rerun on a cached {args.rerun_docs}-document corpus (SmolLM2 bf16)")
+    model = load_model("smollm2-135m", dtype=torch.bfloat16)
+    data = limit_dataset(n_docs=args.rerun_docs, items_per_doc=28, n_queries=8, seed=0)
+    runner = BlockSearchRunner(model, data, progress=True)
+    t0 = time.perf_counter()
+    runner.prefill(list(range(args.rerun_docs)))
+    print(f"prefill (once): {time.perf_counter() - t0:.0f}s")
+    for spec in ("ssmax:s=0.43", "sink:b=4", "route:layer=16,B=256"):
+        fn = parse_intervention(spec)
+        times = []
+        for query in data.queries[:4]:
+            t0 = time.perf_counter()
+            run = runner.run_query(query.id, args.rerun_docs, score_fn=fn)
+            times.append(time.perf_counter() - t0)
+        print(f"{spec:<22} N={args.rerun_docs} ({run.n_tokens} tokens): {sum(times) / len(times):.2f} s/query "
+              f"(min {min(times):.2f}, max {max(times):.2f}; 4 queries, all layers recorded, 4 digits decoded)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="tl,roof,rerun")
+    parser.add_argument("--tl-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1000, 2000, 3000, 4000, 6000])
+    parser.add_argument("--tl-mem-gb", type=float, default=20.0)
+    parser.add_argument("--roof-tokens", type=int, default=1 << 20)
+    parser.add_argument("--roof-queries", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    parser.add_argument("--rerun-docs", type=int, default=1000)
+    parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.tl_worker is not None:
+        tl_worker(args.tl_worker)
+        return
+    print(f"threads {torch.get_num_threads()}")
+    for part in args.part.split(","):
+        {"tl": part_tl, "roof": part_roof, "rerun": part_rerun}[part](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -109,6 +109,7 @@ class QueryRun:
     attn_out: Tensor | None = None  # [layer, d_model] attention block output at the readout token
     gold_attn_out: Tensor | None = None  # [layer, d_model] W_O applied to the gold part a^G
     resid_post: Tensor | None = None  # [layer, d_model] residual stream after each layer, readout token
+    logit_lens: Tensor | None = None  # [layer, 10] digit logits of final norm + unembedding of resid_post
     route_scores: Tensor | None = None  # [layer, 2, N] QK-MaxSim routing score per document (head max, head mean)
     routed: list[int] | None = None  # corpus positions kept by a route intervention (after its layer)
     ranked_codes: list[str] = field(default_factory=list)  # best first (one code when greedy)
@@ -398,8 +399,14 @@ class BlockSearchRunner:
                     attn_out=attn.o_proj(res.output[-1:].reshape(1, -1))[0].float(),
                     gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
                     resid_post=s.resid[0, -1].float(),
+                    logit_lens=self._digit_logit_lens(s.resid[0, -1]),
                     route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]),
                 ))
+
+    def _digit_logit_lens(self, resid: Tensor) -> Tensor:
+        """Final norm + unembedding of a residual vector, restricted to the ten digit tokens: [10]."""
+        weight = self.model.lm_head.weight[self.digit_ids]
+        return (self.model.ln_final(resid[None])[0] @ weight.T).float()
 
     def _result(self, s: QueryStream, ranked: list[QueryStream], readout: Tensor) -> QueryRun:
         n_inst = len(self.pool.instruction_ids)
@@ -416,6 +423,6 @@ class BlockSearchRunner:
         layers = s.recording.get("layers")
         if layers:
             run.layers = [r["result"] for r in layers]
-            for name in ("attn_out", "gold_attn_out", "resid_post", "route_scores"):
+            for name in ("attn_out", "gold_attn_out", "resid_post", "logit_lens", "route_scores"):
                 setattr(run, name, torch.stack([r[name] for r in layers]))
         return run

@@ -1,0 +1,121 @@
+"""The dilution metrics, computed from the kernels' per-document statistics of one
+:class:`~lens.engine.QueryRun` (never from a T x T pattern).  Definitions: ../shared/PAPER.md.
+
+Choices made here (documented in the README):
+* readout token: the last query-block token (it predicts the first code digit);
+* several gold documents (LIMIT has two): rank metrics ask for *a* gold document first (the
+  best-scoring gold), mass metrics use the union of the gold documents;
+* Delta = best gold MaxSim - mean distractor MaxSim (distractors attended at that layer);
+  Delta_lse = the same gap on per-document log-mass (logsumexp of the document's scores);
+  predicted gold mass 1 / (1 + (N-1) exp(-Delta)) from either gap, beside the measured mass
+  (it ignores the instruction and query tokens' share).  Under SSMax with n = docs the scores
+  are already multiplied by s log N, so the same formula is the SSMax form 1/(1+(N-1) N^(-s Delta_raw)).
+* routing recall@B: the best gold document is among the B with the highest QK-MaxSim routing
+  score (max over query tokens; reduced over heads by max, and by mean).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lens.engine import QueryRun
+
+ROUTING_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+RECALL_K = (1, 2, 5, 10)
+
+
+def predicted_gold_mass(delta: float, n_docs: int) -> float:
+    """1 / (1 + (N-1) exp(-Delta)): a gold document Delta above N-1 identical distractors."""
+    if n_docs <= 1:
+        return 1.0
+    return 1.0 / (1.0 + (n_docs - 1) * math.exp(-delta)) if delta > -700 else 0.0
+
+
+def ssmax_predicted_gold_mass(delta_raw: float, n_docs: int, s: float) -> float:
+    """1 / (1 + (N-1) N^(-s Delta)): the same with SSMax (n = N documents)."""
+    return predicted_gold_mass(s * math.log(max(n_docs, 1)) * delta_raw, n_docs)
+
+
+def recall_at_k(ranked_codes: list[str], gold_codes: list[str], k: int) -> float:
+    """|top-k codes ∩ gold| / |gold| (the BEIR/MTEB definition)."""
+    return len(set(ranked_codes[:k]) & set(gold_codes)) / len(gold_codes)
+
+
+def hit_at_k(ranked_codes: list[str], gold_codes: list[str], k: int) -> bool:
+    return bool(set(ranked_codes[:k]) & set(gold_codes))
+
+
+def head_rows(run: QueryRun) -> list[dict]:
+    """One row per layer x head: gold MaxSim, its rank, Delta, gold mass and the theory."""
+    gold = torch.tensor(run.gold_positions)
+    is_gold = torch.zeros(run.n_docs, dtype=torch.bool)
+    is_gold[gold] = True
+    rows = []
+    for layer, res in enumerate(run.layers):
+        doc_max = res.doc_max[:, 0]  # [head, N]
+        doc_lse = res.doc_lse[:, 0]
+        attended = torch.isfinite(doc_max)  # routing leaves documents out after its layer
+        mass = torch.exp(doc_lse - res.lse[:, -1:])
+        gold_max = doc_max[:, gold].amax(-1)
+        gold_lse = doc_lse[:, gold].amax(-1)
+        distractor = attended & ~is_gold
+        n_attended = int(attended[0].sum())
+        for h in range(doc_max.shape[0]):
+            dist_max, dist_lse = doc_max[h, distractor[h]], doc_lse[h, distractor[h]]
+            delta = float(gold_max[h] - dist_max.mean()) if dist_max.numel() else math.nan
+            delta_lse = float(gold_lse[h] - dist_lse.mean()) if dist_lse.numel() else math.nan
+            rows.append(dict(
+                layer=layer, head=h,
+                gold_maxsim=float(gold_max[h]),
+                gold_rank=1 + int((dist_max > gold_max[h]).sum()),
+                delta=delta, delta_lse=delta_lse,
+                gold_mass=float(mass[h, gold].sum()),
+                pred_mass_maxsim=predicted_gold_mass(delta, n_attended) if not math.isnan(delta) else math.nan,
+                pred_mass_lse=predicted_gold_mass(delta_lse, n_attended) if not math.isnan(delta_lse) else math.nan,
+            ))
+    return rows
+
+
+def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[dict]:
+    """One row per layer: R_sum / R_any hits, GoldShare, logit-lens first digit, routing recall."""
+    gold = run.gold_positions
+    first_digits = {int(run.codes[g][0]) for g in gold}
+    rows = []
+    for layer, res in enumerate(run.layers):
+        doc_max = res.doc_max[:, 0]
+        mass = torch.exp(res.doc_lse[:, 0] - res.lse[:, -1:])  # [head, N]; -inf lse -> 0 mass
+        attn_norm = float(run.attn_out[layer].norm())
+        gold_norm = float(run.gold_attn_out[layer].norm())
+        row = dict(
+            layer=layer,
+            r_sum_hit=int(mass.sum(0).argmax()) in gold,
+            r_any_hit=any(int(doc_max[h].argmax()) in gold for h in range(doc_max.shape[0])),
+            gold_share=gold_norm / attn_norm if attn_norm > 0 else math.nan,
+            attn_norm=attn_norm, gold_attn_norm=gold_norm,
+            layer_gold_mass=float(mass[:, gold].sum(-1).mean()),  # head-mean of the gold mass
+            first_digit_hit=int(run.logit_lens[layer].argmax()) in first_digits,
+        )
+        for reduce, scores in (("max", run.route_scores[layer, 0]), ("mean", run.route_scores[layer, 1])):
+            order = torch.argsort(scores, descending=True)
+            best_gold_rank = min(int((order == g).nonzero()) for g in gold)  # 0-based
+            for b in routing_b:
+                if b <= run.n_docs:
+                    row[f"routing_hit_{reduce}@{b}"] = best_gold_rank < b
+        rows.append(row)
+    return rows
+
+
+def query_row(run: QueryRun, recall_k: tuple[int, ...] = RECALL_K) -> dict:
+    gold_codes = run.gold_codes
+    row = dict(
+        decoded=run.decoded, gold_codes="|".join(gold_codes), ranked_codes="|".join(run.ranked_codes),
+        tokens=run.n_tokens, correct=run.correct,
+        routed_gold=None if run.routed is None else bool(set(run.routed) & set(run.gold_positions)),
+    )
+    for k in recall_k:
+        if k <= len(run.ranked_codes):
+            row[f"recall@{k}"] = recall_at_k(run.ranked_codes, gold_codes, k)
+            row[f"hit@{k}"] = hit_at_k(run.ranked_codes, gold_codes, k)
+    return row

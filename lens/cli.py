@@ -113,6 +113,45 @@ def demo(
             typer.echo(f"N={size:<5} {fn.spec():<24} hit@1 {hits}/{queries}  ({time.time() - t0:.1f}s)")
 
 
+@app.command()
+@_clean_errors
+def sweep(
+    model: Annotated[str, typer.Option(help="registry name or HF folder")],
+    dataset: Annotated[str, typer.Option(help="synthetic-limit[:docs=..,items=..], needle[:docs=..], or a BEIR folder")],
+    n: Annotated[str, typer.Option(help="corpus sizes N, comma-separated, e.g. 16,64,256")],
+    out: Annotated[str, typer.Option(help="records folder (resumable)")],
+    queries: Annotated[int, typer.Option(help="number of queries")] = 16,
+    intervention: Annotated[Optional[list[str]], typer.Option(help="score-function spec; repeatable")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="dense baseline: minilm")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    beam: Annotated[int, typer.Option(help="codes ranked by a beam over the corpus's codes (Recall@k for k <= beam)")] = 2,
+    positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
+    max_doc_tokens: Annotated[int, typer.Option()] = 256,
+    truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
+    drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
+    dtype: Annotated[str, typer.Option(help="bfloat16 | float32")] = "bfloat16",
+    kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
+    batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
+):
+    """Run every (N, intervention) for K queries; write DIR/records.parquet and DIR/summary.json."""
+    from lens.sweep import SweepConfig, run_sweep
+
+    cfg = SweepConfig(
+        model=model, dataset=dataset, n=_parse_n_list(n), queries=queries, interventions=intervention or ["none"],
+        baseline=baseline, seed=seed, beam=beam, positions=positions, max_doc_tokens=max_doc_tokens,
+        truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch,
+    )
+    summary = run_sweep(cfg, out)
+    for run in summary["runs"]:
+        ks = " ".join(f"R@{k} {v:.2f}" for k, v in run["recall_at_k"].items() if v is not None)
+        typer.echo(f"N={run['n_docs']:<6} {run['intervention']:<28} tokens {run['tokens']:>8}  "
+                   f"hit@1 {run['hit_at_k'].get('1', float('nan')):.2f}  {ks}")
+    if "baseline" in summary:
+        for size, value in summary["baseline"]["recall_at_1"].items():
+            typer.echo(f"N={size:<6} {summary['baseline']['model']:<28} R@1 {value:.2f}")
+    typer.echo(f"records: {out}/records.parquet, summary: {out}/summary.json")
+
+
 def main():  # pragma: no cover
     sys.exit(app())
 

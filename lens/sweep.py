@@ -1,0 +1,215 @@
+"""Resumable sweeps over corpus size N and interventions, written as tidy records.
+
+``DIR/records.parquet`` has one row per query x N x intervention x layer x head
+(``level == "head"``), one per query x N x intervention x layer (``level == "layer"``) and one
+per query x N x intervention (``level == "query"``); with a dense baseline, ``level ==
+"baseline"`` rows per query x N.  ``DIR/summary.json`` aggregates them.
+
+Work is cut into units (one N, a batch of queries, every intervention: run together so a
+disk-backed corpus is read once per layer for all of them).  Each finished unit is committed as
+``DIR/parts/<unit>.parquet`` (written to a temporary name, then renamed), so a sweep killed at
+any point and restarted with the same arguments redoes only the unit it was in: no lost and no
+duplicated rows.  ``DIR/sweep.json`` holds the arguments; other arguments into the same DIR are
+an error.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lens.errors import LensError
+from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
+
+SWEEP_FORMAT = 1
+
+
+@dataclass
+class SweepConfig:
+    model: str
+    dataset: str
+    n: list[int]
+    queries: int
+    interventions: list[str] = field(default_factory=lambda: ["none"])
+    baseline: str | None = None
+    seed: int = 0
+    beam: int = 2
+    positions: str = "shared"
+    max_doc_tokens: int = 256
+    truncate: bool = False
+    drop_unjudged: bool = False
+    dtype: str = "bfloat16"
+    kv: str = "memory"
+    batch: int = 8  # queries per unit
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    os.replace(tmp, path)
+
+
+def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _check_out(cfg: SweepConfig, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    meta = out / "sweep.json"
+    wanted = {"format": SWEEP_FORMAT, **asdict(cfg)}
+    if meta.is_file():
+        have = json.loads(meta.read_text())
+        if have != wanted:
+            diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+            raise LensError(
+                f"{out} holds a sweep with other arguments ({', '.join(f'{k}: {have.get(k)!r} there, {wanted.get(k)!r} now' for k in diff)}); "
+                "rerun with the same arguments to resume, or choose another --out"
+            )
+    elif any(out.iterdir()):
+        raise LensError(f"{out} is not empty and holds no sweep; choose an empty or new --out folder")
+    else:
+        _write_json_atomic(meta, wanted)
+
+
+def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=None) -> dict:
+    """Run (or resume) a sweep; returns the summary.  ``on_unit(done, total)`` reports progress."""
+    import torch
+
+    from kernels.score_functions import parse_intervention
+    from lens.data.datasets import load_dataset
+    from lens.data.layout import LayoutConfig
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    out = Path(out).expanduser()
+    score_fns = [parse_intervention(s) for s in cfg.interventions]
+    specs = [fn.spec() for fn in score_fns]
+    if len(set(specs)) != len(specs):
+        raise LensError(f"interventions repeat: {specs}")
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+    if dtype is None:
+        raise LensError(f"dtype {cfg.dtype!r}: choose float32 or bfloat16")
+    if cfg.baseline not in (None, "minilm"):
+        raise LensError(f"baseline {cfg.baseline!r}: the dense baseline available is 'minilm'")
+    if cfg.beam < 1 or not cfg.n or min(cfg.n) < 1 or cfg.queries < 1:
+        raise LensError("beam, every N and the number of queries must be >= 1")
+    data = load_dataset(cfg.dataset, seed=cfg.seed, drop_unjudged=cfg.drop_unjudged)
+    too_big = [n for n in cfg.n if n > len(data.documents)]
+    if too_big:
+        raise LensError(f"N={too_big[0]} is larger than the pool of {len(data.documents)} documents in {data.name}")
+    if cfg.queries > len(data.queries):
+        raise LensError(f"--queries {cfg.queries}: {data.name} has {len(data.queries)} queries")
+    _check_out(cfg, out)
+    parts = out / "parts"
+    parts.mkdir(exist_ok=True)
+
+    query_ids = [q.id for q in data.queries[: cfg.queries]]
+    batches = [query_ids[i : i + cfg.batch] for i in range(0, len(query_ids), cfg.batch)]
+    units = [(n, b) for n in sorted(cfg.n) for b in range(len(batches))]
+    todo = [(n, b) for n, b in units if not (parts / f"n{n}-b{b}.parquet").is_file()]
+    need_baseline = cfg.baseline and not (parts / "baseline.parquet").is_file()
+    if todo or need_baseline:
+        model = load_model(cfg.model, dtype=dtype)
+        layout = LayoutConfig(positions=cfg.positions, max_doc_tokens=cfg.max_doc_tokens, truncate=cfg.truncate)
+        runner = BlockSearchRunner(model, data, layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
+        with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
+                  disable=not progress) as bar:
+            for n, b in todo:
+                streams = [runner.stream(q, n, fn) for fn in score_fns for q in batches[b]]
+                runs = runner.run_streams(streams, desc=f"N={n} batch {b}", beam=cfg.beam)
+                _write_parquet_atomic(parts / f"n{n}-b{b}.parquet", _rows(runs, specs, score_fns))
+                bar.update(1)
+                if on_unit:
+                    on_unit(bar.n, len(units))
+        if need_baseline:
+            from lens.baseline import minilm_rows
+
+            _write_parquet_atomic(parts / "baseline.parquet",
+                                  minilm_rows(data, runner, query_ids, sorted(cfg.n), progress=progress))
+    frames = [pd.read_parquet(parts / f"n{n}-b{b}.parquet") for n, b in units]
+    if cfg.baseline:
+        frames.append(pd.read_parquet(parts / "baseline.parquet"))
+    records = pd.concat(frames, ignore_index=True)
+    _write_parquet_atomic(out / "records.parquet", records)
+    summary = summarize(records, cfg)
+    _write_json_atomic(out / "summary.json", summary)
+    return summary
+
+
+def _rows(runs, specs, score_fns) -> pd.DataFrame:
+    rows = []
+    for run in runs:
+        spec = next(s for s, fn in zip(specs, score_fns) if fn.spec() == run.intervention)
+        key = dict(query_id=run.query_id, n_docs=run.n_docs, intervention=spec)
+        rows.append(dict(level="query", **key, layer=-1, head=-1, **query_row(run)))
+        rows += [dict(level="layer", **key, head=-1, **r) for r in layer_rows(run)]
+        rows += [dict(level="head", **key, **r) for r in head_rows(run)]
+    return pd.DataFrame(rows)
+
+
+def _mean(series) -> float | None:
+    value = pd.to_numeric(series, errors="coerce").astype(float).mean()
+    return None if value is None or math.isnan(value) else float(value)
+
+
+def _present(values: dict) -> dict:
+    """Leave out metrics that no row had (e.g. Recall@5 with a beam of 2, or k > N)."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def summarize(records: pd.DataFrame, cfg: SweepConfig) -> dict:
+    """Aggregate tidy records into summary.json's shape (see the README)."""
+    runs = []
+    queries = records[records.level == "query"]
+    layers = records[records.level == "layer"]
+    heads = records[records.level == "head"]
+    ks = [k for k in RECALL_K if f"recall@{k}" in queries.columns]
+    for spec in cfg.interventions:
+        from kernels.score_functions import parse_intervention
+
+        name = parse_intervention(spec).spec()
+        for n in sorted(cfg.n):
+            q = queries[(queries.n_docs == n) & (queries.intervention == name)]
+            lyr = layers[(layers.n_docs == n) & (layers.intervention == name)]
+            hd = heads[(heads.n_docs == n) & (heads.intervention == name)]
+            entry = dict(
+                n_docs=n, intervention=name, queries=len(q), tokens=int(round(q.tokens.mean())),
+                recall_at_1=_mean(q["recall@1"]),
+                recall_at_k=_present({str(k): _mean(q[f"recall@{k}"]) for k in ks}),
+                hit_at_k=_present({str(k): _mean(q[f"hit@{k}"]) for k in ks}),
+                layers=[],
+            )
+            route_cols = sorted((c for c in lyr.columns if c.startswith("routing_hit_max@")),
+                                key=lambda c: int(c.split("@")[1]))
+            for layer, group in lyr.groupby("layer"):
+                h = hd[hd.layer == layer]
+                item = dict(
+                    layer=int(layer), r_sum=_mean(group.r_sum_hit), r_any=_mean(group.r_any_hit),
+                    gold_mass=_mean(h.gold_mass), gold_maxsim=_mean(h.gold_maxsim), delta=_mean(h.delta),
+                    gold_share=_mean(group.gold_share), first_digit_acc=_mean(group.first_digit_hit),
+                    pred_gold_mass=_mean(h.pred_mass_maxsim),
+                )
+                routing = {c.split("@")[1]: _mean(group[c]) for c in route_cols if group[c].notna().any()}
+                if routing:
+                    item["routing_recall"] = routing
+                entry["layers"].append(item)
+            runs.append(entry)
+    summary = dict(model=cfg.model, dataset=cfg.dataset, runs=runs)
+    if cfg.baseline:
+        base = records[records.level == "baseline"]
+        bks = [k for k in RECALL_K if f"recall@{k}" in base.columns and base[f"recall@{k}"].notna().any()]
+        summary["baseline"] = dict(
+            model="all-MiniLM-L6-v2",
+            recall_at_1={str(n): _mean(g["recall@1"]) for n, g in base.groupby("n_docs")},
+            recall_at_k={str(n): _present({str(k): _mean(g[f"recall@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
+            hit_at_k={str(n): _present({str(k): _mean(g[f"hit@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
+        )
+    return summary

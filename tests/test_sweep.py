@@ -1,0 +1,101 @@
+"""Sweeps: records and summary shape, resuming after a kill (identical records), argument
+clashes, bad specs and datasets as one-line errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+ARGS = ["--model", "tiny-llama", "--dataset", "synthetic-limit:docs=30,items=5,queries=6", "--n", "4,12,30",
+        "--queries", "6", "--batch", "2", "--intervention", "none", "--intervention", "ssmax:s=0.43,n=docs",
+        "--intervention", "route:layer=1,B=3", "--dtype", "float32"]
+
+
+def lens(*args, wait=True):
+    cmd = [sys.executable, "-m", "lens.cli", *args]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "full"
+    done = lens("sweep", *ARGS, "--out", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+def test_records_and_summary(uninterrupted):
+    records = pd.read_parquet(uninterrupted / "records.parquet")
+    assert set(records.level) == {"query", "layer", "head"}
+    per_query = records[records.level == "query"]
+    assert len(per_query) == 6 * 3 * 3  # queries x N x interventions
+    heads = records[records.level == "head"]
+    assert len(heads) == 6 * 3 * 3 * 3 * 6  # ... x layers x heads
+    assert not heads.duplicated(["query_id", "n_docs", "intervention", "layer", "head"]).any()
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert summary["model"] == "tiny-llama" and len(summary["runs"]) == 9
+    run = summary["runs"][0]
+    assert {"n_docs", "intervention", "queries", "tokens", "recall_at_1", "recall_at_k", "hit_at_k", "layers"} <= set(run)
+    assert set(run["recall_at_k"]) == {"1", "2"}  # beam 2
+    assert {"layer", "r_sum", "r_any", "gold_mass", "gold_maxsim", "delta", "gold_share", "first_digit_acc",
+            "routing_recall"} <= set(run["layers"][0])
+    # the summary is the mean of the records
+    q = per_query[(per_query.n_docs == 12) & (per_query.intervention == "none")]
+    entry = next(r for r in summary["runs"] if r["n_docs"] == 12 and r["intervention"] == "none")
+    assert entry["recall_at_k"]["2"] == pytest.approx(q["recall@2"].mean())
+    # tokens grow with N; routing leaves mass only on routed documents past its layer
+    tokens = [r["tokens"] for r in summary["runs"] if r["intervention"] == "none"]
+    assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
+
+
+def test_killed_sweep_resumes_to_identical_records(uninterrupted, tmp_path):
+    out = tmp_path / "killed"
+    proc = lens("sweep", *ARGS, "--out", str(out), wait=False)
+    parts = out / "parts"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(parts.glob("n*.parquet"))) < 3 and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    committed = len(list(parts.glob("n*.parquet")))
+    assert 3 <= committed < 9 and not (out / "records.parquet").exists()
+    resumed = lens("sweep", *ARGS, "--out", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = pd.read_parquet(out / "records.parquet")
+    b = pd.read_parquet(uninterrupted / "records.parquet")
+    pd.testing.assert_frame_equal(a, b)
+    assert json.loads((out / "summary.json").read_text()) == json.loads((uninterrupted / "summary.json").read_text())
+
+
+def test_other_arguments_into_the_same_dir_are_refused(uninterrupted):
+    args = list(ARGS)
+    args[args.index("4,12,30")] = "4,12"
+    out = lens("sweep", *args, "--out", str(uninterrupted))
+    assert out.returncode == 2
+    assert "holds a sweep with other arguments (n: [4, 12, 30] there, [4, 12] now)" in out.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (("--intervention", "ssmax:s=x"), "s='x' is not a number"),
+    (("--dataset", "no/such/folder"), "dataset 'no/such/folder': not a folder"),
+    (("--n", "4,500"), "N=500 is larger than the pool of 30 documents"),
+    (("--baseline", "bm25"), "baseline 'bm25'"),
+])
+def test_bad_input_is_one_line(change, message, tmp_path):
+    args = list(ARGS)
+    if change[0] in ("--dataset", "--n"):
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += list(change)
+    out = lens("sweep", *args, "--out", str(tmp_path / "x"))
+    errors = [l for l in out.stderr.splitlines() if l.startswith("lens: error:")]
+    assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr[-1500:]
+    assert "Traceback" not in out.stderr

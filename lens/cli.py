@@ -152,6 +152,20 @@ def sweep(
     typer.echo(f"records: {out}/records.parquet, summary: {out}/summary.json")
 
 
+@app.command()
+@_clean_errors
+def report(
+    folder: Annotated[str, typer.Argument(help="a records folder written by `lens sweep`")],
+    layer: Annotated[Optional[int], typer.Option(help="layer for per-layer tables (default: peak gold mass)")] = None,
+    n: Annotated[Optional[int], typer.Option(help="N for the per-layer profile (default: smallest)")] = None,
+):
+    """Render the paper's figures and tables that apply to a records folder into FOLDER/report."""
+    from lens.report import render_report
+
+    for path in render_report(folder, layer, n):
+        typer.echo(str(path))
+
+
 def main():  # pragma: no cover
     sys.exit(app())
 

@@ -99,3 +99,21 @@ def test_bad_input_is_one_line(change, message, tmp_path):
     errors = [l for l in out.stderr.splitlines() if l.startswith("lens: error:")]
     assert out.returncode == 2 and len(errors) == 1 and message in errors[0], out.stderr[-1500:]
     assert "Traceback" not in out.stderr
+
+
+def test_report_renders_from_records(uninterrupted):
+    from lens.report import render_report, retrieval_layer
+
+    written = render_report(uninterrupted, layer=1)
+    names = {p.name for p in written}
+    for stem in ("fig1_recall_vs_n", "fig2_layer_profile", "fig3_rsum_rany_across_n", "fig5_routing_recall",
+                 "theory_gold_mass"):
+        assert f"{stem}.html" in names
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    table = pd.read_csv(uninterrupted / "report" / "table1_gold_share.csv")
+    expected = [next(l for l in r["layers"] if l["layer"] == 1)["gold_share"]
+                for r in sorted((r for r in summary["runs"] if r["intervention"] == "none"), key=lambda r: r["n_docs"])]
+    assert table.gold_share.tolist() == pytest.approx(expected)
+    interventions = pd.read_csv(uninterrupted / "report" / "table_interventions.csv")
+    assert list(interventions.intervention) == ["none", "ssmax:s=0.43,n=docs", "route:layer=1,B=3"]
+    assert 0 <= retrieval_layer(summary) < 3

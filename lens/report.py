@@ -1,0 +1,203 @@
+"""The paper's figures and tables from a records folder (``lens sweep`` output), as plotly
+figures (HTML, and PNG where Chromium is installed for kaleido) and CSV tables.
+
+Every function reads ``records.parquet`` / ``summary.json`` and computes nothing the metrics
+module does not already define: aggregation here is means over queries (and heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from lens.errors import LensError
+from lens.metrics import ssmax_predicted_gold_mass
+
+
+def load_records(folder: str | Path) -> tuple[pd.DataFrame, dict]:
+    folder = Path(folder).expanduser()
+    if not (folder / "records.parquet").is_file() or not (folder / "summary.json").is_file():
+        raise LensError(f"{folder}: no records.parquet / summary.json; run `lens sweep --out {folder}` first")
+    return pd.read_parquet(folder / "records.parquet"), json.loads((folder / "summary.json").read_text())
+
+
+def _base_intervention(summary: dict) -> str:
+    names = [r["intervention"] for r in summary["runs"]]
+    return "none" if "none" in names else names[0]
+
+
+def retrieval_layer(summary: dict) -> int:
+    """Default layer for per-layer tables: the layer with the highest gold mass at the smallest N
+    without intervention (the centre of the retrieval band)."""
+    base = _base_intervention(summary)
+    runs = [r for r in summary["runs"] if r["intervention"] == base]
+    first = min(runs, key=lambda r: r["n_docs"])
+    return max(first["layers"], key=lambda l: l["gold_mass"] or 0)["layer"]
+
+
+def fig_recall_vs_n(summary: dict) -> go.Figure:
+    """fig1: hit@1 and Recall@1 vs N per intervention, with the dense baseline."""
+    fig = go.Figure()
+    for name in dict.fromkeys(r["intervention"] for r in summary["runs"]):
+        runs = sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"])
+        fig.add_scatter(x=[r["n_docs"] for r in runs], y=[r["hit_at_k"].get("1") for r in runs], mode="lines+markers",
+                        name=f"{name} hit@1", customdata=[r["tokens"] for r in runs],
+                        hovertemplate="N=%{x}<br>%{customdata} tokens<br>hit@1 %{y:.2f}")
+    if "baseline" in summary:
+        base = summary["baseline"]
+        sizes = sorted(base["hit_at_k"], key=int)
+        fig.add_scatter(x=[int(n) for n in sizes], y=[base["hit_at_k"][n].get("1") for n in sizes],
+                        mode="lines+markers", line=dict(dash="dash"), name=f"{base['model']} hit@1 (dense)")
+    fig.update_layout(title=f"{summary['model']} on {summary['dataset']}: retrieval vs corpus size",
+                      xaxis=dict(title="documents N", type="log"), yaxis=dict(title="hit@1", range=[0, 1.02]))
+    return fig
+
+
+def fig_layer_profile(summary: dict, n_docs: int | None = None) -> go.Figure:
+    """fig2: per-layer R_sum and logit-lens first-digit accuracy at one N."""
+    base = _base_intervention(summary)
+    runs = [r for r in summary["runs"] if r["intervention"] == base]
+    run = next((r for r in runs if r["n_docs"] == n_docs), None) or min(runs, key=lambda r: r["n_docs"])
+    layers = [l["layer"] for l in run["layers"]]
+    fig = go.Figure()
+    for key, label in (("r_sum", "R_sum"), ("r_any", "R_any"), ("first_digit_acc", "logit-lens first-digit acc")):
+        fig.add_scatter(x=layers, y=[l[key] for l in run["layers"]], mode="lines+markers", name=label)
+    fig.update_layout(title=f"per-layer retrieval signal at N={run['n_docs']} ({base})",
+                      xaxis_title="layer", yaxis=dict(range=[0, 1.02]))
+    return fig
+
+
+def fig_rsum_rany_across_n(summary: dict) -> go.Figure:
+    """fig3: R_sum^L (left) and R_any^L (right) per layer, one line per N."""
+    base = _base_intervention(summary)
+    runs = sorted((r for r in summary["runs"] if r["intervention"] == base), key=lambda r: r["n_docs"])
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("R_sum per layer", "R_any per layer"), shared_yaxes=True)
+    for i, run in enumerate(runs):
+        layers = [l["layer"] for l in run["layers"]]
+        color = f"hsl({int(240 - 240 * i / max(len(runs) - 1, 1))},70%,45%)"
+        fig.add_scatter(x=layers, y=[l["r_sum"] for l in run["layers"]], name=f"N={run['n_docs']}",
+                        line=dict(color=color), row=1, col=1)
+        fig.add_scatter(x=layers, y=[l["r_any"] for l in run["layers"]], name=f"N={run['n_docs']}",
+                        line=dict(color=color), showlegend=False, row=1, col=2)
+    fig.update_yaxes(range=[0, 1.02])
+    fig.update_xaxes(title_text="layer")
+    fig.update_layout(title=f"{summary['model']}: attention dilution across N ({base})")
+    return fig
+
+
+def fig_routing_recall(records: pd.DataFrame, summary: dict, layer: int) -> go.Figure:
+    """fig5: routing recall@B vs B at one layer, at the largest N (head max and head mean)."""
+    base = _base_intervention(summary)
+    rows = records[(records.level == "layer") & (records.intervention == base) & (records.layer == layer)]
+    n = int(rows.n_docs.max())
+    rows = rows[rows.n_docs == n]
+    fig = go.Figure()
+    for reduce in ("max", "mean"):
+        cols = sorted((c for c in rows.columns if c.startswith(f"routing_hit_{reduce}@") and rows[c].notna().any()),
+                      key=lambda c: int(c.split("@")[1]))
+        fig.add_scatter(x=[int(c.split("@")[1]) for c in cols], y=[rows[c].astype(float).mean() for c in cols],
+                        mode="lines+markers", name=f"QK-MaxSim, heads reduced by {reduce}")
+    fig.update_layout(title=f"routing recall@B at layer {layer}, N={n}", xaxis=dict(title="B", type="log"),
+                      yaxis=dict(title="recall@B", range=[0, 1.02]))
+    return fig
+
+
+def table_gold_share(summary: dict, layer: int) -> pd.DataFrame:
+    """table1: GoldShare, ||W_O a^G|| and ||W_O a|| per N at one layer (no intervention)."""
+    base = _base_intervention(summary)
+    rows = []
+    for run in sorted((r for r in summary["runs"] if r["intervention"] == base), key=lambda r: r["n_docs"]):
+        item = next(l for l in run["layers"] if l["layer"] == layer)
+        rows.append(dict(n_docs=run["n_docs"], tokens=run["tokens"], layer=layer, gold_share=item["gold_share"],
+                         gold_mass=item["gold_mass"], r_sum=item["r_sum"], r_any=item["r_any"]))
+    return pd.DataFrame(rows)
+
+
+def table_norms(records: pd.DataFrame, summary: dict, layer: int) -> pd.DataFrame:
+    base = _base_intervention(summary)
+    rows = records[(records.level == "layer") & (records.intervention == base) & (records.layer == layer)]
+    return rows.groupby("n_docs")[["attn_norm", "gold_attn_norm", "gold_share"]].mean().reset_index()
+
+
+def table_interventions(summary: dict) -> pd.DataFrame:
+    """The intervention table: hit@1 (and Recall@1) per intervention across N."""
+    rows = []
+    for name in dict.fromkeys(r["intervention"] for r in summary["runs"]):
+        row = {"intervention": name}
+        for run in sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"]):
+            row[f"hit@1 N={run['n_docs']}"] = run["hit_at_k"].get("1")
+            row[f"R@1 N={run['n_docs']}"] = run["recall_at_1"]
+        rows.append(row)
+    if "baseline" in summary:
+        base = summary["baseline"]
+        row = {"intervention": f"{base['model']} (dense)"}
+        for n in sorted(base["hit_at_k"], key=int):
+            row[f"hit@1 N={n}"] = base["hit_at_k"][n].get("1")
+            row[f"R@1 N={n}"] = base["recall_at_1"][n]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def fig_theory(summary: dict, layer: int, s: float = 0.43) -> go.Figure:
+    """Measured vs predicted gold mass across N at one layer; the SSMax form uses the
+    no-intervention gap Delta with s."""
+    fig = go.Figure()
+    base = _base_intervention(summary)
+    for name in dict.fromkeys(r["intervention"] for r in summary["runs"]):
+        runs = sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"])
+        items = [next(l for l in r["layers"] if l["layer"] == layer) for r in runs]
+        ns = [r["n_docs"] for r in runs]
+        fig.add_scatter(x=ns, y=[i["gold_mass"] for i in items], mode="lines+markers", name=f"{name}: measured")
+        fig.add_scatter(x=ns, y=[i["pred_gold_mass"] for i in items], mode="lines", line=dict(dash="dot"),
+                        name=f"{name}: 1/(1+(N-1)e^-Δ)")
+        if name == base:
+            fig.add_scatter(x=ns, y=[ssmax_predicted_gold_mass(i["delta"], n, s) for i, n in zip(items, ns)],
+                            mode="lines", line=dict(dash="dash"), name=f"SSMax form s={s:g}: 1/(1+(N-1)N^(-sΔ))")
+    fig.update_layout(title=f"gold attention mass at layer {layer}: measured vs theory (head and query means)",
+                      xaxis=dict(title="documents N", type="log"), yaxis=dict(title="gold mass", type="log"))
+    return fig
+
+
+def save_figure(fig: go.Figure, path_stem: Path) -> list[Path]:
+    """HTML always; PNG when kaleido finds a Chromium (Debian's chromium is used if installed)."""
+    written = [path_stem.with_suffix(".html")]
+    fig.write_html(written[0], include_plotlyjs="cdn")
+    if not os.environ.get("BROWSER_PATH") and shutil.which("chromium"):
+        os.environ["BROWSER_PATH"] = shutil.which("chromium")
+    try:
+        fig.write_image(path_stem.with_suffix(".png"), width=1000, height=520, scale=1)
+        written.append(path_stem.with_suffix(".png"))
+    except Exception as err:  # kaleido needs a Chromium; the HTML is the figure
+        print(f"note: {path_stem.name}.png not written ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+              "install Debian's chromium for PNGs")
+    return written
+
+
+def render_report(folder: str | Path, layer: int | None = None, n_docs: int | None = None) -> list[Path]:
+    """Everything that applies to a records folder, into ``folder/report``."""
+    records, summary = load_records(folder)
+    out = Path(folder).expanduser() / "report"
+    out.mkdir(exist_ok=True)
+    layer = retrieval_layer(summary) if layer is None else layer
+    written: list[Path] = []
+    written += save_figure(fig_recall_vs_n(summary), out / "fig1_recall_vs_n")
+    written += save_figure(fig_layer_profile(summary, n_docs), out / "fig2_layer_profile")
+    written += save_figure(fig_rsum_rany_across_n(summary), out / "fig3_rsum_rany_across_n")
+    if any(c.startswith("routing_hit_max@") for c in records.columns):
+        written += save_figure(fig_routing_recall(records, summary, layer), out / "fig5_routing_recall")
+    written += save_figure(fig_theory(summary, layer), out / "theory_gold_mass")
+    tables = {
+        "table1_gold_share.csv": table_gold_share(summary, layer).merge(table_norms(records, summary, layer)[
+            ["n_docs", "attn_norm", "gold_attn_norm"]], on="n_docs"),
+        "table_interventions.csv": table_interventions(summary),
+    }
+    for name, frame in tables.items():
+        frame.to_csv(out / name, index=False)
+        written.append(out / name)
+    return written

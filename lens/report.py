@@ -201,3 +201,40 @@ def render_report(folder: str | Path, layer: int | None = None, n_docs: int | No
         frame.to_csv(out / name, index=False)
         written.append(out / name)
     return written
+
+
+def fig_layer_metric_across_n(summary: dict, key: str, title: str, intervention: str | None = None) -> go.Figure:
+    """One per-layer summary metric (gold_share, first_digit_acc, ...), one line per N."""
+    name = intervention or _base_intervention(summary)
+    fig = go.Figure()
+    for run in sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"]):
+        fig.add_scatter(x=[l["layer"] for l in run["layers"]], y=[l[key] for l in run["layers"]],
+                        mode="lines+markers", name=f"N={run['n_docs']}")
+    fig.update_layout(title=f"{title} ({name})", xaxis_title="layer", yaxis_title=key)
+    return fig
+
+
+def fig_gold_mass_heatmap(summary: dict, intervention: str | None = None) -> go.Figure:
+    """Gold attention mass (head and query mean) as a layer x N heatmap."""
+    name = intervention or _base_intervention(summary)
+    runs = sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"])
+    z = [[l["gold_mass"] for l in r["layers"]] for r in runs]
+    fig = go.Figure(go.Heatmap(z=list(map(list, zip(*z))), x=[str(r["n_docs"]) for r in runs],
+                               y=[l["layer"] for l in runs[0]["layers"]], colorscale="Viridis",
+                               colorbar=dict(title="gold mass")))
+    fig.update_layout(title=f"gold attention mass, layer x N ({name})", xaxis_title="N", yaxis_title="layer")
+    return fig
+
+
+def fig_head_heatmap(records: pd.DataFrame, n_docs: int, metric: str = "gold_mass", intervention: str = "none") -> go.Figure:
+    """A per-head metric (gold_mass, gold_rank, gold_maxsim, delta) as a layer x head heatmap at one N."""
+    rows = records[(records.level == "head") & (records.n_docs == n_docs) & (records.intervention == intervention)]
+    if rows.empty:
+        raise LensError(f"no head records for N={n_docs}, intervention {intervention!r}")
+    table = rows.groupby(["layer", "head"])[metric].mean().unstack("head")
+    fig = go.Figure(go.Heatmap(z=table.values, x=[str(h) for h in table.columns], y=table.index,
+                               colorscale="Viridis_r" if metric == "gold_rank" else "Viridis",
+                               colorbar=dict(title=metric)))
+    fig.update_layout(title=f"{metric} per layer and head at N={n_docs} ({intervention}, mean over queries)",
+                      xaxis_title="head", yaxis_title="layer")
+    return fig

@@ -1,0 +1,54 @@
+"""Shared, cached resources for the pages: models and runners are built once per session
+(st.cache_resource) and reused by every page and every rerun."""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from lens.data.datasets import load_dataset
+from lens.engine import BlockSearchRunner
+from lens.errors import LensError
+from lens.models.registry import REGISTRY, load_model
+from lens.workbench import DEFAULT_DATASET, default_model
+
+
+@st.cache_resource(show_spinner="loading model")
+def cached_model(name: str):
+    return load_model(name, dtype=torch.bfloat16)
+
+
+@st.cache_resource(show_spinner="preparing corpus")
+def cached_runner(model_name: str, dataset: str) -> BlockSearchRunner:
+    return BlockSearchRunner(cached_model(model_name), load_dataset(dataset), progress=False)
+
+
+def model_and_dataset(key: str):
+    """Sidebar choice of model and dataset, shared across pages; returns (model, dataset, runner)
+    or (.., None) with the problem shown in the page."""
+    names = list(REGISTRY)
+    model = st.sidebar.selectbox("model", names, index=names.index(st.session_state.get("model", default_model())),
+                                 key=f"{key}-model")
+    dataset = st.sidebar.text_input("dataset (generated spec or BEIR folder)",
+                                    st.session_state.get("dataset", DEFAULT_DATASET), key=f"{key}-dataset")
+    st.session_state["model"], st.session_state["dataset"] = model, dataset
+    try:
+        return model, dataset, cached_runner(model, dataset)
+    except LensError as err:
+        st.error(str(err))
+        return model, dataset, None
+
+
+def parse_sizes(text: str, pool: int) -> list[int] | None:
+    try:
+        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        st.error(f"N grid {text!r}: expected comma-separated integers, e.g. 16,64,256")
+        return None
+    if not sizes or sizes[0] < 1:
+        st.error("N grid: give at least one positive N")
+        return None
+    if sizes[-1] > pool:
+        st.error(f"N={sizes[-1]} is larger than the pool of {pool} documents; use N <= {pool}")
+        return None
+    return sizes

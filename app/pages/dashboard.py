@@ -1,0 +1,76 @@
+"""Dilution dashboard: run (or open) a sweep over N and see attention dilution."""
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from app.common import model_and_dataset, parse_sizes
+from lens.errors import LensError
+from lens.report import (
+    fig_gold_mass_heatmap, fig_head_heatmap, fig_layer_metric_across_n, fig_recall_vs_n, fig_rsum_rany_across_n,
+    fig_theory, load_records, retrieval_layer,
+)
+from lens.sweep import SweepConfig, run_sweep
+from lens.workbench import DEFAULT_N, records_folder
+
+st.title("Attention dilution across corpus size")
+model, dataset, runner = model_and_dataset("dash")
+sizes_text = st.sidebar.text_input("N grid", os.environ.get("LENS_APP_N", DEFAULT_N), key="dash-n")
+queries = st.sidebar.number_input("queries", 1, 256, int(os.environ.get("LENS_APP_QUERIES", 4)), key="dash-q")
+interventions = st.sidebar.multiselect(
+    "interventions", ["none", "ssmax:s=0.43", "sink:b=4", "route:layer=16,B=256", "ssmax:s=0.43+route:layer=16,B=256"],
+    default=["none"], key="dash-interventions")
+if runner is None:
+    st.stop()
+sizes = parse_sizes(sizes_text, len(runner.dataset.documents))
+if sizes is None:
+    st.stop()
+folder = Path(st.sidebar.text_input("records folder", str(records_folder(model, dataset, sizes, int(queries))),
+                                    key="dash-folder"))
+run_clicked = st.sidebar.button("run / resume sweep", key="dash-run")
+
+if run_clicked or not (folder / "summary.json").is_file():
+    if not (folder / "summary.json").is_file() and not run_clicked and (folder.exists() and any(folder.iterdir())):
+        st.info("this folder holds an unfinished sweep: press 'run / resume sweep'")
+        st.stop()
+    bar = st.progress(0.0, text="sweep: starting (prefilling documents)")
+    cfg = SweepConfig(model=model, dataset=dataset, n=sizes, queries=int(queries),
+                      interventions=interventions or ["none"], beam=2, batch=int(queries))
+    try:
+        run_sweep(cfg, folder, progress=False,
+                  on_unit=lambda done, total: bar.progress(done / total, text=f"sweep: {done}/{total} units"))
+    except LensError as err:
+        st.error(str(err))
+        st.stop()
+    bar.empty()
+
+try:
+    records, summary = load_records(folder)
+except LensError as err:
+    st.error(str(err))
+    st.stop()
+
+names = list(dict.fromkeys(r["intervention"] for r in summary["runs"]))
+largest = max(r["n_docs"] for r in summary["runs"])
+cols = st.columns(len(names) + 1)
+for col, name in zip(cols, names):
+    run = next(r for r in summary["runs"] if r["intervention"] == name and r["n_docs"] == largest)
+    col.metric(f"hit@1 at N={largest} ({name})", f"{run['hit_at_k'].get('1', float('nan')):.2f}")
+layer = retrieval_layer(summary)
+cols[-1].metric("retrieval layer (peak gold mass)", layer)
+
+st.plotly_chart(fig_rsum_rany_across_n(summary), key="fig-rsum")
+left, right = st.columns(2)
+left.plotly_chart(fig_gold_mass_heatmap(summary), key="fig-heat")
+right.plotly_chart(fig_recall_vs_n(summary), key="fig-recall")
+n_pick = st.select_slider("N for the layer x head heatmap", options=sorted({r["n_docs"] for r in summary["runs"]}),
+                          key="dash-npick")
+metric = st.radio("head metric", ["gold_mass", "gold_rank", "gold_maxsim", "delta"], horizontal=True, key="dash-metric")
+st.plotly_chart(fig_head_heatmap(records, n_pick, metric, names[0]), key="fig-heads")
+left, right = st.columns(2)
+left.plotly_chart(fig_layer_metric_across_n(summary, "gold_share", "GoldShare per layer"), key="fig-share")
+right.plotly_chart(fig_layer_metric_across_n(summary, "first_digit_acc", "logit-lens first-digit accuracy"),
+                   key="fig-digit")
+st.plotly_chart(fig_theory(summary, layer), key="fig-theory")
+st.caption(f"records: {folder}")

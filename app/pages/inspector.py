@@ -1,0 +1,44 @@
+"""Query inspector: one query at one N, layer by layer."""
+
+import plotly.express as px
+import streamlit as st
+
+from app.common import model_and_dataset
+from lens.errors import LensError
+from lens.workbench import layer_table, maxsim_distribution, top_documents
+
+st.title("Query inspector")
+model, dataset, runner = model_and_dataset("insp")
+if runner is None:
+    st.stop()
+queries = runner.dataset.queries
+query = st.selectbox("query", [q.id for q in queries], format_func=lambda q: f"{q}: {runner.dataset.queries[[x.id for x in queries].index(q)].text}",
+                     key="insp-query")
+n_docs = st.number_input("N (documents in the corpus)", 1, 100_000, min(64, len(runner.dataset.documents)), key="insp-n")
+try:
+    run = runner.run_query(query, int(n_docs), beam=2)
+except LensError as err:
+    st.error(str(err))
+    st.stop()
+
+table = layer_table(run)
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("decoded", run.decoded)
+c2.metric("gold", ", ".join(run.gold_codes))
+c3.metric("hit@1", "yes" if run.correct else "no")
+c4.metric("context tokens", run.n_tokens)
+band = table[table.r_any_hit]
+st.markdown(f"**retrieval band** (layers where some head ranks a gold document first): "
+            f"{', '.join(map(str, band.layer.tolist())) or 'none'}")
+st.plotly_chart(px.line(table, x="layer", y=["gold_mass", "best_head_gold_mass", "gold_share"],
+                        title="gold attention mass and GoldShare per layer"), key="insp-band")
+layer = st.slider("layer", 0, runner.model.cfg.n_layers - 1, int(table.gold_mass.idxmax()), key="insp-layer")
+dist = maxsim_distribution(run, layer)
+left, right = st.columns(2)
+left.plotly_chart(px.strip(dist, x="head", y="maxsim", color="gold", title=f"MaxSim per document, layer {layer}"),
+                  key="insp-maxsim")
+right.plotly_chart(px.strip(dist, x="head", y="mass", color="gold", log_y=True,
+                            title=f"attention mass per document, layer {layer}"), key="insp-mass")
+st.subheader(f"documents with the highest attention mass at layer {layer}")
+st.dataframe(top_documents(runner, run, layer), hide_index=True, key="insp-top")
+st.dataframe(table, hide_index=True, key="insp-table")

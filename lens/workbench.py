@@ -1,0 +1,118 @@
+"""The API the Streamlit app stands on: defaults, composing interventions from controls, and
+per-query views.  Every number the app shows is computed here or in lens.metrics."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from kernels.score_functions import Compose, HeadScale, Route, ScoreFunction, Sink, SSMax, Temperature
+from lens.engine import BlockSearchRunner, QueryRun
+from lens.metrics import head_rows, layer_rows, query_row
+from lens.paths import cache_dir
+
+DEFAULT_DATASET = "synthetic-limit:docs=256,items=20,queries=32"
+DEFAULT_N = "16,64,256"
+
+
+def default_model() -> str:
+    """blocksearch-135m once it is registered and present, else smollm2-135m."""
+    from lens.models.registry import REGISTRY
+
+    entry = REGISTRY.get("blocksearch-135m")
+    return "blocksearch-135m" if entry is not None and entry.weights_present() else "smollm2-135m"
+
+
+def records_folder(model: str, dataset: str, sizes: list[int], queries: int) -> Path:
+    key = hashlib.sha256(json.dumps([model, dataset, sizes, queries]).encode()).hexdigest()[:12]
+    return cache_dir() / "records" / f"app-{key}"
+
+
+@dataclass
+class Controls:
+    """The intervention lab's controls; ``score_function()`` turns them into one composed
+    score function (the same objects the CLI parses from spec strings)."""
+
+    temperature: float = 1.0
+    ssmax_s: float = 0.0  # 0 = off
+    ssmax_layers: tuple[int, int] | None = None  # inclusive range; None = every layer
+    ssmax_n: str = "keys"
+    sink_b: float | None = None
+    route_layer: int | None = None
+    route_b: int = 256
+    route_reduce: str = "max"
+    scale_layer: int | None = None
+    scale_heads: tuple[int, ...] = ()
+    scale_factor: float = 1.0
+
+    def score_function(self) -> ScoreFunction | None:
+        parts: list[ScoreFunction] = []
+        if self.temperature != 1.0:
+            parts.append(Temperature(self.temperature))
+        if self.ssmax_s > 0:
+            layers = None if self.ssmax_layers is None else tuple(range(self.ssmax_layers[0], self.ssmax_layers[1] + 1))
+            parts.append(SSMax(self.ssmax_s, n=self.ssmax_n, layers=layers))
+        if self.sink_b is not None:
+            parts.append(Sink(self.sink_b))
+        if self.scale_layer is not None and self.scale_heads and self.scale_factor != 1.0:
+            parts.append(HeadScale(self.scale_layer, tuple(self.scale_heads), self.scale_factor))
+        if self.route_layer is not None:
+            parts.append(Route(self.route_layer, self.route_b, self.route_reduce))
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else Compose(parts)
+
+
+def layer_table(run: QueryRun) -> pd.DataFrame:
+    """Per layer: head-mean gold mass, best head's gold mass, R_sum/R_any hits, GoldShare,
+    best gold rank, first-digit logit lens."""
+    heads = pd.DataFrame(head_rows(run))
+    layers = pd.DataFrame(layer_rows(run))
+    agg = heads.groupby("layer").agg(gold_mass=("gold_mass", "mean"), best_head_gold_mass=("gold_mass", "max"),
+                                     best_gold_rank=("gold_rank", "min"), delta=("delta", "mean"))
+    cols = ["layer", "r_sum_hit", "r_any_hit", "gold_share", "first_digit_hit"]
+    return layers[cols].merge(agg.reset_index(), on="layer")
+
+
+def top_documents(runner: BlockSearchRunner, run: QueryRun, layer: int, k: int = 5) -> pd.DataFrame:
+    """The k documents with the highest attention mass (summed over heads) at one layer."""
+    res = run.layers[layer]
+    mass = torch.exp(res.doc_lse[:, 0] - res.lse[:, -1:]).sum(0)  # [N], summed over heads
+    top = torch.argsort(mass, descending=True)[:k].tolist()
+    return pd.DataFrame([
+        dict(rank=i + 1, code=run.codes[j], gold=j in run.gold_positions, mass_sum_heads=float(mass[j]),
+             max_maxsim=float(res.doc_max[:, 0, j].max()), text=runner.dataset.documents[run.corpus[j]].text)
+        for i, j in enumerate(top)
+    ])
+
+
+def maxsim_distribution(run: QueryRun, layer: int) -> pd.DataFrame:
+    """Every document's MaxSim per head at one layer, marked gold or distractor (for the
+    'score stays high, mass collapses' picture)."""
+    res = run.layers[layer]
+    doc_max, mass = res.doc_max[:, 0], torch.exp(res.doc_lse[:, 0] - res.lse[:, -1:])
+    rows = []
+    for h in range(doc_max.shape[0]):
+        for j in range(run.n_docs):
+            if torch.isfinite(doc_max[h, j]):
+                rows.append(dict(head=h, doc=j, gold=j in run.gold_positions, maxsim=float(doc_max[h, j]),
+                                 mass=float(mass[h, j])))
+    return pd.DataFrame(rows)
+
+
+def compare_runs(before: list[QueryRun], after: list[QueryRun]) -> dict:
+    """Before/after an intervention over the same queries: per-layer means and recall."""
+    def summary(runs):
+        tables = pd.concat([layer_table(r) for r in runs])
+        per_layer = tables.groupby("layer")[["gold_mass", "r_sum_hit", "r_any_hit", "gold_share"]].mean()
+        rows = [query_row(r) for r in runs]
+        return per_layer, dict(hit_at_1=sum(r["hit@1"] for r in rows if "hit@1" in r) / len(rows),
+                               decoded=[(r.query_id, r.decoded, "|".join(r.gold_codes)) for r in runs])
+    (b_layers, b), (a_layers, a) = summary(before), summary(after)
+    layers = b_layers.add_suffix("_before").join(a_layers.add_suffix("_after")).reset_index()
+    return dict(layers=layers, before=b, after=a)

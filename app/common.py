@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 import torch
 
@@ -27,10 +29,12 @@ def model_and_dataset(key: str):
     """Sidebar choice of model and dataset, shared across pages; returns (model, dataset, runner)
     or (.., None) with the problem shown in the page."""
     names = list(REGISTRY)
-    model = st.sidebar.selectbox("model", names, index=names.index(st.session_state.get("model", default_model())),
-                                 key=f"{key}-model")
+    # LENS_APP_MODEL / LENS_APP_DATASET override the defaults (used by the browser test)
+    first_model = st.session_state.get("model", os.environ.get("LENS_APP_MODEL") or default_model())
+    model = st.sidebar.selectbox("model", names, index=names.index(first_model), key=f"{key}-model")
     dataset = st.sidebar.text_input("dataset (generated spec or BEIR folder)",
-                                    st.session_state.get("dataset", DEFAULT_DATASET), key=f"{key}-dataset")
+                                    st.session_state.get("dataset", os.environ.get("LENS_APP_DATASET") or DEFAULT_DATASET),
+                                    key=f"{key}-dataset")
     st.session_state["model"], st.session_state["dataset"] = model, dataset
     try:
         return model, dataset, cached_runner(model, dataset)

@@ -76,9 +76,9 @@ class DiskKV(KVSource):
         self.root = base / self.key
         self.itemsize = torch.empty((), dtype=model.dtype).element_size()
         if not self._open():
-            self._build()
-            if not self._open():
-                raise LensError(f"{self.root}: the KV cache just built does not verify; is the disk full?")
+            self._build()  # checksums are computed from the files as written: no second pass here
+            if not self._open(verify=False):
+                raise LensError(f"{self.root}: the KV cache just built cannot be opened; is the disk full?")
 
     # -------------------------------------------------------------------------- identity
     def _content_key(self) -> str:
@@ -97,11 +97,11 @@ class DiskKV(KVSource):
         return 2 * self.n_kv * self.n_tokens * self.d_head * self.itemsize
 
     # -------------------------------------------------------------------------- open / verify
-    def _open(self) -> bool:
+    def _open(self, verify: bool = True) -> bool:
         manifest_path = self.root / "manifest.json"
         if not manifest_path.is_file():
             return False
-        problem = self._verify(manifest_path)
+        problem = self._verify(manifest_path) if verify else None
         if problem:
             print(f"lens: KV cache {self.root} is unusable ({problem}); deleting and rebuilding it")
             shutil.rmtree(self.root, ignore_errors=True)

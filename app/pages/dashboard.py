@@ -26,8 +26,10 @@ if runner is None:
 sizes = parse_sizes(sizes_text, len(runner.dataset.documents))
 if sizes is None:
     st.stop()
-folder = Path(st.sidebar.text_input("records folder", str(records_folder(model, dataset, sizes, int(queries))),
-                                    key="dash-folder"))
+default_folder = records_folder(model, dataset, sizes, int(queries))
+if os.environ.get("LENS_APP_RECORDS"):  # the browser test keeps its records apart
+    default_folder = Path(os.environ["LENS_APP_RECORDS"]) / default_folder.name
+folder = Path(st.sidebar.text_input("records folder", str(default_folder), key="dash-folder"))
 run_clicked = st.sidebar.button("run / resume sweep", key="dash-run")
 
 if run_clicked or not (folder / "summary.json").is_file():

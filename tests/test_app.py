@@ -1,0 +1,101 @@
+"""Streamlit AppTest: each page's widgets driven, the numbers shown equal what the lens API
+returns for the same inputs."""
+
+import json
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from kernels.score_functions import SSMax, Temperature
+from lens.engine import BlockSearchRunner
+from lens.data.datasets import load_dataset
+from lens.workbench import compare_runs
+
+APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+MODEL, DATASET = "tiny-llama", "synthetic-limit:docs=40,items=5,queries=6"
+
+
+def _app(tmp_path, **state):
+    at = AppTest.from_file(APP, default_timeout=600)
+    at.session_state["model"] = MODEL
+    at.session_state["dataset"] = DATASET
+    at.session_state["dash-n"] = "4,16"
+    at.session_state["dash-folder"] = str(tmp_path / "records")
+    for key, value in state.items():
+        at.session_state[key] = value
+    return at
+
+
+def _metrics(at):
+    return {m.label: m.value for m in at.metric}
+
+
+def test_dashboard_runs_the_default_sweep_and_shows_its_numbers(tmp_path):
+    at = _app(tmp_path).run()
+    assert not at.exception and not at.error
+    summary = json.loads((tmp_path / "records" / "summary.json").read_text())
+    run = next(r for r in summary["runs"] if r["n_docs"] == 16 and r["intervention"] == "none")
+    assert _metrics(at)["hit@1 at N=16 (none)"] == f"{run['hit_at_k']['1']:.2f}"
+    from lens.report import retrieval_layer
+    assert _metrics(at)["retrieval layer (peak gold mass)"] == str(retrieval_layer(summary))
+    at.radio(key="dash-metric").set_value("gold_rank").run()
+    assert not at.exception
+
+
+def test_dashboard_bad_input_is_a_message_not_a_traceback(tmp_path):
+    at = _app(tmp_path, **{"dash-n": "4,400"}).run()
+    assert not at.exception
+    assert any("N=400 is larger than the pool of 40 documents" in e.value for e in at.error)
+    at = _app(tmp_path, dataset=str(tmp_path)).run()
+    assert not at.exception
+    assert any("not a BEIR-format folder" in e.value for e in at.error)
+
+
+def _runner():
+    from lens.models.registry import load_model
+    import torch
+
+    return BlockSearchRunner(load_model(MODEL, dtype=torch.bfloat16), load_dataset(DATASET), progress=False)
+
+
+def test_inspector_shows_the_lens_run(tmp_path):
+    at = _app(tmp_path).switch_page("pages/inspector.py")
+    at.session_state["insp-n"] = 16
+    at.session_state["insp-query"] = "q3"
+    at.run()
+    assert not at.exception and not at.error
+    run = _runner().run_query("q3", 16, beam=2)
+    shown = _metrics(at)
+    assert shown["decoded"] == run.decoded
+    assert shown["gold"] == ", ".join(run.gold_codes)
+    assert shown["context tokens"] == str(run.n_tokens)
+
+
+def test_lab_controls_change_the_numbers_as_the_api_does(tmp_path):
+    at = _app(tmp_path).switch_page("pages/lab.py")
+    at.session_state["lab-n"] = 16
+    at.run()
+    assert not at.exception and not at.error
+    before = _metrics(at)
+    at.slider(key="lab-t").set_value(0.5).run()
+    at.slider(key="lab-s").set_value(0.43).run()
+    after = _metrics(at)
+    peak_key = next(k for k in after if k.startswith("gold mass at layer") and k.endswith("after"))
+    assert after[peak_key] != before[peak_key]
+    runner = _runner()
+    def streams(fn, n=16):
+        return runner.run_streams([runner.stream(q, n, fn) for q in ("q0", "q1")], beam=2)
+
+    expected = compare_runs(streams(None), streams(Temperature(0.5) + SSMax(0.43)))
+    layer = int(peak_key.split("layer ")[1].split()[0])
+    assert after[peak_key] == f"{expected['layers'].gold_mass_after[layer]:.4f}"
+    assert after["hit@1 after"] == f"{expected['after']['hit_at_1']:.2f}"
+    at.text_input(key="lab-sweep-n").set_value("4,16")
+    at.text_input(key="lab-sweep-grid").set_value("0.3,0.6")
+    at.button(key="lab-sweep-run").click().run()
+    assert not at.exception and not at.error
+    table = at.dataframe[-1].value
+    assert len(table) == 4 and set(table.N) == {4, 16}
+    expected = compare_runs(*[streams(SSMax(0.6))] * 2)  # the grid's last value at N=16
+    assert table.hit_at_1.iloc[-1] == pytest.approx(expected["after"]["hit_at_1"])

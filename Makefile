@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean-venv
+.PHONY: setup run test bench clean-venv chromium
 
 setup: $(STAMP)
 
@@ -22,7 +22,11 @@ run: setup
 	$(VENV)/bin/lens models
 	$(VENV)/bin/lens demo --model smollm2-135m --n 16,64 --queries 4
 
-test: setup
+# Debian's chromium serves the browser test and PNG export (never a downloaded browser).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "could not install chromium: the browser test will be skipped"
+
+test: setup chromium
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test bench clean-venv chromium
+.PHONY: setup run demo test bench clean-venv chromium
 
 setup: $(STAMP)
 
@@ -16,10 +16,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-# The main job (until the Streamlit app lands): list models, then run SmolLM2 on a generated
-# LIMIT-style corpus of 64 documents and print the decoded codes.
+# The main job: the Streamlit workbench on the default model and a generated LIMIT-style corpus.
 run: setup
 	$(VENV)/bin/lens models
+	$(VENV)/bin/streamlit run app/main.py --server.headless true --browser.gatherUsageStats false
+
+# The CLI demo: SmolLM2 on a generated corpus of 64 documents, decoded codes printed.
+demo: setup
 	$(VENV)/bin/lens demo --model smollm2-135m --n 16,64 --queries 4
 
 # Debian's chromium serves the browser test and PNG export (never a downloaded browser).

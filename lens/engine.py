@@ -39,9 +39,9 @@ class DocumentKV:
     values: Tensor  # [layer, kv_head, len, d_head]
 
 
-@torch.no_grad()
 def run_instruction(model: Decoder, token_ids: list[int]) -> DocumentKV:
-    """The instruction block's KV (causal, positions 0..I-1)."""
+    """The instruction block's KV (causal, positions 0..I-1).  Differentiable (training uses it);
+    the engine calls it under no_grad."""
     ids = torch.tensor([token_ids])
     keys, values = [], []
 
@@ -55,7 +55,6 @@ def run_instruction(model: Decoder, token_ids: list[int]) -> DocumentKV:
     return DocumentKV(torch.stack(keys), torch.stack(values))
 
 
-@torch.no_grad()
 def prefill_batch(
     model: Decoder, instruction: DocumentKV, docs: list[list[int]], starts: list[int], pad_id: int
 ) -> tuple[Tensor, Tensor]:
@@ -199,7 +198,8 @@ class MemoryKV(KVSource):
     def __init__(self, model: Decoder, pool: PoolLayout, batch_tokens: int = 8192, progress: bool = True):
         self.model, self.pool, self.layout = model, pool, pool.config
         self.batch_tokens, self.progress = batch_tokens, progress
-        self.instruction = run_instruction(model, pool.instruction_ids)
+        with torch.no_grad():
+            self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
         self._fingerprint = self.layout.document_fingerprint()
 
@@ -221,6 +221,7 @@ class MemoryKV(KVSource):
     def clear(self) -> None:
         self._store.clear()
 
+    @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:
         """Make sure every document of ``corpus`` (pool indices) has its KV cached."""
         todo = sorted(

@@ -133,6 +133,7 @@ class DiskKV(KVSource):
         return None
 
     # -------------------------------------------------------------------------- build
+    @torch.no_grad()
     def _build(self) -> None:
         partial = self.root.with_name(self.root.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,159 @@
+"""Train BlockSearch-135M: LoRA adapters that make a base model an in-context retriever.
+
+Each step is one example in the exact inference layout (instruction, N documents with fresh
+random unique four-digit codes, the query block), run through the same code as inference
+(block-sparse prefill + corpus attention, lens.training), loss on the four code digits
+(cross-entropy over the ten digit tokens), optionally a BlockRank-style InfoNCE on the readout
+token's per-document attention mass at one layer.  Data: seeded LIMIT-style corpora (the other
+documents are hard negatives: they share many items) and key-value needles, from seeds disjoint
+from evaluation's; or a BEIR folder (--beir).  bf16 autocast on CPU; progress bar; a checkpoint
+every --save-every steps; rerunning the same command resumes.
+
+    .venv/bin/python experiments/train_blocksearch.py --out lens/adapters/blocksearch-135m
+    make train
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+TRAIN_SEED_BASE = 1_000_000  # training corpora use seeds >= this; evaluation uses small seeds
+
+
+def sample_example(rng: random.Random, step: int, args, tokenizer, layout) -> dict:
+    """One training example: instruction, documents (gold first, shuffled later), query, code."""
+    from lens.data.datasets import limit_dataset, needle_dataset
+
+    n_docs = rng.choice(args.n_docs)
+    kind = "needle" if rng.random() < args.needle_fraction else "limit"
+    seed = TRAIN_SEED_BASE + step
+    if kind == "limit":
+        data = limit_dataset(n_docs=max(n_docs + 1, 24), items_per_doc=rng.choice(args.items), n_queries=8, seed=seed)
+    else:
+        data = needle_dataset(n_docs=max(n_docs, 24), n_queries=8, seed=seed)
+    query = rng.choice(data.queries)
+    relevant = data.gold(query.id)
+    gold = rng.choice(relevant)
+    negatives = [i for i in range(len(data.documents)) if i not in relevant]
+    chosen = [gold] + rng.sample(negatives, n_docs - 1)
+    rng.shuffle(chosen)
+    codes = [f"{c:04d}" for c in rng.sample(range(10_000), n_docs)]
+    texts = [layout.document_template.format(code=code, title="", text=data.documents[d].text)
+             for d, code in zip(chosen, codes)]
+    return dict(
+        docs=tokenizer(texts, add_special_tokens=False).input_ids,
+        query=tokenizer(layout.query_template.format(query=query.text), add_special_tokens=False).input_ids,
+        code=[int(c) for c in codes[chosen.index(gold)]], gold_index=chosen.index(gold), kind=kind,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--out", default="lens/adapters/blocksearch-135m")
+    parser.add_argument("--checkpoints", default=None, help="default: $LENS_CACHE/train/<out name>")
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[16])
+    parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[6, 8, 10])
+    parser.add_argument("--needle-fraction", type=float, default=0.25)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--alpha", type=float, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--aux-layer", type=int, default=None, help="BlockRank InfoNCE on attention mass at this layer")
+    parser.add_argument("--aux-weight", type=float, default=0.1)
+    parser.add_argument("--aux-tau", type=float, default=0.1)
+    parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+
+    from lens.data.layout import LayoutConfig
+    from lens.models.registry import load_model
+    from lens.paths import cache_dir
+    from lens.training import LORA_TARGETS, add_lora, layout_digit_logits, lora_state
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    ckpt_dir = Path(args.checkpoints) if args.checkpoints else cache_dir() / "train" / out.name
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(args.base, dtype=torch.float32)
+    params = add_lora(model, args.rank, args.alpha)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps))
+    layout = LayoutConfig()
+    tok = model.tokenizer
+    digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
+    instruction_ids = tok(layout.instruction, add_special_tokens=False).input_ids
+    config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads")}
+    log_path = ckpt_dir / "loss_log.jsonl"
+    step = 0
+    ckpt = ckpt_dir / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != config:
+            raise SystemExit(f"{ckpt} was made with other arguments; delete {ckpt_dir} or use the same arguments")
+        model.load_state_dict(state["lora"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        step = state["step"]
+        print(f"resuming at step {step}")
+    model.train()
+    t0 = time.time()
+    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
+    while step < args.steps:
+        rng = random.Random(f"{args.seed}:{step}")
+        ex = sample_example(rng, step, args, tok, layout)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, log_mass = layout_digit_logits(
+                model, instruction_ids, ex["docs"], ex["query"], ex["code"], digit_ids,
+                query_offset=layout.query_offset, mass_layer=args.aux_layer,
+            )
+        target = torch.tensor(ex["code"])
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        aux = torch.tensor(0.0)
+        if log_mass is not None:
+            mass = torch.exp(log_mass.float()).mean(0)  # head-mean attention mass per document
+            aux = torch.nn.functional.cross_entropy((mass / args.aux_tau)[None], torch.tensor([ex["gold_index"]]))
+            loss = loss + args.aux_weight * aux
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        step += 1
+        correct = bool((logits.argmax(-1) == target).all())
+        with log_path.open("a") as f:
+            f.write(json.dumps(dict(step=step, loss=float(loss), aux=float(aux), correct=correct, kind=ex["kind"],
+                                    n_docs=len(ex["docs"]), lr=schedule.get_last_lr()[0])) + "\n")
+        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.update(1)
+        if step % args.save_every == 0 or step == args.steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save(dict(config=config, lora=lora_state(model), optimizer=optimizer.state_dict(),
+                            schedule=schedule.state_dict(), step=step), tmp)
+            os.replace(tmp, ckpt)
+    bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}, out / "adapter.safetensors")
+    (out / "adapter_config.json").write_text(json.dumps(dict(
+        base=args.base, r=args.rank, lora_alpha=args.alpha, target_modules=LORA_TARGETS, training=config,
+        wall_seconds_this_run=round(time.time() - t0),
+    ), indent=1))
+    (out / "loss_log.jsonl").write_text(log_path.read_text())
+    print(f"adapter written to {out} ({(out / 'adapter.safetensors').stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -179,29 +179,62 @@ def save_figure(fig: go.Figure, path_stem: Path) -> list[Path]:
     return written
 
 
-def render_report(folder: str | Path, layer: int | None = None, n_docs: int | None = None) -> list[Path]:
-    """Everything that applies to a records folder, into ``folder/report``."""
+def _table1(records, summary, layer, out):
+    norms = table_norms(records, summary, layer)[["n_docs", "attn_norm", "gold_attn_norm"]]
+    path = out / "table1_gold_share.csv"
+    table_gold_share(summary, layer).merge(norms, on="n_docs").to_csv(path, index=False)
+    return [path]
+
+
+def _table_interventions(records, summary, layer, out):
+    path = out / "table_interventions.csv"
+    table_interventions(summary).to_csv(path, index=False)
+    return [path]
+
+
+# name -> render(records, summary, layer, out, n=None, s=0.43) -> written paths.  The experiment
+# scripts and `lens report` both go through this table.
+REPORT_ITEMS = {
+    "fig1_recall_vs_n": lambda r, sm, layer, out, **kw: save_figure(fig_recall_vs_n(sm), out / "fig1_recall_vs_n"),
+    "fig2_layer_profile": lambda r, sm, layer, out, n=None, **kw: save_figure(
+        fig_layer_profile(sm, n), out / "fig2_layer_profile"),
+    "fig3_rsum_rany": lambda r, sm, layer, out, **kw: save_figure(
+        fig_rsum_rany_across_n(sm), out / "fig3_rsum_rany_across_n"),
+    "fig5_routing_recall": lambda r, sm, layer, out, **kw: save_figure(
+        fig_routing_recall(r, sm, layer), out / "fig5_routing_recall")
+    if any(c.startswith("routing_hit_max@") for c in r.columns) else [],
+    "table1_gold_share": lambda r, sm, layer, out, **kw: _table1(r, sm, layer, out),
+    "table_interventions": lambda r, sm, layer, out, **kw: _table_interventions(r, sm, layer, out),
+    "theory_overlay": lambda r, sm, layer, out, s=0.43, **kw: save_figure(
+        fig_theory(sm, layer, s), out / "theory_gold_mass"),
+}
+
+
+def render_report(folder: str | Path, layer: int | None = None, n_docs: int | None = None,
+                  items: list[str] | None = None, s: float = 0.43) -> list[Path]:
+    """Everything that applies to a records folder (or just ``items``), into ``folder/report``."""
     records, summary = load_records(folder)
     out = Path(folder).expanduser() / "report"
     out.mkdir(exist_ok=True)
     layer = retrieval_layer(summary) if layer is None else layer
     written: list[Path] = []
-    written += save_figure(fig_recall_vs_n(summary), out / "fig1_recall_vs_n")
-    written += save_figure(fig_layer_profile(summary, n_docs), out / "fig2_layer_profile")
-    written += save_figure(fig_rsum_rany_across_n(summary), out / "fig3_rsum_rany_across_n")
-    if any(c.startswith("routing_hit_max@") for c in records.columns):
-        written += save_figure(fig_routing_recall(records, summary, layer), out / "fig5_routing_recall")
-    written += save_figure(fig_theory(summary, layer), out / "theory_gold_mass")
-    tables = {
-        "table1_gold_share.csv": table_gold_share(summary, layer).merge(table_norms(records, summary, layer)[
-            ["n_docs", "attn_norm", "gold_attn_norm"]], on="n_docs"),
-        "table_interventions.csv": table_interventions(summary),
-    }
-    for name, frame in tables.items():
-        frame.to_csv(out / name, index=False)
-        written.append(out / name)
+    for name in items or list(REPORT_ITEMS):
+        written += REPORT_ITEMS[name](records, summary, layer, out, n=n_docs, s=s)
     return written
 
+
+def run_script(doc: str, item: str) -> None:
+    """The command line every experiment script shares: RECORDS [--layer L] [--n N] [--s S]."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("records", help="a records folder written by `lens sweep`")
+    parser.add_argument("--layer", type=int, default=None, help="default: the layer of peak gold mass")
+    parser.add_argument("--n", type=int, default=None, help="N for per-layer profiles (default: smallest)")
+    parser.add_argument("--s", type=float, default=0.43, help="SSMax s for the theory curve")
+    args = parser.parse_args()
+    for path in render_report(args.records, args.layer, args.n, [item], args.s):
+        print(path)
 
 def fig_layer_metric_across_n(summary: dict, key: str, title: str, intervention: str | None = None) -> go.Figure:
     """One per-layer summary metric (gold_share, first_digit_acc, ...), one line per N."""

@@ -91,17 +91,56 @@ class CorpusAttentionStream:
         self.doc_max = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.doc_lse = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.route_max = torch.full((n_heads, n_docs), float("-inf")) if route_stats else None
+        # Fast path: a score function that only scales each (head, row) folds into q, the bulk
+        # goes through PyTorch's fused flash kernel, and per-document statistics are computed
+        # for the readout row alone (the generic path keeps them for every row if asked).
+        scale_rows = (torch.ones(n_heads, 1, 1) if score_fn is None
+                      else score_fn.row_scale(ScoreContext(layer, n_heads, self.n_keys, n_docs_attended, None)))
+        self.folded_q = None
+        if scale_rows is not None and stats_rows == "last":
+            self.folded_q = (q.float() * scale_rows).to(q.dtype)
 
     def _context(self, key_doc: Tensor) -> ScoreContext:
         return ScoreContext(self.layer, self.q.shape[0], self.n_keys, self.n_docs_attended, key_doc)
 
     def update(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
         """One chunk: keys, values [kv_head, C, d]; key_doc [C] (document of each key, -1 none)."""
+        if self.folded_q is not None:
+            self._update_fused(keys, values, key_doc)
+            return
         raw = _grouped_scores(self.q, keys, self.scale)
         if self.route_max is not None:
             _doc_max(raw.amax(1, keepdim=True), key_doc, self.route_max[:, None])
         scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
         self._accumulate(scores, values, key_doc)
+
+    def _update_fused(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
+        n_heads, n_q, d = self.q.shape
+        kv = keys.shape[0]
+        # heads of a KV group become extra query rows of that KV head: no K/V expansion
+        grouped = self.folded_q.to(keys.dtype).reshape(kv, (n_heads // kv) * n_q, d)[None]
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            grouped, keys[None], values[None], 0.0, False, scale=self.scale)[:2]
+        if self.route_max is not None:  # raw scores (before interventions), max over query rows
+            _doc_max(_grouped_scores(self.q, keys, self.scale).amax(1, keepdim=True), key_doc, self.route_max[:, None])
+        out = out[0].reshape(n_heads, n_q, d).float()
+        lse = lse[0].reshape(n_heads, n_q).float()
+        m_new = torch.maximum(self.m, lse)
+        alpha = torch.exp(self.m - m_new)  # m starts at -inf: alpha 0
+        beta = torch.exp(lse - m_new)
+        self.l = self.l * alpha + beta
+        self.acc = self.acc * alpha[..., None] + out * beta[..., None]
+        if self.doc_max is not None or self.gold_acc is not None:
+            last = _grouped_scores(self.folded_q[:, -1:], keys, self.scale)  # [head, 1, C], post-intervention
+            if self.gold_acc is not None:
+                p = torch.exp(last - m_new[:, -1:, None])
+                self.gold_acc = self.gold_acc * alpha[:, -1:, None]
+                is_gold = torch.isin(key_doc, self.gold)
+                if is_gold.any():
+                    self.gold_acc += _grouped_pv(p * is_gold, values, n_heads // kv)
+            if self.doc_max is not None:
+                _merge_doc_stats(last, key_doc, self.doc_max, self.doc_lse)
+        self.m = m_new
 
     def finish(self, self_k: Tensor, self_v: Tensor) -> CorpusAttentionResult:
         s = self_k.shape[1]
@@ -152,7 +191,8 @@ def _grouped_scores(q: Tensor, keys: Tensor, scale: float) -> Tensor:
     """q [head, Q, d] . keys [kv_head, C, d] -> [head, Q, C] fp32, one matmul per KV group."""
     kv, c, _ = keys.shape
     n_heads, n_q, d = q.shape
-    s = q.reshape(kv, (n_heads // kv) * n_q, d).to(keys.dtype) @ keys.transpose(-1, -2)
+    # keys @ q^T then transpose: ~1.6x faster than q @ keys^T for bf16 on these CPUs
+    s = (keys @ q.reshape(kv, (n_heads // kv) * n_q, d).to(keys.dtype).transpose(-1, -2)).transpose(-1, -2)
     return s.reshape(n_heads, n_q, c).float() * scale
 
 

@@ -60,6 +60,12 @@ class ScoreFunction:
         """Log of the extra denominator term per head, ``[head, 1, 1]``, or None."""
         return None
 
+    def row_scale(self, ctx: ScoreContext) -> Tensor | None:
+        """If this function only multiplies each (head, query row)'s scores by one number, that
+        number as ``[head, Q, 1]`` (so kernels can fold it into the query and use a fused
+        attention kernel); None otherwise.  Subclasses that change scores must override it."""
+        return torch.ones(ctx.n_heads, 1, 1) if type(self) is ScoreFunction else None
+
     def __add__(self, other: "ScoreFunction") -> "ScoreFunction":
         return Compose([self, other])
 
@@ -84,6 +90,15 @@ class Compose(ScoreFunction):
         for part in self.parts:
             scores = part(scores, ctx)
         return scores
+
+    def row_scale(self, ctx):
+        out = torch.ones(ctx.n_heads, 1, 1)
+        for part in self.parts:
+            scale = part.row_scale(ctx)
+            if scale is None:
+                return None
+            out = out * scale
+        return out
 
     def sink_logit(self, ctx):
         logits = [s for s in (p.sink_logit(ctx) for p in self.parts) if s is not None]
@@ -114,6 +129,9 @@ class Temperature(ScoreFunction):
         if self.layers is not None and ctx.layer not in self.layers:
             return scores
         return scores / self.t
+
+    def row_scale(self, ctx):
+        return self(torch.ones(ctx.n_heads, 1, 1), ctx)
 
     def spec(self):
         return f"temperature:t={self.t:g}" + _layers_spec(self.layers)
@@ -151,6 +169,9 @@ class SSMax(ScoreFunction):
             log_n = torch.log(n.to(scores.dtype)) if isinstance(n, Tensor) else math.log(n)
         return scores * (s_layer * log_n)
 
+    def row_scale(self, ctx):
+        return self(torch.ones(ctx.n_heads, 1, 1), ctx)
+
     def spec(self):
         return f"ssmax:s={_value_spec(self.s)},n={self.n}" + _layers_spec(self.layers)
 
@@ -170,6 +191,9 @@ class Sink(ScoreFunction):
         if b is None:
             return None
         return torch.full((ctx.n_heads, 1, 1), float(b))
+
+    def row_scale(self, ctx):
+        return torch.ones(ctx.n_heads, 1, 1)
 
     def spec(self):
         return f"sink:b={_value_spec(self.b)}" + _layers_spec(self.layers)
@@ -196,6 +220,9 @@ class HeadScale(ScoreFunction):
         factor[list(self.heads)] = self.factor
         return scores * factor.view(-1, 1, 1)
 
+    def row_scale(self, ctx):
+        return self(torch.ones(ctx.n_heads, 1, 1), ctx)
+
     def spec(self):
         return f"scale-heads:layer={self.layer},heads={'|'.join(map(str, self.heads))},factor={self.factor:g}"
 
@@ -218,6 +245,9 @@ class Route(ScoreFunction):
             raise ValueError(f"route B must be >= 1, got {self.B}")
         if self.reduce not in ("max", "mean"):
             raise ValueError(f"route reduce must be 'max' or 'mean', got {self.reduce!r}")
+
+    def row_scale(self, ctx):
+        return torch.ones(ctx.n_heads, 1, 1)
 
     def scores(self, route_max: Tensor) -> Tensor:
         """Document routing scores [N] from raw per-document maxima over query tokens [head, N]."""

@@ -245,15 +245,24 @@ class MemoryKV(KVSource):
                     )
                 bar.update(len(items))
 
-    def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 16384) -> None:
-        for stream in streams:
-            docs = [self._store[self._key(d, s)] for d, s in zip(stream.corpus, self.starts(stream.corpus))]
-            keys = torch.cat([self.instruction.keys[layer]] + [kv.keys[layer] for kv in docs], dim=1)
-            values = torch.cat([self.instruction.values[layer]] + [kv.values[layer] for kv in docs], dim=1)
+    def _plan(self, corpus: list[int]) -> tuple[list[DocumentKV], Tensor]:
+        """The corpus's cached documents and the document index of every corpus key, looked up
+        once per corpus (not per layer and step)."""
+        key = tuple(corpus)
+        if getattr(self, "_plan_key", None) != key:
+            docs = [self._store[self._key(d, s)] for d, s in zip(corpus, self.starts(corpus))]
             key_doc = torch.cat(
                 [torch.full((self.instruction.keys.shape[2],), -1, dtype=torch.long)]
                 + [torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(docs)]
             )
+            self._plan_key, self._plan_value = key, (docs, key_doc)
+        return self._plan_value
+
+    def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 65536) -> None:
+        for stream in streams:
+            docs, key_doc = self._plan(stream.corpus)
+            keys = torch.cat([self.instruction.keys[layer]] + [kv.keys[layer] for kv in docs], dim=1)
+            values = torch.cat([self.instruction.values[layer]] + [kv.values[layer] for kv in docs], dim=1)
             keep = stream.keep_docs if stream.attends_routed(layer) else None
             for chunk in iter_chunks(keys, values, key_doc, chunk_size, keep):
                 stream.attention.update(*chunk)

@@ -124,3 +124,41 @@ def test_bf16_streaming_close_to_fp32():
     b = corpus_attention(**bf, gold_docs=[1], chunk_size=16)
     assert torch.allclose(a.output, b.output.float(), atol=0.05)
     assert torch.allclose(torch.exp(a.doc_lse - a.lse[..., None]), torch.exp(b.doc_lse - b.lse[..., None]), atol=0.02)
+
+
+@pytest.mark.parametrize("fn", [None, Temperature(0.6), SSMax(0.43, n="keys"), SSMax(0.7, n="docs"), Sink(0.5),
+                                HeadScale(2, (1, 3), 2.5), Temperature(0.8) + SSMax(0.5, n="docs") + Sink(-1.0)])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk_size", [5, 64, 16384])
+def test_fused_readout_path_equals_dense_reference(fn, shape, chunk_size):
+    """stats_rows='last' with a foldable score function takes the fused flash path: the output
+    and lse of every row, and the readout row's statistics, equal the dense reference."""
+    args = _inputs(seed=3, **shape)
+    gold = [0] if args["n_docs"] == 1 else [1, args["n_docs"] - 1]
+    fused = corpus_attention(**args, score_fn=fn, gold_docs=gold, stats_rows="last", chunk_size=chunk_size,
+                             route_stats=True)
+    dense = dense_corpus_attention(**args, score_fn=fn, gold_docs=gold, route_stats=True)
+    assert torch.allclose(fused.route_max, dense.route_max, atol=1e-5)
+    assert torch.allclose(fused.output, dense.output, atol=1e-5)
+    assert torch.allclose(fused.lse, dense.lse, atol=1e-5)
+    for name in ("doc_max", "doc_lse"):
+        assert torch.allclose(getattr(fused, name)[:, 0], getattr(dense, name)[:, -1], atol=1e-5), name
+    assert torch.allclose(fused.gold_output[0], dense.gold_output[-1], atol=1e-5)
+
+
+def test_fused_path_is_taken_only_for_foldable_functions():
+    from kernels.corpus_attention import CorpusAttentionStream
+    from kernels.score_functions import ScoreFunction
+
+    class Additive(ScoreFunction):  # not a per-row scale: must use the generic path
+        def __call__(self, scores, ctx):
+            return scores + (ctx.key_doc == 0).float() if ctx.key_doc is not None else scores
+
+    args = _inputs()
+    kw = dict(n_corpus_keys=10, n_docs_attended=4, n_self=5, layer=2, scale=0.3, stats_rows="last")
+    assert CorpusAttentionStream(args["q"], 4, score_fn=SSMax(0.4), **kw).folded_q is not None
+    assert CorpusAttentionStream(args["q"], 4, score_fn=Additive(), **kw).folded_q is None
+    assert CorpusAttentionStream(args["q"], 4, score_fn=None, **{**kw, "stats_rows": "all"}).folded_q is None
+    a = corpus_attention(**args, score_fn=Additive(), stats_rows="last")
+    b = dense_corpus_attention(**args, score_fn=Additive())
+    assert torch.allclose(a.output, b.output, atol=1e-5)

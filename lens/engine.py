@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -201,6 +203,8 @@ class MemoryKV(KVSource):
         with torch.no_grad():
             self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
+        self._concat: OrderedDict = OrderedDict()
+        self.concat_budget_bytes = int(float(os.environ.get("LENS_CORPUS_CACHE_GB", "4")) * 1e9)
         self._fingerprint = self.layout.document_fingerprint()
 
     def _key(self, doc: int, start: int) -> str:
@@ -220,6 +224,7 @@ class MemoryKV(KVSource):
 
     def clear(self) -> None:
         self._store.clear()
+        self._concat.clear()
 
     @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:
@@ -245,24 +250,32 @@ class MemoryKV(KVSource):
                     )
                 bar.update(len(items))
 
-    def _plan(self, corpus: list[int]) -> tuple[list[DocumentKV], Tensor]:
-        """The corpus's cached documents and the document index of every corpus key, looked up
-        once per corpus (not per layer and step)."""
+    def _corpus_kv(self, corpus: list[int]) -> tuple[list[Tensor], list[Tensor], Tensor]:
+        """Per layer the corpus's keys and values concatenated (instruction first), and the
+        document index of every key.  Concatenated once per corpus and kept (most recent first)
+        within ``concat_budget_bytes``, so decoding steps and intervention reruns reuse them."""
         key = tuple(corpus)
-        if getattr(self, "_plan_key", None) != key:
-            docs = [self._store[self._key(d, s)] for d, s in zip(corpus, self.starts(corpus))]
-            key_doc = torch.cat(
-                [torch.full((self.instruction.keys.shape[2],), -1, dtype=torch.long)]
-                + [torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(docs)]
-            )
-            self._plan_key, self._plan_value = key, (docs, key_doc)
-        return self._plan_value
+        if key in self._concat:
+            self._concat.move_to_end(key)
+            return self._concat[key]
+        docs = [self._store[self._key(d, s)] for d, s in zip(corpus, self.starts(corpus))]
+        n_layers = self.instruction.keys.shape[0]
+        keys = [torch.cat([self.instruction.keys[l]] + [kv.keys[l] for kv in docs], dim=1) for l in range(n_layers)]
+        values = [torch.cat([self.instruction.values[l]] + [kv.values[l] for kv in docs], dim=1) for l in range(n_layers)]
+        key_doc = torch.cat(
+            [torch.full((self.instruction.keys.shape[2],), -1, dtype=torch.long)]
+            + [torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(docs)]
+        )
+        self._concat[key] = (keys, values, key_doc)
+        size = lambda entry: sum(t.numel() * t.element_size() for t in entry[0] + entry[1])  # noqa: E731
+        while len(self._concat) > 1 and sum(size(e) for e in self._concat.values()) > self.concat_budget_bytes:
+            self._concat.popitem(last=False)
+        return self._concat[key]
 
     def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 65536) -> None:
         for stream in streams:
-            docs, key_doc = self._plan(stream.corpus)
-            keys = torch.cat([self.instruction.keys[layer]] + [kv.keys[layer] for kv in docs], dim=1)
-            values = torch.cat([self.instruction.values[layer]] + [kv.values[layer] for kv in docs], dim=1)
+            all_keys, all_values, key_doc = self._corpus_kv(stream.corpus)
+            keys, values = all_keys[layer], all_values[layer]
             keep = stream.keep_docs if stream.attends_routed(layer) else None
             for chunk in iter_chunks(keys, values, key_doc, chunk_size, keep):
                 stream.attention.update(*chunk)

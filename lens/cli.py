@@ -156,7 +156,7 @@ def sweep(
 @_clean_errors
 def report(
     folder: Annotated[str, typer.Argument(help="a records folder written by `lens sweep`")],
-    layer: Annotated[Optional[int], typer.Option(help="layer for per-layer tables (default: peak gold mass)")] = None,
+    layer: Annotated[Optional[int], typer.Option(help="layer for per-layer tables (default: highest R_any at the smallest N)")] = None,
     n: Annotated[Optional[int], typer.Option(help="N for the per-layer profile (default: smallest)")] = None,
 ):
     """Render the paper's figures and tables that apply to a records folder into FOLDER/report."""

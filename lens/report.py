@@ -33,12 +33,13 @@ def _base_intervention(summary: dict) -> str:
 
 
 def retrieval_layer(summary: dict) -> int:
-    """Default layer for per-layer tables: the layer with the highest gold mass at the smallest N
-    without intervention (the centre of the retrieval band)."""
+    """Default layer for per-layer tables: at the smallest N without intervention, the layer
+    where some head most often ranks a gold document first (R_any), ties broken by GoldShare.
+    (Peak gold mass alone would pick layer 0, whose attention is near-uniform.)"""
     base = _base_intervention(summary)
     runs = [r for r in summary["runs"] if r["intervention"] == base]
     first = min(runs, key=lambda r: r["n_docs"])
-    return max(first["layers"], key=lambda l: l["gold_mass"] or 0)["layer"]
+    return max(first["layers"], key=lambda l: ((l["r_any"] or 0), (l["gold_share"] or 0)))["layer"]
 
 
 def fig_recall_vs_n(summary: dict) -> go.Figure:
@@ -229,7 +230,7 @@ def run_script(doc: str, item: str) -> None:
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("records", help="a records folder written by `lens sweep`")
-    parser.add_argument("--layer", type=int, default=None, help="default: the layer of peak gold mass")
+    parser.add_argument("--layer", type=int, default=None, help="default: highest R_any at the smallest N")
     parser.add_argument("--n", type=int, default=None, help="N for per-layer profiles (default: smallest)")
     parser.add_argument("--s", type=float, default=0.43, help="SSMax s for the theory curve")
     args = parser.parse_args()

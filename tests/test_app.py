@@ -38,7 +38,7 @@ def test_dashboard_runs_the_default_sweep_and_shows_its_numbers(tmp_path):
     run = next(r for r in summary["runs"] if r["n_docs"] == 16 and r["intervention"] == "none")
     assert _metrics(at)["hit@1 at N=16 (none)"] == f"{run['hit_at_k']['1']:.2f}"
     from lens.report import retrieval_layer
-    assert _metrics(at)["retrieval layer (peak gold mass)"] == str(retrieval_layer(summary))
+    assert _metrics(at)["retrieval layer (R_any, then GoldShare)"] == str(retrieval_layer(summary))
     at.radio(key="dash-metric").set_value("gold_rank").run()
     assert not at.exception
 

@@ -60,7 +60,7 @@ for col, name in zip(cols, names):
     run = next(r for r in summary["runs"] if r["intervention"] == name and r["n_docs"] == largest)
     col.metric(f"hit@1 at N={largest} ({name})", f"{run['hit_at_k'].get('1', float('nan')):.2f}")
 layer = retrieval_layer(summary)
-cols[-1].metric("retrieval layer (peak gold mass)", layer)
+cols[-1].metric("retrieval layer (R_any, then GoldShare)", layer)
 
 st.plotly_chart(fig_rsum_rany_across_n(summary), key="fig-rsum")
 left, right = st.columns(2)

@@ -122,7 +122,7 @@ class CorpusAttentionStream:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             grouped, keys[None], values[None], 0.0, False, scale=self.scale)[:2]
         if self.route_max is not None:  # raw scores (before interventions), max over query rows
-            _doc_max(_grouped_scores(self.q, keys, self.scale).amax(1, keepdim=True), key_doc, self.route_max[:, None])
+            _doc_max(_grouped_row_max(self.q, keys, self.scale), key_doc, self.route_max[:, None])
         out = out[0].reshape(n_heads, n_q, d).float()
         lse = lse[0].reshape(n_heads, n_q).float()
         m_new = torch.maximum(self.m, lse)
@@ -194,6 +194,16 @@ def _grouped_scores(q: Tensor, keys: Tensor, scale: float) -> Tensor:
     # keys @ q^T then transpose: ~1.6x faster than q @ keys^T for bf16 on these CPUs
     s = (keys @ q.reshape(kv, (n_heads // kv) * n_q, d).to(keys.dtype).transpose(-1, -2)).transpose(-1, -2)
     return s.reshape(n_heads, n_q, c).float() * scale
+
+
+def _grouped_row_max(q: Tensor, keys: Tensor, scale: float) -> Tensor:
+    """max over the query rows of the scaled scores, [head, 1, C], reduced before any transpose
+    (the full [head, Q, C] scores are never laid out)."""
+    kv, c, _ = keys.shape
+    n_heads, n_q, d = q.shape
+    s = keys @ q.reshape(kv, (n_heads // kv) * n_q, d).to(keys.dtype).transpose(-1, -2)  # [kv, C, rep*Q]
+    s = s.view(kv, c, n_heads // kv, n_q).amax(-1)  # [kv, C, rep]
+    return (s.permute(0, 2, 1).reshape(n_heads, 1, c).float() * scale)
 
 
 def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: Tensor) -> None:

@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test bench clean-venv chromium
+.PHONY: setup run demo test bench train clean-venv chromium
 
 setup: $(STAMP)
 
@@ -34,6 +34,10 @@ test: setup chromium
 
 bench: setup
 	$(VENV)/bin/python experiments/bench_prefill.py
+
+# Train BlockSearch-135M LoRA adapters (issue 5; the recipe is in progress, see its docstring).
+train: setup
+	$(VENV)/bin/python experiments/train_blocksearch.py --out lens/adapters/blocksearch-135m
 
 clean-venv:
 	rm -rf $(VENV)

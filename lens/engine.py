@@ -147,7 +147,7 @@ class QueryStream:
     resid: Tensor | None = None
     rotary: tuple | None = None
     attention: CorpusAttentionStream | None = None
-    q: Tensor | None = None
+    source_plan: tuple | None = None  # a KV source's per-corpus lookup, computed once per stream
 
     # decoding: the digits so far, their summed log-prob, and the ten-digit distributions seen
     digits: list = field(default_factory=list)

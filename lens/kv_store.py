@@ -229,7 +229,10 @@ class DiskKV(KVSource):
         return int(self.doc_offsets[prefix]), ranks[prefix:], lookup
 
     def feed(self, layer: int, streams: list[QueryStream]) -> None:
-        plans = [self._plan(s) for s in streams]
+        for s in streams:
+            if s.source_plan is None:
+                s.source_plan = self._plan(s)
+        plans = [s.source_plan for s in streams]
         inst_k, inst_v = self.instruction.keys[layer], self.instruction.values[layer]
         inst_doc = torch.full((inst_k.shape[1],), -1, dtype=torch.long)
         for s in streams:

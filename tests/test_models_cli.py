@@ -81,3 +81,12 @@ def test_cli_demo_decodes_codes():
     decoded = [l for l in out.stdout.splitlines() if " decoded " in l]
     assert len(decoded) == 2 * 2 * 2
     assert all(len(l.split(" decoded ")[1].split()[0]) == 4 for l in decoded)
+
+
+def test_blocksearch_is_registered_and_explains_a_missing_adapter():
+    from lens.models.registry import ADAPTERS, REGISTRY
+
+    assert "blocksearch-135m" in REGISTRY
+    if not (ADAPTERS / "blocksearch-135m" / "adapter.safetensors").is_file():
+        with pytest.raises(LensError, match="no trained adapter .* make train"):
+            load_model("blocksearch-135m")

@@ -125,6 +125,19 @@ REGISTRY: dict[str, ModelEntry] = {
 }
 
 
+ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+
+
+def _adapter_present(name: str) -> bool:
+    return (ADAPTERS / name / "adapter.safetensors").is_file()
+
+
+REGISTRY["blocksearch-135m"] = ModelEntry(
+    "blocksearch-135m", "SmolLM2-135M-Instruct + lens's BlockSearch LoRA (experiments/train_blocksearch.py)",
+    _smollm2_config, lambda: _adapter_present("blocksearch-135m") and _smollm2_present(),
+)
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
     """A registry name (``lens models``) or a local HF checkpoint folder of a supported architecture.
 
@@ -139,6 +152,13 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
         folder = smollm2_folder()
         cfg, state = read_hf_folder(folder)
         fingerprint = f"{name}-{folder_fingerprint(folder)}"
+    elif name == "blocksearch-135m":
+        if not _adapter_present(name):
+            raise LensError(f"{name}: no trained adapter in {ADAPTERS / name}; train it with `make train`")
+        folder = smollm2_folder()
+        cfg, state = read_hf_folder(folder)
+        adapter = (ADAPTERS / name / "adapter.safetensors").read_bytes()
+        fingerprint = f"{name}-{folder_fingerprint(folder)}-{hashlib.sha256(adapter).hexdigest()[:16]}"
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser().resolve()
         cfg, state = read_hf_folder(folder)
@@ -151,6 +171,10 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     model = Decoder(cfg)
     with torch.no_grad():
         load_hf_state_dict(model, state, name)
+    if name == "blocksearch-135m":
+        from lens.training import merge_lora
+
+        merge_lora(model, ADAPTERS / name)
     model = model.to(dtype).eval()
     model.name = name
     model.fingerprint = hashlib.sha256(f"{fingerprint}:{dtype}".encode()).hexdigest()[:16]

@@ -88,5 +88,5 @@ def test_blocksearch_is_registered_and_explains_a_missing_adapter():
 
     assert "blocksearch-135m" in REGISTRY
     if not (ADAPTERS / "blocksearch-135m" / "adapter.safetensors").is_file():
-        with pytest.raises(LensError, match="no trained adapter .* make train"):
+        with pytest.raises(LensError, match="no trained adapter .*make train"):
             load_model("blocksearch-135m")

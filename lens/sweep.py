@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from kernels.score_functions import parse_intervention
 from lens.errors import LensError
 from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
 
@@ -83,7 +84,6 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
     """Run (or resume) a sweep; returns the summary.  ``on_unit(done, total)`` reports progress."""
     import torch
 
-    from kernels.score_functions import parse_intervention
     from lens.data.datasets import load_dataset
     from lens.data.layout import LayoutConfig
     from lens.engine import BlockSearchRunner
@@ -173,8 +173,6 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig) -> dict:
     heads = records[records.level == "head"]
     ks = [k for k in RECALL_K if f"recall@{k}" in queries.columns]
     for spec in cfg.interventions:
-        from kernels.score_functions import parse_intervention
-
         name = parse_intervention(spec).spec()
         for n in sorted(cfg.n):
             q = queries[(queries.n_docs == n) & (queries.intervention == name)]

@@ -2,7 +2,6 @@
 clashes, bad specs and datasets as one-line errors."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,7 @@ class Dataset:
     def __post_init__(self):
         self._index = {d.id: i for i, d in enumerate(self.documents)}
         if len(self._index) != len(self.documents):
-            seen: set[str] = set()
-            dup = next(d.id for d in self.documents if d.id in seen or seen.add(d.id))
+            dup = next(i for i, n in Counter(d.id for d in self.documents).items() if n > 1)
             raise LensError(f"{self.name}: document id {dup!r} appears more than once")
 
     def doc_index(self, doc_id: str) -> int:

@@ -29,31 +29,52 @@ from tqdm import tqdm
 TRAIN_SEED_BASE = 1_000_000  # training corpora use seeds >= this; evaluation uses small seeds
 
 
-def sample_example(rng: random.Random, step: int, args, tokenizer, layout) -> dict:
-    """One training example: instruction, documents (gold first, shuffled later), query, code."""
+def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=None) -> dict:
+    """One training corpus and several queries over it.
+
+    LIMIT-style: a fresh corpus of N documents whose every query has two relevant documents in it
+    (the others are hard negatives sharing many items); needles: N key-value documents, one
+    relevant each; BEIR (``beir``): the judged documents of a few queries plus random others.
+    Codes are fresh, random and unique per corpus."""
     from lens.data.datasets import limit_dataset, needle_dataset
 
     n_docs = rng.choice(args.n_docs)
-    kind = "needle" if rng.random() < args.needle_fraction else "limit"
     seed = TRAIN_SEED_BASE + step
-    if kind == "limit":
-        data = limit_dataset(n_docs=max(n_docs + 1, 24), items_per_doc=rng.choice(args.items), n_queries=8, seed=seed)
+    if beir is not None:
+        kind = "beir"
+        picked = rng.sample(beir.queries, min(args.queries, len(beir.queries)))
+        chosen: list[int] = []  # pool indices
+        for q in picked:
+            chosen += [d for d in beir.gold(q.id) if d not in chosen]
+        taken = set(chosen)
+        others = [i for i in range(len(beir.documents)) if i not in taken]
+        chosen = chosen[:n_docs] + rng.sample(others, max(0, n_docs - len(chosen)))
+        doc_texts = [beir.documents[d].text for d in chosen]
+        asked = [(q.text, [chosen.index(d) for d in beir.gold(q.id) if d in chosen]) for q in picked]
     else:
-        data = needle_dataset(n_docs=max(n_docs, 24), n_queries=8, seed=seed)
-    query = rng.choice(data.queries)
-    relevant = data.gold(query.id)
-    gold = rng.choice(relevant)
-    negatives = [i for i in range(len(data.documents)) if i not in relevant]
-    chosen = [gold] + rng.sample(negatives, n_docs - 1)
-    rng.shuffle(chosen)
-    codes = [f"{c:04d}" for c in rng.sample(range(10_000), n_docs)]
-    texts = [layout.document_template.format(code=code, title="", text=data.documents[d].text)
-             for d, code in zip(chosen, codes)]
-    return dict(
-        docs=tokenizer(texts, add_special_tokens=False).input_ids,
-        query=tokenizer(layout.query_template.format(query=query.text), add_special_tokens=False).input_ids,
-        code=[int(c) for c in codes[chosen.index(gold)]], gold_index=chosen.index(gold), kind=kind,
-    )
+        kind = "needle" if rng.random() < args.needle_fraction else "limit"
+        if kind == "limit":
+            data = limit_dataset(n_docs=n_docs, items_per_doc=rng.choice(args.items), n_queries=args.queries, seed=seed)
+        else:
+            data = needle_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs), seed=seed)
+        doc_texts = [d.text for d in data.documents]
+        asked = [(q.text, data.gold(q.id)) for q in data.queries]
+    order = list(range(len(doc_texts)))
+    rng.shuffle(order)
+    where = {old: new for new, old in enumerate(order)}
+    codes = [f"{c:04d}" for c in rng.sample(range(10_000), len(order))]
+    texts = [layout.document_template.format(code=code, title="", text=doc_texts[old])
+             for old, code in zip(order, codes)]
+    docs = tokenizer(texts, add_special_tokens=False).input_ids
+    docs = [d[: layout.max_doc_tokens] for d in docs]
+    queries = []
+    for text, golds in asked:
+        if not golds:
+            continue
+        ids = tokenizer(layout.query_template.format(query=text), add_special_tokens=False).input_ids
+        gold_rows = [where[g] for g in golds]
+        queries.append(dict(ids=ids, gold=gold_rows, codes=[[int(c) for c in codes[g]] for g in gold_rows]))
+    return dict(docs=docs, queries=queries, kind=kind)
 
 
 def main() -> None:
@@ -65,6 +86,8 @@ def main() -> None:
     parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[16])
     parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 16, 20])
     parser.add_argument("--needle-fraction", type=float, default=0.25)
+    parser.add_argument("--queries", type=int, default=8, help="queries per corpus (they share its prefill)")
+    parser.add_argument("--beir", default=None, help="train on this BEIR folder instead of the generators")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -109,33 +132,49 @@ def main() -> None:
         schedule.load_state_dict(state["schedule"])
         step = state["step"]
         print(f"resuming at step {step}")
+    beir = None
+    if args.beir:
+        from lens.data.datasets import load_beir
+        beir = load_beir(args.beir, drop_unjudged=True)
     model.train()
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
     while step < args.steps:
         rng = random.Random(f"{args.seed}:{step}")
-        ex = sample_example(rng, step, args, tok, layout)
+        ex = sample_example(rng, step, args, tok, layout, beir)
+        passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits, log_mass = layout_digit_logits(
-                model, instruction_ids, ex["docs"], ex["query"], ex["code"], digit_ids,
-                query_offset=layout.query_offset, mass_layer=args.aux_layer,
-            )
-        target = torch.tensor(ex["code"])
-        loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        aux = torch.tensor(0.0)
-        if log_mass is not None:
-            mass = torch.exp(log_mass.float()).mean(0)  # head-mean attention mass per document
-            aux = torch.nn.functional.cross_entropy((mass / args.aux_tau)[None], torch.tensor([ex["gold_index"]]))
-            loss = loss + args.aux_weight * aux
+            outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,
+                                          query_offset=layout.query_offset, mass_layer=args.aux_layer)
+        # loss: -log of the probability of decoding any relevant document's code (marginal over golds)
+        losses, auxes, first_right, all_right = [], [], 0, 0
+        i = 0
+        for q in ex["queries"]:
+            code_lp, hit = [], False
+            for j, code in enumerate(q["codes"]):
+                logits, log_mass = outputs[i]
+                i += 1
+                logp = torch.log_softmax(logits.float(), -1)
+                code_lp.append(logp[torch.arange(4), torch.tensor(code)].sum())
+                hit |= bool((logits.argmax(-1) == torch.tensor(code)).all())
+                if log_mass is not None and j == 0:  # the readout token precedes the code: same for every gold
+                    mass = torch.exp(log_mass.float()).mean(0)  # head-mean attention mass per document
+                    auxes.append(-torch.log_softmax(mass / args.aux_tau, -1)[q["gold"]].logsumexp(0))
+            losses.append(-torch.logsumexp(torch.stack(code_lp), 0))
+            first_right += int(logits.argmax(-1)[0].item() in {c[0] for c in q["codes"]})
+            all_right += int(hit)
+        loss = torch.stack(losses).mean()
+        aux = torch.stack(auxes).mean() if auxes else torch.tensor(0.0)
+        total = loss + args.aux_weight * aux
         optimizer.zero_grad()
-        loss.backward()
+        total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         step += 1
-        correct = bool((logits.argmax(-1) == target).all())
         with log_path.open("a") as f:
-            f.write(json.dumps(dict(step=step, loss=float(loss), aux=float(aux), correct=correct, kind=ex["kind"],
+            f.write(json.dumps(dict(step=step, loss=float(loss), aux=float(aux), queries=len(losses),
+                                    first_digit_right=first_right, code_right=all_right, kind=ex["kind"],
                                     n_docs=len(ex["docs"]), lr=schedule.get_last_lr()[0])) + "\n")
         bar.set_postfix(loss=f"{float(loss):.3f}")
         bar.update(1)

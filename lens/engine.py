@@ -58,9 +58,10 @@ def run_instruction(model: Decoder, token_ids: list[int]) -> DocumentKV:
 
 
 def prefill_batch(
-    model: Decoder, instruction: DocumentKV, docs: list[list[int]], starts: list[int], pad_id: int
-) -> tuple[Tensor, Tensor]:
-    """Block-sparse prefill of right-padded documents: keys, values [docs, layer, len, kv_head, d]."""
+    model: Decoder, instruction: DocumentKV, docs: list[list[int]], starts: list[int], pad_id: int, stack: bool = True
+) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
+    """Block-sparse prefill of right-padded documents: keys, values [docs, layer, len, kv_head, d]
+    (``stack=False``: one [docs, len, kv_head, d] tensor per layer, which keeps autograd cheap)."""
     width = max(map(len, docs))
     ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
     positions = torch.zeros(len(docs), width, dtype=torch.long)
@@ -75,6 +76,8 @@ def prefill_batch(
         return block_prefill(q, k, v, instruction.keys[layer], instruction.values[layer])
 
     model.run_blocks(model.embed(ids), positions, attend)
+    if not stack:
+        return keys, values
     return torch.stack(keys, dim=1), torch.stack(values, dim=1)
 
 

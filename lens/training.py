@@ -28,43 +28,63 @@ def layout_digit_logits(
     model: Decoder,
     instruction_ids: list[int],
     docs: list[list[int]],
-    query_ids: list[int],
-    code_digits: list[int],
+    passes: list[tuple[list[int], list[int]]],
     digit_ids: Tensor,
     query_offset: int = 4096,
     score_fn: ScoreFunction | None = None,
     mass_layer: int | None = None,
-) -> tuple[Tensor, Tensor | None]:
-    """Digit logits [4, 10] at the four code positions (teacher-forced), and, if ``mass_layer``
-    is given, the readout token's log attention mass per document at that layer [head, N]."""
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Teacher-forced code digits for several queries over one corpus.
+
+    The documents are prefilled once (block-sparse: they never see the query, so every query over
+    the same corpus shares their states and their gradient); each pass ``(query_ids, code_digits)``
+    then runs the query block with the code's first three digits appended.  Returns, per pass, the
+    digit logits [4, 10] at the four code positions and, if ``mass_layer`` is given, the readout
+    token's log attention mass per document at that layer [head, N]."""
     n_inst = len(instruction_ids)
     instruction = run_instruction(model, instruction_ids)
-    keys, values = prefill_batch(model, instruction, docs, [n_inst] * len(docs), model.tokenizer.pad_token_id or 0)
+    keys, values = prefill_batch(model, instruction, docs, [n_inst] * len(docs),
+                                 model.tokenizer.pad_token_id or 0, stack=False)
     lengths = [len(d) for d in docs]
-    corpus_k = [torch.cat([instruction.keys[l]] + [keys[i, l, :n].transpose(0, 1) for i, n in enumerate(lengths)], 1)
-                for l in range(model.cfg.n_layers)]
-    corpus_v = [torch.cat([instruction.values[l]] + [values[i, l, :n].transpose(0, 1) for i, n in enumerate(lengths)], 1)
-                for l in range(model.cfg.n_layers)]
+    width = max(lengths)
+    # one gather per layer (not one slice per document: each slice's backward is a full-size zero fill)
+    real = torch.cat([torch.arange(n) + i * width for i, n in enumerate(lengths)])
+
+    def corpus(states: list[Tensor], prefix: Tensor, layer: int) -> Tensor:
+        flat = states[layer].flatten(0, 1).index_select(0, real).transpose(0, 1)
+        return torch.cat([prefix[layer], flat], 1)
+
+    corpus_k = [corpus(keys, instruction.keys, l) for l in range(model.cfg.n_layers)]
+    corpus_v = [corpus(values, instruction.values, l) for l in range(model.cfg.n_layers)]
     key_doc = torch.cat([torch.full((n_inst,), -1)] + [torch.full((n,), j) for j, n in enumerate(lengths)])
-    tokens = torch.tensor(query_ids + [int(digit_ids[d]) for d in code_digits[:-1]])
-    positions = torch.arange(query_offset, query_offset + tokens.shape[0])[None]
-    log_mass = {}
+    # all passes in one right-padded batch (one read of every weight); padding comes after each
+    # row's real tokens, so under the causal self-attention no real token sees it
+    rows = [query_ids + [int(digit_ids[d]) for d in code_digits[:-1]] for query_ids, code_digits in passes]
+    width_q = max(map(len, rows))
+    pad = model.tokenizer.pad_token_id or 0
+    tokens = torch.tensor([row + [pad] * (width_q - len(row)) for row in rows])
+    positions = torch.arange(query_offset, query_offset + width_q).expand(len(rows), -1)
+    readouts = [len(query_ids) - 1 for query_ids, _ in passes]
+    log_mass: list[Tensor] = []
 
     def attend(layer, q, k, v):
-        res = corpus_attention(
-            q[0].transpose(0, 1), corpus_k[layer], corpus_v[layer], key_doc, len(docs), k[0].transpose(0, 1),
-            v[0].transpose(0, 1), layer=layer, scale=model.blocks[layer].attn.scale, score_fn=score_fn,
-            stats=layer == mass_layer, stats_rows="all",
-        )
-        if layer == mass_layer:
-            readout = len(query_ids) - 1
-            log_mass["value"] = res.doc_lse[:, readout] - res.lse[:, readout : readout + 1]
-        return res.output[None]
+        outputs = []
+        for b in range(q.shape[0]):
+            res = corpus_attention(
+                q[b].transpose(0, 1), corpus_k[layer], corpus_v[layer], key_doc, len(docs), k[b].transpose(0, 1),
+                v[b].transpose(0, 1), layer=layer, scale=model.blocks[layer].attn.scale, score_fn=score_fn,
+                stats=layer == mass_layer, stats_rows="all",
+            )
+            if layer == mass_layer:
+                r = readouts[b]
+                log_mass.append(res.doc_lse[:, r] - res.lse[:, r : r + 1])
+            outputs.append(res.output)
+        return torch.stack(outputs)
 
-    resid = model.run_blocks(model.embed(tokens[None]), positions, attend)
-    start = len(query_ids) - 1
-    logits = model.unembed(resid[:, start : start + 4])[0]
-    return logits[:, digit_ids], log_mass.get("value")
+    resid = model.run_blocks(model.embed(tokens), positions, attend)
+    index = torch.tensor(readouts)[:, None] + torch.arange(4)
+    logits = model.unembed(resid[torch.arange(len(rows))[:, None], index])  # [pass, 4, vocab]
+    return [(logits[b][:, digit_ids], log_mass[b] if log_mass else None) for b in range(len(rows))]
 
 
 def add_lora(model: Decoder, rank: int, alpha: float, targets: list[str] = LORA_TARGETS) -> list[torch.nn.Parameter]:

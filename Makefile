@@ -23,7 +23,7 @@ run: setup
 
 # The CLI demo: SmolLM2 on a generated corpus of 64 documents, decoded codes printed.
 demo: setup
-	$(VENV)/bin/lens demo --model smollm2-135m --n 16,64 --queries 4
+	$(VENV)/bin/lens demo --model blocksearch-135m --n 16,64 --queries 4
 
 # Debian's chromium serves the browser test and PNG export (never a downloaded browser).
 chromium:
@@ -35,7 +35,7 @@ test: setup chromium
 bench: setup
 	$(VENV)/bin/python experiments/bench_prefill.py
 
-# Train BlockSearch-135M LoRA adapters (issue 5; the recipe is in progress, see its docstring).
+# Train BlockSearch-135M's LoRA adapter (~1 h on 2 CPU cores; resumes from its checkpoints).
 train: setup
 	$(VENV)/bin/python experiments/train_blocksearch.py --out lens/adapters/blocksearch-135m
 

@@ -1,13 +1,17 @@
 """Train BlockSearch-135M: LoRA adapters that make a base model an in-context retriever.
 
-Each step is one example in the exact inference layout (instruction, N documents with fresh
-random unique four-digit codes, the query block), run through the same code as inference
-(block-sparse prefill + corpus attention, lens.training), loss on the four code digits
-(cross-entropy over the ten digit tokens), optionally a BlockRank-style InfoNCE on the readout
-token's per-document attention mass at one layer.  Data: seeded LIMIT-style corpora (the other
-documents are hard negatives: they share many items) and key-value needles, from seeds disjoint
-from evaluation's; or a BEIR folder (--beir).  bf16 autocast on CPU; progress bar; a checkpoint
-every --save-every steps; rerunning the same command resumes.
+Each step is one corpus in the exact inference layout (instruction, N documents with fresh
+random unique four-digit codes) and several queries over it, run through the same code as
+inference (block-sparse prefill + corpus attention, lens.training).  The documents never see
+the query, so one prefill (and its backward) serves all the step's queries.  Loss: minus the log
+probability of decoding a relevant document's four digits (summed over the relevant documents:
+LIMIT queries have two), optionally plus a BlockRank-style InfoNCE on the readout token's
+per-document attention mass at one layer (--aux-layer).  Data: seeded LIMIT-style corpora (the
+other documents are hard negatives: they share many items) and key-value needles, from seeds
+>= 1,000,000 (evaluation uses small seeds), or a BEIR folder (--beir).  Mixed N (--n-docs).
+Codes sit at the end of each document by default (--code-position; the README says why).
+bf16 autocast on CPU; progress bar; a checkpoint every --save-every steps; rerunning the same
+command resumes.
 
     .venv/bin/python experiments/train_blocksearch.py --out lens/adapters/blocksearch-135m
     make train
@@ -83,18 +87,20 @@ def main() -> None:
     parser.add_argument("--out", default="lens/adapters/blocksearch-135m")
     parser.add_argument("--checkpoints", default=None, help="default: $LENS_CACHE/train/<out name>")
     parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[16])
+    parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 16])
     parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 16, 20])
     parser.add_argument("--needle-fraction", type=float, default=0.25)
+    parser.add_argument("--code-position", default="end", choices=["start", "end"],
+                        help="where the code sits in a document (README: code-first did not learn in budget)")
     parser.add_argument("--queries", type=int, default=8, help="queries per corpus (they share its prefill)")
     parser.add_argument("--beir", default=None, help="train on this BEIR folder instead of the generators")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--aux-layer", type=int, default=None, help="BlockRank InfoNCE on attention mass at this layer")
     parser.add_argument("--aux-weight", type=float, default=0.1)
-    parser.add_argument("--aux-tau", type=float, default=0.1)
+    parser.add_argument("--aux-tau", type=float, default=1.0)
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -115,7 +121,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps))
-    layout = LayoutConfig()
+    layout = LayoutConfig(code_position=args.code_position)
     tok = model.tokenizer
     digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
     instruction_ids = tok(layout.instruction, add_special_tokens=False).input_ids
@@ -158,8 +164,11 @@ def main() -> None:
                 code_lp.append(logp[torch.arange(4), torch.tensor(code)].sum())
                 hit |= bool((logits.argmax(-1) == torch.tensor(code)).all())
                 if log_mass is not None and j == 0:  # the readout token precedes the code: same for every gold
-                    mass = torch.exp(log_mass.float()).mean(0)  # head-mean attention mass per document
-                    auxes.append(-torch.log_softmax(mass / args.aux_tau, -1)[q["gold"]].logsumexp(0))
+                    # InfoNCE over documents with logits log(sum over heads of mass) / tau: at tau 1,
+                    # minus the log of the gold documents' share of the mass the documents get
+                    # (raw mass is ~1e-3 per document here, too flat to be a logit itself)
+                    log_doc_mass = torch.logsumexp(log_mass.float(), 0)
+                    auxes.append(-torch.log_softmax(log_doc_mass / args.aux_tau, -1)[q["gold"]].logsumexp(0))
             losses.append(-torch.logsumexp(torch.stack(code_lp), 0))
             first_right += int(logits.argmax(-1)[0].item() in {c[0] for c in q["codes"]})
             all_right += int(hit)
@@ -173,10 +182,10 @@ def main() -> None:
         schedule.step()
         step += 1
         with log_path.open("a") as f:
-            f.write(json.dumps(dict(step=step, loss=float(loss), aux=float(aux), queries=len(losses),
+            f.write(json.dumps(dict(step=step, loss=loss.item(), aux=aux.item(), queries=len(losses),
                                     first_digit_right=first_right, code_right=all_right, kind=ex["kind"],
                                     n_docs=len(ex["docs"]), lr=schedule.get_last_lr()[0])) + "\n")
-        bar.set_postfix(loss=f"{float(loss):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         if step % args.save_every == 0 or step == args.steps:
             tmp = ckpt.with_suffix(".tmp")
@@ -188,6 +197,7 @@ def main() -> None:
     save_file({k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}, out / "adapter.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(dict(
         base=args.base, r=args.rank, lora_alpha=args.alpha, target_modules=LORA_TARGETS, training=config,
+        layout=dict(code_position=args.code_position),
         wall_seconds_this_run=round(time.time() - t0),
     ), indent=1))
     (out / "loss_log.jsonl").write_text(log_path.read_text())

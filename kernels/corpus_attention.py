@@ -206,32 +206,57 @@ def _grouped_row_max(q: Tensor, keys: Tensor, scale: float) -> Tensor:
     return (s.permute(0, 2, 1).reshape(n_heads, 1, c).float() * scale)
 
 
+def _chunk_docs(key_doc: Tensor) -> tuple[Tensor | None, Tensor, slice | Tensor] | None:
+    """The documents of one chunk: (mask of its document keys or None when all are, each key's
+    local document index, the documents as a slice or an index tensor); None without documents.
+
+    A chunk of a concatenated corpus holds a run of consecutive documents, so the local index is
+    ``key_doc - first`` and the documents a slice: no sort.  Scattered ids fall back to unique."""
+    mask = None
+    if key_doc.numel() == 0 or bool(key_doc.min() < 0):
+        mask = key_doc >= 0
+        if not mask.any():
+            return None
+        key_doc = key_doc[mask]
+    lo, hi = int(key_doc.min()), int(key_doc.max())
+    if hi - lo < 2 * key_doc.numel():
+        return mask, key_doc - lo, slice(lo, hi + 1)
+    docs, local = torch.unique(key_doc, return_inverse=True)
+    return mask, local, docs
+
+
 def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: Tensor) -> None:
     """Fold one chunk's per-document max and logsumexp into the running [head, rows, N] tensors
     (documents may span chunk boundaries)."""
-    is_doc = key_doc >= 0
-    if not is_doc.any():
+    found = _chunk_docs(key_doc)
+    if found is None:
         return
-    docs, local = torch.unique(key_doc[is_doc], return_inverse=True)
-    s = scores[..., is_doc]
+    mask, local, docs = found
+    s = scores if mask is None else scores[..., mask]
     h, q, _ = s.shape
+    n_local = docs.stop - docs.start if isinstance(docs, slice) else docs.shape[0]
     index = local.expand(h, q, -1)
-    chunk_max = torch.full((h, q, docs.shape[0]), float("-inf")).scatter_reduce(
+    chunk_max = torch.full((h, q, n_local), float("-inf")).scatter_reduce(
         -1, index, s, reduce="amax", include_self=True
     )
     shifted = torch.exp(s - chunk_max.gather(-1, index).nan_to_num(neginf=0.0))
     chunk_lse = chunk_max + torch.log(torch.zeros_like(chunk_max).scatter_add(-1, index, shifted))
-    doc_max[..., docs] = torch.maximum(doc_max[..., docs], chunk_max)
-    doc_lse[..., docs] = torch.logaddexp(doc_lse[..., docs], chunk_lse)
+    # clone: a slice is a view, and autograd (training reads doc_lse) must not see it overwritten
+    doc_max[..., docs] = torch.maximum(doc_max[..., docs].clone(), chunk_max)
+    doc_lse[..., docs] = torch.logaddexp(doc_lse[..., docs].clone(), chunk_lse)
 
 
 def _doc_max(scores: Tensor, key_doc: Tensor, out: Tensor) -> None:
     """out[..., d] = max(out[..., d], max of scores over d's keys), in place."""
-    is_doc = key_doc >= 0
-    if is_doc.any():
-        s = scores[..., is_doc]
-        index = key_doc[is_doc].expand(*s.shape[:2], -1)
-        out.copy_(out.scatter_reduce(-1, index, s, reduce="amax", include_self=True))
+    found = _chunk_docs(key_doc)
+    if found is None:
+        return
+    mask, local, docs = found
+    s = scores if mask is None else scores[..., mask]
+    n_local = docs.stop - docs.start if isinstance(docs, slice) else docs.shape[0]
+    chunk_max = torch.full((*s.shape[:2], n_local), float("-inf")).scatter_reduce(
+        -1, local.expand(*s.shape[:2], -1), s, reduce="amax", include_self=True)
+    out[..., docs] = torch.maximum(out[..., docs].clone(), chunk_max)
 
 
 def attend_chunks(

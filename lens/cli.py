@@ -66,6 +66,7 @@ def demo(
     queries: Annotated[int, typer.Option(help="number of queries")] = 4,
     intervention: Annotated[Optional[list[str]], typer.Option(help="score-function spec; repeatable")] = None,
     positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
+    code_position: Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")] = None,
     max_doc_tokens: Annotated[int, typer.Option()] = 256,
     truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
     drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
@@ -96,7 +97,8 @@ def demo(
     lm = load_model(model, dtype=torch_dtype)
     typer.echo(f"model {model} loaded in {time.time() - t0:.1f}s; dataset {data.name}: "
                f"{len(data.documents)} documents, {len(data.queries)} queries")
-    layout = LayoutConfig(positions=positions, max_doc_tokens=max_doc_tokens, truncate=truncate)
+    layout = LayoutConfig.for_model(lm, positions=positions, code_position=code_position,
+                                    max_doc_tokens=max_doc_tokens, truncate=truncate)
     runner = BlockSearchRunner(lm, data, layout, seed=seed)
     if runner.pool.truncated:
         typer.echo(f"note: {runner.pool.truncated} documents truncated to {max_doc_tokens} tokens (--truncate)")
@@ -126,6 +128,7 @@ def sweep(
     seed: Annotated[int, typer.Option()] = 0,
     beam: Annotated[int, typer.Option(help="codes ranked by a beam over the corpus's codes (Recall@k for k <= beam)")] = 2,
     positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
+    code_position: Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")] = None,
     max_doc_tokens: Annotated[int, typer.Option()] = 256,
     truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
     drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
@@ -138,7 +141,8 @@ def sweep(
 
     cfg = SweepConfig(
         model=model, dataset=dataset, n=_parse_n_list(n), queries=queries, interventions=intervention or ["none"],
-        baseline=baseline, seed=seed, beam=beam, positions=positions, max_doc_tokens=max_doc_tokens,
+        baseline=baseline, seed=seed, beam=beam, positions=positions, code_position=code_position,
+        max_doc_tokens=max_doc_tokens,
         truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch,
     )
     summary = run_sweep(cfg, out)

@@ -142,6 +142,7 @@ class QueryStream:
     record: bool
     next_position: int
     n_layers: int
+    route_record: bool = True  # record every layer's QK-MaxSim routing scores (routing recall)
     self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
     self_v: list = field(default_factory=list)
     keep_docs: Tensor | None = None  # bool [N], set at the route layer
@@ -301,7 +302,7 @@ class BlockSearchRunner:
         """``kv="memory"`` prefills documents on demand into RAM; ``kv="disk"`` prefills the whole
         pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``)."""
         self.model, self.dataset, self.seed = model, dataset, seed
-        self.layout = layout or LayoutConfig()
+        self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
         self.progress = progress
         if kv == "memory":
@@ -322,7 +323,12 @@ class BlockSearchRunner:
     def prefill(self, corpus: list[int]) -> None:
         self.source.prefill(corpus)
 
-    def stream(self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True) -> QueryStream:
+    def stream(
+        self, query_id: str, n_docs: int, score_fn: ScoreFunction | None = None, record: bool = True,
+        route_scores: bool = True,
+    ) -> QueryStream:
+        """``route_scores=False`` skips the per-layer routing scores (routing recall) in the record,
+        a QK pass over every query row: the lab's reruns leave them out."""
         corpus, gold_positions = self.corpus(query_id, n_docs)
         n_layers = self.model.cfg.n_layers
         route = find_route(score_fn)
@@ -333,7 +339,7 @@ class BlockSearchRunner:
         q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
         return QueryStream(
             query_id, corpus, gold_positions, self.pool.query_token_ids(self.model.tokenizer, query_id),
-            score_fn, route, record, q_start, n_layers,
+            score_fn, route, record, q_start, n_layers, route_scores,
         )
 
     def run_query(
@@ -405,7 +411,8 @@ class BlockSearchRunner:
                 n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
                 layer=layer, scale=attn.scale, score_fn=s.score_fn,
                 gold_docs=s.gold_positions if record and s.record else None,
-                stats=record and s.record, route_stats=deciding or (record and s.record), stats_rows="last",
+                stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
+                stats_rows="last",
             )
         self.source.feed(layer, streams)
         for s in streams:
@@ -426,7 +433,7 @@ class BlockSearchRunner:
                     gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
                     resid_post=s.resid[0, -1].float(),
                     logit_lens=self._digit_logit_lens(s.resid[0, -1]),
-                    route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]),
+                    route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]) if s.route_record else None,
                 ))
 
     def _digit_logit_lens(self, resid: Tensor) -> Tensor:
@@ -450,5 +457,6 @@ class BlockSearchRunner:
         if layers:
             run.layers = [r["result"] for r in layers]
             for name in ("attn_out", "gold_attn_out", "resid_post", "logit_lens", "route_scores"):
-                setattr(run, name, torch.stack([r[name] for r in layers]))
+                if layers[0][name] is not None:
+                    setattr(run, name, torch.stack([r[name] for r in layers]))
         return run

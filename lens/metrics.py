@@ -97,7 +97,8 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
             layer_gold_mass=float(mass[:, gold].sum(-1).mean()),  # head-mean of the gold mass
             first_digit_hit=int(run.logit_lens[layer].argmax()) in first_digits,
         )
-        for reduce, scores in (("max", run.route_scores[layer, 0]), ("mean", run.route_scores[layer, 1])):
+        routing = () if run.route_scores is None else (("max", run.route_scores[layer, 0]), ("mean", run.route_scores[layer, 1]))
+        for reduce, scores in routing:
             order = torch.argsort(scores, descending=True)
             best_gold_rank = min(int((order == g).nonzero()) for g in gold)  # 0-based
             for b in routing_b:

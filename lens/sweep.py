@@ -42,6 +42,7 @@ class SweepConfig:
     seed: int = 0
     beam: int = 2
     positions: str = "shared"
+    code_position: str | None = None  # None: the model's own (blocksearch-135m: end)
     max_doc_tokens: int = 256
     truncate: bool = False
     drop_unjudged: bool = False
@@ -68,8 +69,9 @@ def _check_out(cfg: SweepConfig, out: Path) -> None:
     wanted = {"format": SWEEP_FORMAT, **asdict(cfg)}
     if meta.is_file():
         have = json.loads(meta.read_text())
-        if have != wanted:
-            diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+        # a key missing on one side reads as None (a field added later, left at its default)
+        diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+        if diff:
             raise LensError(
                 f"{out} holds a sweep with other arguments ({', '.join(f'{k}: {have.get(k)!r} there, {wanted.get(k)!r} now' for k in diff)}); "
                 "rerun with the same arguments to resume, or choose another --out"
@@ -118,7 +120,8 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
     need_baseline = cfg.baseline and not (parts / "baseline.parquet").is_file()
     if todo or need_baseline:
         model = load_model(cfg.model, dtype=dtype)
-        layout = LayoutConfig(positions=cfg.positions, max_doc_tokens=cfg.max_doc_tokens, truncate=cfg.truncate)
+        layout = LayoutConfig.for_model(model, positions=cfg.positions, code_position=cfg.code_position,
+                                        max_doc_tokens=cfg.max_doc_tokens, truncate=cfg.truncate)
         runner = BlockSearchRunner(model, data, layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
         with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
                   disable=not progress) as bar:

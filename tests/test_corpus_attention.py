@@ -162,3 +162,24 @@ def test_fused_path_is_taken_only_for_foldable_functions():
     a = corpus_attention(**args, score_fn=Additive(), stats_rows="last")
     b = dense_corpus_attention(**args, score_fn=Additive())
     assert torch.allclose(a.output, b.output, atol=1e-5)
+
+
+@pytest.mark.parametrize("doc_lens", [(6, 3, 9, 1, 5, 8, 2), (1,) * 40])
+@pytest.mark.parametrize("stats_rows", ["all", "last"])
+@pytest.mark.parametrize("chunk_size", [4, 16384])
+def test_key_order_does_not_matter(stats_rows, chunk_size, doc_lens):
+    """Documents' keys need not be contiguous (a scattered order takes the per-chunk unique path,
+    a contiguous one the slice path): permuting the corpus keys changes nothing."""
+    args = _inputs(seed=6, doc_lens=doc_lens, q=3, s=3)
+    perm = torch.randperm(args["key_doc"].shape[0], generator=torch.Generator().manual_seed(0))
+    shuffled = dict(args, corpus_k=args["corpus_k"][:, perm], corpus_v=args["corpus_v"][:, perm],
+                    key_doc=args["key_doc"][perm])
+    fn = SSMax(0.43, n="docs")
+    a = corpus_attention(**shuffled, score_fn=fn, gold_docs=[2], route_stats=True, stats_rows=stats_rows,
+                         chunk_size=chunk_size)
+    b = dense_corpus_attention(**args, score_fn=fn, gold_docs=[2], route_stats=True)
+    rows = slice(None) if stats_rows == "all" else slice(-1, None)
+    assert torch.allclose(a.output, b.output, atol=1e-5)
+    assert torch.allclose(a.route_max, b.route_max, atol=1e-5)
+    for name in ("doc_max", "doc_lse"):
+        assert torch.allclose(getattr(a, name), getattr(b, name)[:, rows], atol=1e-5), name

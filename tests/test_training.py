@@ -73,3 +73,20 @@ def test_gradients_reach_the_document_side_and_merge_matches(models, tmp_path):
     merge_lora(merged, folder)
     again = layout_digit_logits(merged, instruction, docs, passes, digit_ids)[0][0]
     assert torch.allclose(again, logits.detach(), atol=1e-4)
+
+
+def test_aux_mass_is_differentiable(models):
+    """The BlockRank auxiliary loss backpropagates through the per-document statistics."""
+    from lens.models.registry import load_model
+
+    model = load_model("tiny-llama", dtype=torch.float32)
+    tok = model.tokenizer
+    docs = tok([f"[{1000 + i}] word {i}\n" for i in range(5)], add_special_tokens=False).input_ids
+    digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
+    params = add_lora(model, 4, 8)
+    with torch.enable_grad():
+        _, log_mass = layout_digit_logits(model, tok("Find:", add_special_tokens=False).input_ids, docs,
+                                          [(tok("\nQuery: word 3\nCode: [", add_special_tokens=False).input_ids,
+                                            [1, 0, 0, 3])], digit_ids, mass_layer=1)[0]
+        (-log_mass[:, 3].mean()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

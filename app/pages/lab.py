@@ -50,7 +50,7 @@ def _runs(model_name, dataset_name, query_ids, n, spec):
     from kernels.score_functions import parse_intervention
 
     fn = None if spec == "none" else parse_intervention(spec)
-    streams = [runner.stream(q, n, fn) for q in query_ids]
+    streams = [runner.stream(q, n, fn, route_scores=False) for q in query_ids]  # routing recall not shown here
     return runner.run_streams(streams, beam=2)
 
 

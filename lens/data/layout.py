@@ -26,25 +26,53 @@ POSITION_SCHEMES = ("shared", "restart", "sequential")
 N_CODES = 10_000  # four digits: 0000-9999
 
 
+CODE_POSITIONS = ("start", "end")
+INSTRUCTION = (
+    "Each document below {where} with a unique four-digit code in brackets. "
+    "After the query, answer with the code of the document that answers it.\n\n"
+)
+DOCUMENT_TEMPLATES = {"start": "[{code}] {title}{text}\n", "end": "{title}{text} [{code}]\n"}
+
+
 @dataclass(frozen=True)
 class LayoutConfig:
+    """How a corpus is laid out in the context.
+
+    ``code_position``: ``start`` is the paper's ``[4821] <text>``; ``end`` puts the code after
+    the text, where (causally) it can see the document it names, the format blocksearch-135m is
+    trained on (a 135M model did not learn code-first retrieval in the CPU budget; README).
+    ``instruction`` and ``document_template`` default to the code position's."""
+
     positions: str = "shared"
     query_offset: int = 4096
     max_doc_tokens: int = 256
     truncate: bool = False  # cut documents longer than max_doc_tokens (counted) instead of failing
-    instruction: str = (
-        "Each document below starts with a unique four-digit code in brackets. "
-        "After the query, answer with the code of the document that answers it.\n\n"
-    )
-    document_template: str = "[{code}] {title}{text}\n"
+    code_position: str = "start"
+    instruction: str | None = None
+    document_template: str | None = None
     query_template: str = "\nQuery: {query}\nCode: ["
     code_seed: int = 0  # codes are fixed per document of a pool, drawn with this seed
 
     def __post_init__(self):
         if self.positions not in POSITION_SCHEMES:
             raise LensError(f"positions {self.positions!r}: choose one of {', '.join(POSITION_SCHEMES)}")
+        if self.code_position not in CODE_POSITIONS:
+            raise LensError(f"code_position {self.code_position!r}: choose one of {', '.join(CODE_POSITIONS)}")
         if self.max_doc_tokens < 1:
             raise LensError(f"max_doc_tokens must be >= 1, got {self.max_doc_tokens}")
+        if self.instruction is None:
+            where = "starts" if self.code_position == "start" else "ends"
+            object.__setattr__(self, "instruction", INSTRUCTION.format(where=where))
+        if self.document_template is None:
+            object.__setattr__(self, "document_template", DOCUMENT_TEMPLATES[self.code_position])
+
+    @classmethod
+    def for_model(cls, model, **fields) -> "LayoutConfig":
+        """The layout a model was trained on (``model.layout_defaults``), with ``fields`` on top
+        (a field given as None keeps the model's default)."""
+        defaults = dict(getattr(model, "layout_defaults", None) or {})
+        defaults.update({k: v for k, v in fields.items() if v is not None})
+        return cls(**defaults)
 
     def document_fingerprint(self) -> str:
         """What a document's KV depends on (the query side is left out on purpose)."""

@@ -171,10 +171,12 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     model = Decoder(cfg)
     with torch.no_grad():
         load_hf_state_dict(model, state, name)
+    model.layout_defaults = {}  # LayoutConfig fields the model was trained with (LayoutConfig.for_model)
     if name == "blocksearch-135m":
         from lens.training import merge_lora
 
         merge_lora(model, ADAPTERS / name)
+        model.layout_defaults = json.loads((ADAPTERS / name / "adapter_config.json").read_text()).get("layout", {})
     model = model.to(dtype).eval()
     model.name = name
     model.fingerprint = hashlib.sha256(f"{fingerprint}:{dtype}".encode()).hexdigest()[:16]

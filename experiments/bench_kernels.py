@@ -202,15 +202,21 @@ def part_rerun(args) -> None:
     # As in the intervention lab: a query's corpus is already cached (its plain run came first);
     # the intervention reruns only the query side.
     specs = ("ssmax:s=0.43", "sink:b=4", "route:layer=16,B=256")
-    times = {spec: [] for spec in specs}
+    ways = {
+        "run_query (greedy, full record)": lambda q, fn: runner.run_query(q, args.rerun_docs, score_fn=fn),
+        "lab (beam 2, no routing scores)": lambda q, fn: runner.run_streams(
+            [runner.stream(q, args.rerun_docs, fn, route_scores=False)], beam=2)[0],
+    }
+    times = {(way, spec): [] for way in ways for spec in specs}
     for query in data.queries[:4]:
         runner.run_query(query.id, args.rerun_docs)  # warm: the plain run, untimed
-        for spec in specs:
-            t0 = time.perf_counter()
-            run = runner.run_query(query.id, args.rerun_docs, score_fn=parse_intervention(spec))
-            times[spec].append(time.perf_counter() - t0)
-    for spec, ts in times.items():
-        print(f"{spec:<22} N={args.rerun_docs} ({run.n_tokens} tokens): {sum(ts) / len(ts):.2f} s/query "
+        for way, call in ways.items():
+            for spec in specs:
+                t0 = time.perf_counter()
+                run = call(query.id, parse_intervention(spec))
+                times[way, spec].append(time.perf_counter() - t0)
+    for (way, spec), ts in times.items():
+        print(f"{way:<33} {spec:<22} N={args.rerun_docs} ({run.n_tokens} tokens): {sum(ts) / len(ts):.2f} s/query "
               f"(min {min(ts):.2f}, max {max(ts):.2f}; 4 queries, all layers recorded, 4 digits decoded)")
 
 

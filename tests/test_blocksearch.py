@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lens.data.datasets import limit_dataset
+from lens.data.datasets import limit_dataset, needle_dataset
+from lens.data.layout import LayoutConfig
 from lens.engine import BlockSearchRunner
 from lens.models.registry import ADAPTERS, load_model
 
@@ -18,9 +19,16 @@ def test_adapter_is_small_and_decodes_gold_codes():
     assert path.stat().st_size <= 20 * 1024 * 1024
     model = load_model("blocksearch-135m", dtype=torch.bfloat16)
     base = load_model("smollm2-135m", dtype=torch.bfloat16)
+    assert model.layout_defaults == {"code_position": "end"}
     assert not torch.equal(model.blocks[10].attn.q_proj.weight, base.blocks[10].attn.q_proj.weight)
-    data = limit_dataset(n_docs=64, items_per_doc=20, n_queries=8, seed=11)  # evaluation seed, not a training one
-    runner = BlockSearchRunner(model, data, progress=False)
-    runs = runner.run_streams([runner.stream(q.id, 16) for q in data.queries], beam=2)
-    hits = sum(r.correct for r in runs)
-    assert hits >= 6, [(r.decoded, r.gold_codes) for r in runs]
+    layout = LayoutConfig.for_model(model)
+    hits = {}
+    for name, data in (("limit", limit_dataset(n_docs=64, items_per_doc=20, n_queries=8, seed=11)),
+                       ("needle", needle_dataset(n_docs=64, n_queries=8, seed=11))):  # evaluation seeds
+        for label, lm in (("trained", model), ("base", base)):
+            runner = BlockSearchRunner(lm, data, layout, progress=False)
+            runs = runner.run_streams([runner.stream(q.id, 16, record=False) for q in data.queries], beam=2)
+            hits[name, label] = sum(r.correct for r in runs)
+    # measured: trained 5/8 LIMIT (held-out hit@1 0.67 over 64 queries, README); base ~chance
+    assert hits["limit", "trained"] >= 4 and hits["needle", "trained"] >= 6, hits
+    assert hits["limit", "trained"] > hits["limit", "base"] + 2 and hits["needle", "trained"] > hits["needle", "base"] + 2, hits

@@ -206,9 +206,10 @@ def _grouped_row_max(q: Tensor, keys: Tensor, scale: float) -> Tensor:
     return (s.permute(0, 2, 1).reshape(n_heads, 1, c).float() * scale)
 
 
-def _chunk_docs(key_doc: Tensor) -> tuple[Tensor | None, Tensor, slice | Tensor] | None:
+def _chunk_docs(key_doc: Tensor) -> tuple[Tensor | None, Tensor, slice | Tensor, int] | None:
     """The documents of one chunk: (mask of its document keys or None when all are, each key's
-    local document index, the documents as a slice or an index tensor); None without documents.
+    local document index, the documents as a slice or an index tensor, how many); None without
+    documents.
 
     A chunk of a concatenated corpus holds a run of consecutive documents, so the local index is
     ``key_doc - first`` and the documents a slice: no sort.  Scattered ids fall back to unique."""
@@ -220,9 +221,9 @@ def _chunk_docs(key_doc: Tensor) -> tuple[Tensor | None, Tensor, slice | Tensor]
         key_doc = key_doc[mask]
     lo, hi = int(key_doc.min()), int(key_doc.max())
     if hi - lo < 2 * key_doc.numel():
-        return mask, key_doc - lo, slice(lo, hi + 1)
+        return mask, key_doc - lo, slice(lo, hi + 1), hi + 1 - lo
     docs, local = torch.unique(key_doc, return_inverse=True)
-    return mask, local, docs
+    return mask, local, docs, docs.shape[0]
 
 
 def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: Tensor) -> None:
@@ -231,10 +232,9 @@ def _merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: 
     found = _chunk_docs(key_doc)
     if found is None:
         return
-    mask, local, docs = found
+    mask, local, docs, n_local = found
     s = scores if mask is None else scores[..., mask]
     h, q, _ = s.shape
-    n_local = docs.stop - docs.start if isinstance(docs, slice) else docs.shape[0]
     index = local.expand(h, q, -1)
     chunk_max = torch.full((h, q, n_local), float("-inf")).scatter_reduce(
         -1, index, s, reduce="amax", include_self=True
@@ -251,9 +251,8 @@ def _doc_max(scores: Tensor, key_doc: Tensor, out: Tensor) -> None:
     found = _chunk_docs(key_doc)
     if found is None:
         return
-    mask, local, docs = found
+    mask, local, docs, n_local = found
     s = scores if mask is None else scores[..., mask]
-    n_local = docs.stop - docs.start if isinstance(docs, slice) else docs.shape[0]
     chunk_max = torch.full((*s.shape[:2], n_local), float("-inf")).scatter_reduce(
         -1, local.expand(*s.shape[:2], -1), s, reduce="amax", include_self=True)
     out[..., docs] = torch.maximum(out[..., docs].clone(), chunk_max)

@@ -184,7 +184,8 @@ def main() -> None:
         with log_path.open("a") as f:
             f.write(json.dumps(dict(step=step, loss=loss.item(), aux=aux.item(), queries=len(losses),
                                     first_digit_right=first_right, code_right=all_right, kind=ex["kind"],
-                                    n_docs=len(ex["docs"]), lr=schedule.get_last_lr()[0])) + "\n")
+                                    n_docs=len(ex["docs"]), lr=schedule.get_last_lr()[0],
+                                    elapsed_s=round(time.time() - t0, 1))) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         if step % args.save_every == 0 or step == args.steps:

@@ -67,7 +67,29 @@ def layout_digit_logits(
     readouts = [len(query_ids) - 1 for query_ids, _ in passes]
     log_mass: list[Tensor] = []
 
+    n_rows = len(rows) * width_q
+    block = torch.arange(n_rows) // width_q
+    within = torch.arange(n_rows) % width_q
+    # corpus keys for every row; the query side block-diagonal (each pass its own) and causal
+    self_mask = (block[:, None] == block[None, :]) & (within[None, :] <= within[:, None])
+    mask = torch.cat([torch.ones(n_rows, key_doc.shape[0], dtype=torch.bool), self_mask], 1)[None, None]
+
     def attend(layer, q, k, v):
+        if score_fn is not None or layer == mass_layer:
+            return attend_each(layer, q, k, v)
+        # every pass's rows in one attention over the corpus: the corpus keys and their gradient are
+        # touched once per layer, not once per pass
+        b, n_q, n_heads, d = q.shape
+        n_kv = k.shape[2]
+        qa = q.reshape(1, b * n_q, n_heads, d).transpose(1, 2)
+        ka = torch.cat([corpus_k[layer], k.reshape(b * n_q, n_kv, d).transpose(0, 1).to(corpus_k[layer].dtype)], 1)
+        va = torch.cat([corpus_v[layer], v.reshape(b * n_q, n_kv, d).transpose(0, 1).to(corpus_v[layer].dtype)], 1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            qa.to(ka.dtype), ka[None], va[None], attn_mask=mask, scale=model.blocks[layer].attn.scale, enable_gqa=True)
+        return out[0].transpose(0, 1).reshape(b, n_q, n_heads, d).to(q.dtype)
+
+    def attend_each(layer, q, k, v):
+        """Pass by pass through the corpus kernel: score functions and the per-document mass."""
         outputs = []
         for b in range(q.shape[0]):
             res = corpus_attention(

@@ -114,17 +114,26 @@ class CorpusAttentionStream:
         scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
         self._accumulate(scores, values, key_doc)
 
+    def _grouped_q(self, dtype: torch.dtype, n_kv: int) -> Tensor:
+        """The folded queries as [kv_head, rows, d]: the heads of a KV group become extra query
+        rows of that KV head (no K/V expansion)."""
+        n_heads, n_q, d = self.q.shape
+        return self.folded_q.to(dtype).reshape(n_kv, (n_heads // n_kv) * n_q, d)
+
     def _update_fused(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            self._grouped_q(keys.dtype, keys.shape[0])[None], keys[None], values[None], 0.0, False, scale=self.scale)[:2]
+        self._merge_flash(out[0], lse[0], keys, values, key_doc)
+
+    def _merge_flash(self, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
+        """Fold one chunk's flash result (out [kv_head, rows, d], lse [kv_head, rows]) into the
+        running softmax, and take the chunk's statistics."""
         n_heads, n_q, d = self.q.shape
         kv = keys.shape[0]
-        # heads of a KV group become extra query rows of that KV head: no K/V expansion
-        grouped = self.folded_q.to(keys.dtype).reshape(kv, (n_heads // kv) * n_q, d)[None]
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            grouped, keys[None], values[None], 0.0, False, scale=self.scale)[:2]
         if self.route_max is not None:  # raw scores (before interventions), max over query rows
             _doc_max(_grouped_row_max(self.q, keys, self.scale), key_doc, self.route_max[:, None])
-        out = out[0].reshape(n_heads, n_q, d).float()
-        lse = lse[0].reshape(n_heads, n_q).float()
+        out = out.reshape(n_heads, n_q, d).float()
+        lse = lse.reshape(n_heads, n_q).float()
         m_new = torch.maximum(self.m, lse)
         alpha = torch.exp(self.m - m_new)  # m starts at -inf: alpha 0
         beta = torch.exp(lse - m_new)
@@ -177,6 +186,28 @@ class CorpusAttentionStream:
                     self.gold_acc += _grouped_pv(p[:, self.rows] * is_gold, values, n_rep)
         if self.doc_max is not None and key_doc is not None:
             _merge_doc_stats(scores[:, self.rows], key_doc, self.doc_max, self.doc_lse)
+
+
+def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Tensor, key_docs: list[Tensor]) -> None:
+    """Feed one chunk to several streams that all attend it (e.g. a beam's hypotheses, or queries
+    over the same documents), each with its own ``key_doc`` (its own document numbering).
+
+    The streams on the fused path share one flash call: their query rows are stacked, so the
+    chunk's keys and values are read once, not once per stream (the decoding steps are bound by
+    that read).  Rows do not interact, so each stream gets what :meth:`update` would give it."""
+    fused = [(s, kd) for s, kd in zip(streams, key_docs) if s.folded_q is not None and s.scale == streams[0].scale]
+    for s, kd in zip(streams, key_docs):
+        if all(s is not f for f, _ in fused) or len(fused) == 1:
+            s.update(keys, values, kd)
+    if len(fused) < 2:
+        return
+    kv = keys.shape[0]
+    rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        torch.cat(rows, 1)[None], keys[None], values[None], 0.0, False, scale=fused[0][0].scale)[:2]
+    sizes = [r.shape[1] for r in rows]
+    for (s, kd), o, l in zip(fused, out[0].split(sizes, 1), lse[0].split(sizes, 1)):
+        s._merge_flash(o, l, keys, values, kd)
 
 
 def _grouped_pv(p: Tensor, values: Tensor, n_rep: int) -> Tensor:

@@ -66,6 +66,12 @@ class ScoreFunction:
         attention kernel); None otherwise.  Subclasses that change scores must override it."""
         return torch.ones(ctx.n_heads, 1, 1) if type(self) is ScoreFunction else None
 
+    def first_layer(self) -> int:
+        """The first layer whose attention this function may change: the layers before it run as
+        without it (the engine reuses a plain run's states for them).  Subclasses that touch only
+        some layers say which; the default, 0, is always safe."""
+        return 0
+
     def __add__(self, other: "ScoreFunction") -> "ScoreFunction":
         return Compose([self, other])
 
@@ -109,6 +115,9 @@ class Compose(ScoreFunction):
             out = torch.logaddexp(out, s)
         return out
 
+    def first_layer(self):
+        return min((p.first_layer() for p in self.parts), default=0)
+
     def spec(self):
         return "+".join(p.spec() for p in self.parts) or "none"
 
@@ -132,6 +141,9 @@ class Temperature(ScoreFunction):
 
     def row_scale(self, ctx):
         return self(torch.ones(ctx.n_heads, 1, 1), ctx)
+
+    def first_layer(self):
+        return _first_of(self.layers, None)
 
     def spec(self):
         return f"temperature:t={self.t:g}" + _layers_spec(self.layers)
@@ -172,6 +184,9 @@ class SSMax(ScoreFunction):
     def row_scale(self, ctx):
         return self(torch.ones(ctx.n_heads, 1, 1), ctx)
 
+    def first_layer(self):
+        return _first_of(self.layers, self.s)
+
     def spec(self):
         return f"ssmax:s={_value_spec(self.s)},n={self.n}" + _layers_spec(self.layers)
 
@@ -194,6 +209,9 @@ class Sink(ScoreFunction):
 
     def row_scale(self, ctx):
         return torch.ones(ctx.n_heads, 1, 1)
+
+    def first_layer(self):
+        return _first_of(self.layers, self.b)
 
     def spec(self):
         return f"sink:b={_value_spec(self.b)}" + _layers_spec(self.layers)
@@ -222,6 +240,9 @@ class HeadScale(ScoreFunction):
 
     def row_scale(self, ctx):
         return self(torch.ones(ctx.n_heads, 1, 1), ctx)
+
+    def first_layer(self):
+        return self.layer
 
     def spec(self):
         return f"scale-heads:layer={self.layer},heads={'|'.join(map(str, self.heads))},factor={self.factor:g}"
@@ -253,6 +274,9 @@ class Route(ScoreFunction):
         """Document routing scores [N] from raw per-document maxima over query tokens [head, N]."""
         return route_max.amax(0) if self.reduce == "max" else route_max.mean(0)
 
+    def first_layer(self):
+        return self.layer  # decides there, from that layer's (unchanged) scores
+
     def spec(self):
         return f"route:layer={self.layer},B={self.B}" + ("" if self.reduce == "max" else f",reduce={self.reduce}")
 
@@ -263,6 +287,17 @@ def find_route(score_fn: ScoreFunction | None) -> Route | None:
     if len(routes) > 1:
         raise ValueError("only one route per intervention")
     return routes[0] if routes else None
+
+
+def _first_of(layers, value) -> int:
+    """First layer touched given a ``layers`` restriction and a value that may be per layer: a
+    {layer: value} dict touches only its keys; anything else every layer it is not restricted from."""
+    firsts = []
+    if layers is not None:
+        firsts.append(min(layers, default=0))
+    if isinstance(value, dict):
+        firsts.append(min(value, default=0))
+    return max(firsts, default=0)
 
 
 def _value_spec(value) -> str:

@@ -25,7 +25,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kernels.block_prefill import block_prefill
-from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream, iter_chunks
+from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream, iter_chunks, update_shared
 from kernels.score_functions import Route, ScoreFunction, find_route
 from lens.data.datasets import Dataset
 from lens.data.layout import LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, document_start, query_start
@@ -152,6 +152,7 @@ class QueryStream:
     rotary: tuple | None = None
     attention: CorpusAttentionStream | None = None
     source_plan: tuple | None = None  # a KV source's per-corpus lookup, computed once per stream
+    start_layer: int = 0  # first layer computed at the first step (earlier ones restored from a plain run)
 
     # decoding: the digits so far, their summed log-prob, and the ten-digit distributions seen
     digits: list = field(default_factory=list)
@@ -165,7 +166,7 @@ class QueryStream:
     def extend(self, digit: int, logprobs: Tensor) -> "QueryStream":
         """A hypothesis one digit longer, sharing this one's KV so far (the lists are copied)."""
         return replace(
-            self, self_k=list(self.self_k), self_v=list(self.self_v), digits=self.digits + [digit],
+            self, self_k=list(self.self_k), self_v=list(self.self_v), digits=self.digits + [digit], start_layer=0,
             score=self.score + float(logprobs[digit]), step_logprobs=self.step_logprobs + [logprobs],
         )
 
@@ -191,10 +192,17 @@ class KVSource:
 
     def corpus_keys(self, stream: QueryStream, layer: int | None = None) -> int:
         """Number of corpus keys (instruction + documents) the stream attends at ``layer``."""
-        lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
+        n_inst = len(self.pool.instruction_ids)
         if layer is not None and stream.attends_routed(layer):
-            lengths = [n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep]
-        return len(self.pool.instruction_ids) + sum(lengths)
+            lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
+            return n_inst + sum(n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep)
+        memo = self.__dict__.setdefault("_corpus_len", {})  # id(corpus list) -> (the list, its token count)
+        cached = memo.get(id(stream.corpus))
+        if cached is None or cached[0] is not stream.corpus:
+            if len(memo) > 256:
+                memo.clear()
+            cached = memo[id(stream.corpus)] = (stream.corpus, sum(len(self.pool.doc_token_ids[d]) for d in stream.corpus))
+        return n_inst + cached[1]
 
 
 class MemoryKV(KVSource):
@@ -208,6 +216,7 @@ class MemoryKV(KVSource):
             self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
         self._concat: OrderedDict = OrderedDict()
+        self._memo: OrderedDict = OrderedDict()  # per-corpus lookups by the corpus list's id (identity checked)
         self.concat_budget_bytes = int(float(os.environ.get("LENS_CORPUS_CACHE_GB", "4")) * 1e9)
         self._fingerprint = self.layout.document_fingerprint()
 
@@ -229,6 +238,13 @@ class MemoryKV(KVSource):
     def clear(self) -> None:
         self._store.clear()
         self._concat.clear()
+        self._memo.clear()
+
+    def _remember(self, key, value):
+        self._memo[key] = value
+        while len(self._memo) > 512:
+            self._memo.popitem(last=False)
+        return value
 
     @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:
@@ -277,12 +293,59 @@ class MemoryKV(KVSource):
         return self._concat[key]
 
     def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 65536) -> None:
+        """Streams over the same documents (a beam's hypotheses; queries whose corpora hold the same
+        documents, when positions do not depend on order) share each chunk: one read, one kernel
+        call for all of them (:func:`kernels.corpus_attention.update_shared`).  Routed streams,
+        past their route layer, read their kept documents alone."""
+        groups: dict = {}
         for stream in streams:
-            all_keys, all_values, key_doc = self._corpus_kv(stream.corpus)
+            groups.setdefault(self._group_key(stream.corpus), []).append(stream)
+        for members in groups.values():
+            leader = members[0].corpus
+            all_keys, all_values, key_doc = self._corpus_kv(leader)
             keys, values = all_keys[layer], all_values[layer]
-            keep = stream.keep_docs if stream.attends_routed(layer) else None
-            for chunk in iter_chunks(keys, values, key_doc, chunk_size, keep):
-                stream.attention.update(*chunk)
+            shared, remaps = [], []
+            for s in members:
+                remap = self._remap(leader, s.corpus)
+                if s.attends_routed(layer):  # its kept documents, in the leader's numbering
+                    keep = s.keep_docs if remap is None else s.keep_docs[remap]
+                    for k, v, docs in iter_chunks(keys, values, key_doc, chunk_size, keep):
+                        s.attention.update(k, v, _renumber(docs, remap))
+                else:
+                    shared.append(s)
+                    remaps.append(remap)
+            if shared:
+                for k, v, docs in iter_chunks(keys, values, key_doc, chunk_size):
+                    update_shared([s.attention for s in shared], k, v, [_renumber(docs, r) for r in remaps])
+
+    def _group_key(self, corpus: list[int]):
+        """Streams with equal keys can share the concatenated KV of the first of them: the same
+        documents in the same order, or in any order when a document's positions do not depend on
+        the documents before it."""
+        hit = self._memo.get(("group", id(corpus)))
+        if hit is None or hit[0] is not corpus:
+            key = tuple(corpus) if self.layout.positions == "sequential" else tuple(sorted(corpus))
+            hit = self._remember(("group", id(corpus)), (corpus, key))
+        return hit[1]
+
+    def _remap(self, leader: list[int], corpus: list[int]) -> Tensor | None:
+        """For each position of ``leader``'s corpus, the position of the same document in
+        ``corpus`` (None when the order is the same)."""
+        if corpus is leader or corpus == leader:
+            return None
+        hit = self._memo.get(("remap", id(leader), id(corpus)))
+        if hit is None or hit[0] is not leader or hit[1] is not corpus:
+            where = {d: i for i, d in enumerate(corpus)}
+            hit = self._remember(("remap", id(leader), id(corpus)),
+                                 (leader, corpus, torch.tensor([where[d] for d in leader], dtype=torch.long)))
+        return hit[2]
+
+
+def _renumber(key_doc: Tensor, remap: Tensor | None) -> Tensor:
+    """Document indices from one corpus order into another (instruction keys stay -1)."""
+    if remap is None:
+        return key_doc
+    return torch.where(key_doc >= 0, remap[key_doc.clamp(min=0)], key_doc)
 
 
 class BlockSearchRunner:
@@ -316,6 +379,10 @@ class BlockSearchRunner:
         self.digit_ids = torch.tensor(
             [model.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)], dtype=torch.long
         )
+        # plain runs' first-step states per layer, so an intervention that leaves the first layers
+        # alone (routing at L, SSMax on a layer range, head scaling) reruns from its first layer
+        self._plain: OrderedDict = OrderedDict()
+        self.plain_cache_size = 16
 
     def corpus(self, query_id: str, n_docs: int) -> tuple[list[int], list[int]]:
         return corpus_for_query(self.dataset, query_id, n_docs, self.seed)
@@ -371,9 +438,24 @@ class BlockSearchRunner:
                     h.next_position += tokens.shape[0]
                     h.resid = self.model.embed(tokens[None])
                     h.rotary = self.model.rotary(positions)
+                saving = {}
+                if step == 0:
+                    saving = {id(h): (h, [], self._plain_key(h)) for h in active if h.score_fn is None}
+                    for h in active:
+                        self._restore_plain(h)
                 for layer in range(self.model.cfg.n_layers):
-                    self._layer(layer, active, record=step == 0)
+                    for h, inputs, _ in saving.values():
+                        inputs.append(h.resid)
+                    todo = [h for h in active if h.start_layer <= layer]
+                    if todo:
+                        self._layer(layer, todo, record=step == 0)
                     bar.update(1)
+                for h, inputs, key in saving.values():
+                    self._plain[key] = dict(resid_in=inputs, self_k=list(h.self_k), self_v=list(h.self_v),
+                                            layers=list(h.recording.get("layers", [])))
+                    self._plain.move_to_end(key)
+                    while len(self._plain) > self.plain_cache_size:
+                        self._plain.popitem(last=False)
                 for root in streams:
                     candidates = []
                     for h in hypotheses[id(root)]:
@@ -391,6 +473,24 @@ class BlockSearchRunner:
                         h.resid = h.rotary = None
                     finished[id(root)] = hypotheses[id(root)]
         return [self._result(s, finished[id(s)], readout[id(s)]) for s in streams]
+
+    def _plain_key(self, s: QueryStream) -> tuple:
+        return (s.query_id, tuple(s.query_ids), tuple(s.corpus), s.next_position, s.record, s.route_record)
+
+    def _restore_plain(self, s: QueryStream) -> None:
+        """Start ``s`` at its intervention's first layer when a plain run of the same query over
+        the same corpus left its states: the layers before that one are exactly the plain run's."""
+        if s.score_fn is None:
+            return
+        first = min(s.score_fn.first_layer(), self.model.cfg.n_layers - 1)
+        plain = self._plain.get(self._plain_key(s)) if first > 0 else None
+        if plain is None:
+            return
+        s.self_k[:first], s.self_v[:first] = plain["self_k"][:first], plain["self_v"][:first]
+        if s.record:
+            s.recording["layers"] = list(plain["layers"][:first])
+        s.resid = plain["resid_in"][first]
+        s.start_layer = first
 
     def _layer(self, layer: int, streams: list[QueryStream], record: bool) -> None:
         block = self.model.blocks[layer]

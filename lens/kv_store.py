@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from kernels.corpus_attention import update_shared
 from lens.data.layout import PoolLayout, document_start, pool_order
 from lens.engine import DocumentKV, KVSource, QueryStream, length_batches, prefill_batch, run_instruction
 from lens.errors import LensError
@@ -251,10 +252,15 @@ class DiskKV(KVSource):
             stop = min(start + self.chunk_tokens, longest)
             keys, values = self._read(layer, start, stop)
             docs = self.token_doc[start:stop]
+            whole = []  # streams that attend the whole chunk share one kernel call
             for s, (prefix, _, lookup) in zip(streams, plans):
-                if prefix > start:
+                if prefix >= stop and not s.attends_routed(layer):
+                    whole.append((s, lookup))
+                elif prefix > start:
                     end = min(stop, prefix) - start
                     update(s, keys[:, :end], values[:, :end], lookup[docs[:end]])
+            if whole:
+                update_shared([s.attention for s, _ in whole], keys, values, [lookup[docs] for _, lookup in whole])
         for s, (_, extra, lookup) in zip(streams, plans):  # gold documents past the prefix
             for r in extra:
                 a, b = int(self.doc_offsets[r]), int(self.doc_offsets[r + 1])

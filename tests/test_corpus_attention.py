@@ -183,3 +183,48 @@ def test_key_order_does_not_matter(stats_rows, chunk_size, doc_lens):
     assert torch.allclose(a.route_max, b.route_max, atol=1e-5)
     for name in ("doc_max", "doc_lse"):
         assert torch.allclose(getattr(a, name), getattr(b, name)[:, rows], atol=1e-5), name
+
+
+def test_shared_chunks_equal_one_stream_at_a_time():
+    """update_shared: streams with different queries, interventions, statistics and document
+    numberings fed the same chunks in one kernel call equal each stream fed alone (and the dense
+    reference); a stream that cannot take the fused path is fed on its own inside it."""
+    from kernels.corpus_attention import CorpusAttentionStream, update_shared, iter_chunks
+
+    class Additive(SSMax):  # not foldable: the generic path
+        def row_scale(self, ctx):
+            return None
+
+    base = _inputs(seed=8, heads=6, kv=2, doc_lens=(5, 1, 7, 3, 4), q=3, s=3)
+    n_docs = base["n_docs"]
+    perms = [list(range(n_docs)), [2, 0, 4, 1, 3], [4, 3, 2, 1, 0], [1, 2, 3, 4, 0]]
+    fns = [None, SSMax(0.43, n="docs"), Temperature(0.7) + Sink(1.0), Additive(0.5, n="keys")]
+    g = torch.Generator().manual_seed(9)
+    qs = [torch.randn(6, n_q, 8, generator=g) for n_q in (3, 1, 2, 3)]
+    kw = dict(n_corpus_keys=base["key_doc"].shape[0], n_docs_attended=n_docs, layer=2, scale=base["scale"],
+              stats_rows="last")
+
+    def make(i):
+        return CorpusAttentionStream(qs[i], n_docs, n_self=3, score_fn=fns[i], gold_docs=[perms[i][2]],
+                                     route_stats=True, **kw)
+
+    def numbering(i, key_doc):
+        table = torch.tensor(perms[i])
+        return torch.where(key_doc >= 0, table[key_doc.clamp(min=0)], key_doc)
+
+    together = [make(i) for i in range(4)]
+    assert [s.folded_q is not None for s in together] == [True, True, True, False]
+    alone = [make(i) for i in range(4)]
+    for keys, values, key_doc in iter_chunks(base["corpus_k"], base["corpus_v"], base["key_doc"], 6):
+        update_shared(together, keys, values, [numbering(i, key_doc) for i in range(4)])
+        for i, s in enumerate(alone):
+            s.update(keys, values, numbering(i, key_doc))
+    for i in range(4):
+        a = together[i].finish(base["self_k"], base["self_v"])
+        b = alone[i].finish(base["self_k"], base["self_v"])
+        args = dict(base, q=qs[i], key_doc=numbering(i, base["key_doc"]))
+        dense = dense_corpus_attention(**args, score_fn=fns[i], gold_docs=[perms[i][2]], route_stats=True)
+        for name in ("output", "lse", "doc_max", "doc_lse", "gold_output", "route_max"):
+            assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-6), (i, name)
+        assert torch.allclose(a.output, dense.output, atol=1e-5)
+        assert torch.allclose(a.doc_lse[:, 0], dense.doc_lse[:, -1], atol=1e-5)

@@ -74,3 +74,54 @@ def test_many_streams_together_equal_one_at_a_time(models, small_limit):
         assert torch.allclose(run.readout_logits, alone.readout_logits, atol=1e-5)
         for a, b in zip(run.layers, alone.layers):
             assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5)
+
+
+def test_streams_over_the_same_documents_share_one_read(models, small_limit):
+    """Queries over the whole pool (the same documents in different orders) and a beam's
+    hypotheses share each corpus chunk: only one concatenated corpus is built for them, and every
+    number equals running each stream alone."""
+    model = models("tiny-llama")
+    fns = [None, parse_intervention("ssmax:s=0.4,n=docs"), parse_intervention("sink:b=1"),
+           parse_intervention("route:layer=0,B=5")]
+    requests = [(q, 24, fn) for q, fn in zip(["q0", "q1", "q2", "q3"], fns)] + [("q4", 12, None)]
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    assert runner.corpus("q0", 24)[0] != runner.corpus("q1", 24)[0]
+    together = runner.run_streams([runner.stream(q, n, fn) for q, n, fn in requests], beam=3)
+    assert len(runner.source._concat) == 2  # one for the four whole-pool corpora, one for q4 at N=12
+    for run, (q, n, fn) in zip(together, requests):
+        alone = BlockSearchRunner(model, small_limit, progress=False).run_streams([runner.stream(q, n, fn)], beam=3)[0]
+        assert run.ranked_codes == alone.ranked_codes and run.routed == alone.routed
+        assert torch.allclose(torch.tensor(run.ranked_logprobs), torch.tensor(alone.ranked_logprobs), atol=1e-5)
+        assert torch.allclose(run.readout_logits, alone.readout_logits, atol=1e-5)
+        assert torch.allclose(run.gold_attn_out, alone.gold_attn_out, atol=1e-5)
+        for a, b in zip(run.layers, alone.layers):
+            assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5) and torch.allclose(a.doc_max, b.doc_max, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec, first", [
+    ("route:layer=1,B=4", 1), ("ssmax:s=0.5,layers=1|2", 1), ("scale-heads:layer=2,heads=0|2,factor=2", 2),
+    ("sink:b=1", 0), ("temperature:t=0.5,layers=2+route:layer=1,B=3", 1), ("ssmax:s=2:0.6", 2),
+])
+def test_rerun_after_a_plain_run_starts_at_the_first_touched_layer(models, small_limit, spec, first):
+    """After a plain run of a query, an intervention that leaves the first layers alone is
+    computed from its first layer on (the earlier ones restored from the plain run), and every
+    number equals a from-scratch run."""
+    model = models("tiny-llama")
+    fn = parse_intervention(spec)
+    assert fn.first_layer() == first and model.cfg.n_layers == 3
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    runner.run_query("q2", 16)  # the plain run
+    computed = []
+    layer_fn = runner._layer
+    runner._layer = lambda layer, streams, record: (computed.append((layer, record)), layer_fn(layer, streams, record))
+    rerun = runner.run_query("q2", 16, fn, beam=2)
+    assert min(layer for layer, record in computed if record) == first
+    fresh = BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 16, fn, beam=2)
+    assert rerun.ranked_codes == fresh.ranked_codes and rerun.routed == fresh.routed
+    assert torch.allclose(rerun.readout_logits, fresh.readout_logits, atol=1e-5)
+    assert torch.allclose(rerun.digit_logprobs, fresh.digit_logprobs, atol=1e-5)
+    assert len(rerun.layers) == len(fresh.layers) == model.cfg.n_layers
+    for a, b in zip(rerun.layers, fresh.layers):
+        assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5) and torch.allclose(a.output, b.output, atol=1e-5)
+    for name in ("attn_out", "resid_post", "logit_lens", "route_scores"):
+        assert torch.allclose(getattr(rerun, name), getattr(fresh, name), atol=1e-5), name

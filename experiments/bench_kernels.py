@@ -8,7 +8,10 @@
   roof      corpus attention throughput against this box's roof, measured in the same run: the
             bf16 matmul rate (2048^3) and memory bandwidth (1 GB copy); roofline = min(matmul
             rate, arithmetic intensity x bandwidth).
-  rerun     an intervention rerun (SSMax) on a cached 1K-document corpus: seconds per query.
+            Also the decoding steps' shape: streams of one query row each, one at a time vs
+            sharing each chunk read (update_shared).
+  rerun     intervention reruns on a cached 1K-document corpus: seconds per query, one query
+            alone and four selected together (as the lab runs them).
 
     .venv/bin/python experiments/bench_kernels.py --part tl,roof,rerun
 """
@@ -183,6 +186,41 @@ def part_roof(args) -> None:
             print(f"T={t} Q={n_q:<3} stats={'on ' if stats else 'off'}: {el * 1e3:7.1f} ms, {flops / el / 1e9:6.1f} GFLOP/s, "
                   f"{bytes_ / el / 1e9:5.1f} GB/s of KV; roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof")
 
+    # Decoding steps: one query row per stream (a digit token), memory-bound.  Streams over the
+    # same documents (a beam's hypotheses, queries over one pool) share each chunk read.
+    from kernels.corpus_attention import CorpusAttentionStream, iter_chunks, update_shared
+
+    bytes_ = 2 * kv * t * d * 2
+    for n_streams in args.roof_streams:
+        qs = [torch.randn(h, 1, d, dtype=torch.bfloat16) for _ in range(n_streams)]
+        for shared in (False, True):
+            def run():
+                streams = [CorpusAttentionStream(q, n_docs, n_corpus_keys=t, n_docs_attended=n_docs, n_self=1,
+                                                 layer=0, scale=d**-0.5, stats=False, stats_rows="last") for q in qs]
+                for chunk in iter_chunks(keys, values, key_doc, 65536):
+                    if shared:
+                        update_shared(streams, *chunk[:2], [chunk[2]] * len(streams))
+                    else:
+                        for st in streams:
+                            st.update(*chunk)
+                for st in streams:
+                    st.finish(keys[:, :1], values[:, :1])
+
+            run()
+            el = min(_timed(run) for _ in range(3))
+            flops = 4 * h * n_streams * t * d
+            read = bytes_ * (1 if shared else n_streams)
+            roof = min(peak, flops / read * bandwidth)
+            print(f"T={t} decode {n_streams} stream(s) x 1 row, {'shared chunks' if shared else 'one at a time'}: "
+                  f"{el * 1e3:7.1f} ms ({el * 1e3 / n_streams:6.1f} ms/stream), KV read at {read / el / 1e9:5.1f} GB/s; "
+                  f"roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof")
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
 
 # ------------------------------------------------------------------------------------ rerun
 def part_rerun(args) -> None:
@@ -235,6 +273,7 @@ def main() -> None:
     parser.add_argument("--tl-mem-gb", type=float, default=20.0)
     parser.add_argument("--roof-tokens", type=int, default=1 << 20)
     parser.add_argument("--roof-queries", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    parser.add_argument("--roof-streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--rerun-docs", type=int, default=1000)
     parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -58,7 +58,11 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
     else:
         kind = "needle" if rng.random() < args.needle_fraction else "limit"
         if kind == "limit":
-            data = limit_dataset(n_docs=n_docs, items_per_doc=rng.choice(args.items), n_queries=args.queries, seed=seed)
+            items = rng.choice(args.items)
+            # at most half the item slots go to query items: the generator's random pairing can run
+            # out of open documents near full capacity (4 documents x 8 items x 16 queries did)
+            data = limit_dataset(n_docs=n_docs, items_per_doc=items, n_queries=min(args.queries, n_docs * items // 4),
+                                 seed=seed)
         else:
             data = needle_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs), seed=seed)
         doc_texts = [d.text for d in data.documents]
@@ -86,13 +90,14 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--out", default="lens/adapters/blocksearch-135m")
     parser.add_argument("--checkpoints", default=None, help="default: $LENS_CACHE/train/<out name>")
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=380)
     parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 16])
     parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 16, 20])
-    parser.add_argument("--needle-fraction", type=float, default=0.25)
+    parser.add_argument("--needle-fraction", type=float, default=0.15)
     parser.add_argument("--code-position", default="end", choices=["start", "end"],
                         help="where the code sits in a document (README: code-first did not learn in budget)")
-    parser.add_argument("--queries", type=int, default=8, help="queries per corpus (they share its prefill)")
+    parser.add_argument("--queries", type=int, default=16,
+                        help="queries per corpus (they share its prefill; LIMIT: at most N x items / 4)")
     parser.add_argument("--beir", default=None, help="train on this BEIR folder instead of the generators")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=32)

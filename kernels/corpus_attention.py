@@ -125,9 +125,16 @@ class CorpusAttentionStream:
             self._grouped_q(keys.dtype, keys.shape[0])[None], keys[None], values[None], 0.0, False, scale=self.scale)[:2]
         self._merge_flash(out[0], lse[0], keys, values, key_doc)
 
-    def _merge_flash(self, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
+    @property
+    def wants_readout_scores(self) -> bool:
+        return self.folded_q is not None and (self.doc_max is not None or self.gold_acc is not None)
+
+    def _merge_flash(
+        self, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, key_doc: Tensor, last: Tensor | None = None,
+    ) -> None:
         """Fold one chunk's flash result (out [kv_head, rows, d], lse [kv_head, rows]) into the
-        running softmax, and take the chunk's statistics."""
+        running softmax, and take the chunk's statistics (``last``: the readout row's scores
+        [head, 1, C] if already computed)."""
         n_heads, n_q, d = self.q.shape
         kv = keys.shape[0]
         if self.route_max is not None:  # raw scores (before interventions), max over query rows
@@ -140,13 +147,14 @@ class CorpusAttentionStream:
         self.l = self.l * alpha + beta
         self.acc = self.acc * alpha[..., None] + out * beta[..., None]
         if self.doc_max is not None or self.gold_acc is not None:
-            last = _grouped_scores(self.folded_q[:, -1:], keys, self.scale)  # [head, 1, C], post-intervention
+            if last is None:
+                last = _grouped_scores(self.folded_q[:, -1:], keys, self.scale)  # [head, 1, C], post-intervention
             if self.gold_acc is not None:
-                p = torch.exp(last - m_new[:, -1:, None])
                 self.gold_acc = self.gold_acc * alpha[:, -1:, None]
-                is_gold = torch.isin(key_doc, self.gold)
-                if is_gold.any():
-                    self.gold_acc += _grouped_pv(p * is_gold, values, n_heads // kv)
+                gold = torch.isin(key_doc, self.gold).nonzero().squeeze(1)  # only gold keys contribute
+                if gold.numel():
+                    p = torch.exp(last[..., gold] - m_new[:, -1:, None])
+                    self.gold_acc += _grouped_pv(p, values[:, gold], n_heads // kv)
             if self.doc_max is not None:
                 _merge_doc_stats(last, key_doc, self.doc_max, self.doc_lse)
         self.m = m_new
@@ -181,9 +189,9 @@ class CorpusAttentionStream:
         if self.gold_acc is not None:
             self.gold_acc = self.gold_acc * alpha[:, self.rows, None]
             if key_doc is not None:
-                is_gold = torch.isin(key_doc, self.gold)
-                if is_gold.any():
-                    self.gold_acc += _grouped_pv(p[:, self.rows] * is_gold, values, n_rep)
+                gold = torch.isin(key_doc, self.gold).nonzero().squeeze(1)  # only gold keys contribute
+                if gold.numel():
+                    self.gold_acc += _grouped_pv(p[:, self.rows][..., gold], values[:, gold], n_rep)
         if self.doc_max is not None and key_doc is not None:
             _merge_doc_stats(scores[:, self.rows], key_doc, self.doc_max, self.doc_lse)
 
@@ -206,8 +214,16 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         torch.cat(rows, 1)[None], keys[None], values[None], 0.0, False, scale=fused[0][0].scale)[:2]
     sizes = [r.shape[1] for r in rows]
-    for (s, kd), o, l in zip(fused, out[0].split(sizes, 1), lse[0].split(sizes, 1)):
-        s._merge_flash(o, l, keys, values, kd)
+    # the readout rows of the streams that keep statistics: one more shared pass over the keys
+    lasts = [None] * len(fused)
+    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
+    if asking:
+        readout = torch.cat([fused[i][0].folded_q[:, -1:] for i in asking], 1)  # [head, streams, d]
+        scores = _grouped_scores(readout, keys, fused[0][0].scale)  # [head, streams, C]
+        for j, i in enumerate(asking):
+            lasts[i] = scores[:, j : j + 1]
+    for (s, kd), o, l, last in zip(fused, out[0].split(sizes, 1), lse[0].split(sizes, 1), lasts):
+        s._merge_flash(o, l, keys, values, kd, last)
 
 
 def _grouped_pv(p: Tensor, values: Tensor, n_rep: int) -> Tensor:

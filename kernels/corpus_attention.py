@@ -204,8 +204,9 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
     chunk's keys and values are read once, not once per stream (the decoding steps are bound by
     that read).  Rows do not interact, so each stream gets what :meth:`update` would give it."""
     fused = [(s, kd) for s, kd in zip(streams, key_docs) if s.folded_q is not None and s.scale == streams[0].scale]
+    fused_ids = {id(s) for s, _ in fused}
     for s, kd in zip(streams, key_docs):
-        if all(s is not f for f, _ in fused) or len(fused) == 1:
+        if id(s) not in fused_ids or len(fused) == 1:
             s.update(keys, values, kd)
     if len(fused) < 2:
         return

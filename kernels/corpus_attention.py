@@ -121,9 +121,8 @@ class CorpusAttentionStream:
         return self.folded_q.to(dtype).reshape(n_kv, (n_heads // n_kv) * n_q, d)
 
     def _update_fused(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            self._grouped_q(keys.dtype, keys.shape[0])[None], keys[None], values[None], 0.0, False, scale=self.scale)[:2]
-        self._merge_flash(out[0], lse[0], keys, values, key_doc)
+        out, lse = _flash(self._grouped_q(keys.dtype, keys.shape[0]), keys, values, self.scale)
+        self._merge_flash(out, lse, keys, values, key_doc)
 
     @property
     def wants_readout_scores(self) -> bool:
@@ -212,8 +211,7 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
         return
     kv = keys.shape[0]
     rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        torch.cat(rows, 1)[None], keys[None], values[None], 0.0, False, scale=fused[0][0].scale)[:2]
+    out, lse = _flash(torch.cat(rows, 1), keys, values, fused[0][0].scale)
     sizes = [r.shape[1] for r in rows]
     # the readout rows of the streams that keep statistics: one more shared pass over the keys
     lasts = [None] * len(fused)
@@ -223,8 +221,16 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
         scores = _grouped_scores(readout, keys, fused[0][0].scale)  # [head, streams, C]
         for j, i in enumerate(asking):
             lasts[i] = scores[:, j : j + 1]
-    for (s, kd), o, l, last in zip(fused, out[0].split(sizes, 1), lse[0].split(sizes, 1), lasts):
+    for (s, kd), o, l, last in zip(fused, out.split(sizes, 1), lse.split(sizes, 1), lasts):
         s._merge_flash(o, l, keys, values, kd, last)
+
+
+def _flash(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """PyTorch's fused CPU flash attention, no mask: q [kv_head, rows, d] over keys/values
+    [kv_head, C, d] -> (out [kv_head, rows, d], lse [kv_head, rows])."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], keys[None], values[None], 0.0, False, scale=scale)[:2]
+    return out[0], lse[0]
 
 
 def _grouped_pv(p: Tensor, values: Tensor, n_rep: int) -> Tensor:

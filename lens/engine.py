@@ -190,19 +190,26 @@ class KVSource:
         """Pass every stream's corpus keys of ``layer`` to ``stream.attention.update``."""
         raise NotImplementedError
 
+    def _per_corpus(self, kind: str, lists: tuple, compute):
+        """A value computed once per corpus list (or pair of lists): keyed by the lists' ids, the
+        identity checked on the way out, the most recent 512 kept."""
+        memo = self.__dict__.setdefault("_memo", OrderedDict())
+        key = (kind, *map(id, lists))
+        hit = memo.get(key)
+        if hit is None or any(a is not b for a, b in zip(hit[0], lists)):
+            hit = memo[key] = (lists, compute())
+            while len(memo) > 512:
+                memo.popitem(last=False)
+        return hit[1]
+
     def corpus_keys(self, stream: QueryStream, layer: int | None = None) -> int:
         """Number of corpus keys (instruction + documents) the stream attends at ``layer``."""
         n_inst = len(self.pool.instruction_ids)
         if layer is not None and stream.attends_routed(layer):
             lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
             return n_inst + sum(n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep)
-        memo = self.__dict__.setdefault("_corpus_len", {})  # id(corpus list) -> (the list, its token count)
-        cached = memo.get(id(stream.corpus))
-        if cached is None or cached[0] is not stream.corpus:
-            if len(memo) > 256:
-                memo.clear()
-            cached = memo[id(stream.corpus)] = (stream.corpus, sum(len(self.pool.doc_token_ids[d]) for d in stream.corpus))
-        return n_inst + cached[1]
+        return n_inst + self._per_corpus(
+            "tokens", (stream.corpus,), lambda: sum(len(self.pool.doc_token_ids[d]) for d in stream.corpus))
 
 
 class MemoryKV(KVSource):
@@ -216,7 +223,6 @@ class MemoryKV(KVSource):
             self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
         self._concat: OrderedDict = OrderedDict()
-        self._memo: OrderedDict = OrderedDict()  # per-corpus lookups by the corpus list's id (identity checked)
         self.concat_budget_bytes = int(float(os.environ.get("LENS_CORPUS_CACHE_GB", "4")) * 1e9)
         self._fingerprint = self.layout.document_fingerprint()
 
@@ -238,13 +244,7 @@ class MemoryKV(KVSource):
     def clear(self) -> None:
         self._store.clear()
         self._concat.clear()
-        self._memo.clear()
-
-    def _remember(self, key, value):
-        self._memo[key] = value
-        while len(self._memo) > 512:
-            self._memo.popitem(last=False)
-        return value
+        self.__dict__.pop("_memo", None)
 
     @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:
@@ -322,23 +322,19 @@ class MemoryKV(KVSource):
         """Streams with equal keys can share the concatenated KV of the first of them: the same
         documents in the same order, or in any order when a document's positions do not depend on
         the documents before it."""
-        hit = self._memo.get(("group", id(corpus)))
-        if hit is None or hit[0] is not corpus:
-            key = tuple(corpus) if self.layout.positions == "sequential" else tuple(sorted(corpus))
-            hit = self._remember(("group", id(corpus)), (corpus, key))
-        return hit[1]
+        return self._per_corpus("group", (corpus,), lambda: tuple(corpus) if self.layout.positions == "sequential"
+                                else tuple(sorted(corpus)))
 
     def _remap(self, leader: list[int], corpus: list[int]) -> Tensor | None:
         """For each position of ``leader``'s corpus, the position of the same document in
         ``corpus`` (None when the order is the same)."""
         if corpus is leader or corpus == leader:
             return None
-        hit = self._memo.get(("remap", id(leader), id(corpus)))
-        if hit is None or hit[0] is not leader or hit[1] is not corpus:
+        def compute() -> Tensor:
             where = {d: i for i, d in enumerate(corpus)}
-            hit = self._remember(("remap", id(leader), id(corpus)),
-                                 (leader, corpus, torch.tensor([where[d] for d in leader], dtype=torch.long)))
-        return hit[2]
+            return torch.tensor([where[d] for d in leader], dtype=torch.long)
+
+        return self._per_corpus("remap", (leader, corpus), compute)
 
 
 def _renumber(key_doc: Tensor, remap: Tensor | None) -> Tensor:

@@ -121,8 +121,7 @@ class CorpusAttentionStream:
         return self.folded_q.to(dtype).reshape(n_kv, (n_heads // n_kv) * n_q, d)
 
     def _update_fused(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
-        out, lse = _flash(self._grouped_q(keys.dtype, keys.shape[0]), keys, values, self.scale)
-        self._merge_flash(out, lse, keys, values, key_doc)
+        _update_fused_streams([(self, key_doc)], keys, values)
 
     @property
     def wants_readout_scores(self) -> bool:
@@ -130,10 +129,14 @@ class CorpusAttentionStream:
 
     def _merge_flash(
         self, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, key_doc: Tensor, last: Tensor | None = None,
+        chunk_stats: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
         """Fold one chunk's flash result (out [kv_head, rows, d], lse [kv_head, rows]) into the
-        running softmax, and take the chunk's statistics (``last``: the readout row's scores
-        [head, 1, C] if already computed)."""
+        running softmax, and take the chunk's statistics: ``last``, the readout row's scores
+        [head, 1, C] if already computed, or ``chunk_stats``, the statistics themselves as the
+        compiled kernel gives them (per-document max and log-sum-exp [head, 1, N] in this stream's
+        numbering, -inf for documents not in the chunk; gold output [head, 1, d] normalised by
+        the chunk's log-sum-exp)."""
         n_heads, n_q, d = self.q.shape
         kv = keys.shape[0]
         if self.route_max is not None:  # raw scores (before interventions), max over query rows
@@ -145,7 +148,14 @@ class CorpusAttentionStream:
         beta = torch.exp(lse - m_new)
         self.l = self.l * alpha + beta
         self.acc = self.acc * alpha[..., None] + out * beta[..., None]
-        if self.doc_max is not None or self.gold_acc is not None:
+        if chunk_stats is not None:
+            chunk_max, chunk_lse, chunk_gold = chunk_stats
+            if self.gold_acc is not None:
+                self.gold_acc = self.gold_acc * alpha[:, -1:, None] + chunk_gold * beta[:, -1:, None]
+            if self.doc_max is not None:
+                self.doc_max = torch.maximum(self.doc_max, chunk_max)
+                self.doc_lse = torch.logaddexp(self.doc_lse, chunk_lse)
+        elif self.doc_max is not None or self.gold_acc is not None:
             if last is None:
                 last = _grouped_scores(self.folded_q[:, -1:], keys, self.scale)  # [head, 1, C], post-intervention
             if self.gold_acc is not None:
@@ -199,30 +209,132 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
     """Feed one chunk to several streams that all attend it (e.g. a beam's hypotheses, or queries
     over the same documents), each with its own ``key_doc`` (its own document numbering).
 
-    The streams on the fused path share one flash call: their query rows are stacked, so the
+    The streams on the fused path share one kernel call: their query rows are stacked, so the
     chunk's keys and values are read once, not once per stream (the decoding steps are bound by
     that read).  Rows do not interact, so each stream gets what :meth:`update` would give it."""
     fused = [(s, kd) for s, kd in zip(streams, key_docs) if s.folded_q is not None and s.scale == streams[0].scale]
     fused_ids = {id(s) for s, _ in fused}
     for s, kd in zip(streams, key_docs):
-        if id(s) not in fused_ids or len(fused) == 1:
+        if id(s) not in fused_ids:
             s.update(keys, values, kd)
-    if len(fused) < 2:
-        return
+    if fused:
+        _update_fused_streams(fused, keys, values)
+
+
+# Below this many stacked query rows per KV head (and whenever readout statistics are kept) the
+# compiled kernel beats PyTorch's flash kernel on this box's decoding shapes (bench_kernels
+# --part roof); above it the flash kernel's AMX matmuls win.
+NATIVE_MAX_ROWS = 16
+
+
+def _update_fused_streams(fused: list[tuple[CorpusAttentionStream, Tensor]], keys: Tensor, values: Tensor) -> None:
+    """One chunk for streams on the fused path (same scale): one kernel call over their stacked
+    rows.  The compiled kernel (:mod:`kernels.native`) also computes the readout rows'
+    per-document statistics and gold output in the same pass; PyTorch's flash kernel needs a
+    second pass over the keys for them."""
     kv = keys.shape[0]
     rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
-    out, lse = _flash(torch.cat(rows, 1), keys, values, fused[0][0].scale)
+    q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
     sizes = [r.shape[1] for r in rows]
+    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
+    scale = fused[0][0].scale
+    kernel = _native_for(q, keys, values, bool(asking))
+    if kernel is not None and _update_native(kernel, fused, q, keys, values, sizes, asking):
+        return
+    out, lse = _flash(q, keys, values, scale)
     # the readout rows of the streams that keep statistics: one more shared pass over the keys
     lasts = [None] * len(fused)
-    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
     if asking:
         readout = torch.cat([fused[i][0].folded_q[:, -1:] for i in asking], 1)  # [head, streams, d]
-        scores = _grouped_scores(readout, keys, fused[0][0].scale)  # [head, streams, C]
+        scores = _grouped_scores(readout, keys, scale)  # [head, streams, C]
         for j, i in enumerate(asking):
             lasts[i] = scores[:, j : j + 1]
     for (s, kd), o, l, last in zip(fused, out.split(sizes, 1), lse.split(sizes, 1), lasts):
         s._merge_flash(o, l, keys, values, kd, last)
+
+
+def _native_for(q: Tensor, keys: Tensor, values: Tensor, stats: bool):
+    """The compiled decode kernel when it applies here (bf16, no autograd, a built head size,
+    few rows or statistics wanted), else None."""
+    if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16) or keys.shape[-1] not in (32, 64, 128):
+        return None
+    if not stats and q.shape[1] > NATIVE_MAX_ROWS:
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
+        return None
+    from kernels.native import decode_kernel
+
+    return decode_kernel()
+
+
+def _update_native(kernel, fused, q: Tensor, keys: Tensor, values: Tensor, sizes: list[int], asking: list[int]) -> bool:
+    """The compiled kernel's pass: statistics in the first asking stream's document numbering,
+    handed to each stream in its own.  False (nothing done) when a document's keys are not one
+    run in the chunk, which the kernel's per-document statistics need."""
+    kv = keys.shape[0]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    empty = torch.empty(0, dtype=torch.long)
+    base = fused[asking[0]][1].long().contiguous() if asking else empty
+    n_docs = fused[asking[0]][0].n_docs if asking else 0
+    stat_rows, gold_rows, to_base = [], [], {}
+    for i in asking:
+        s, kd = fused[i]
+        n_heads, n_q, _ = s.q.shape
+        rep = n_heads // kv
+        stat_rows += [offsets[i] + e * n_q + n_q - 1 for e in range(rep)]  # head g*rep+e's readout row
+        to_base[i] = None if kd is fused[asking[0]][1] else _to_base(base, kd, n_docs)
+        gold = torch.zeros(n_docs, dtype=torch.bool)
+        if s.gold_acc is not None:
+            own = torch.zeros(n_docs, dtype=torch.bool)
+            own[s.gold] = True
+            gold = own if to_base[i] is None else torch.cat([own, torch.zeros(1, dtype=torch.bool)])[_inverse(to_base[i], n_docs)]
+        gold_rows += [gold] * rep
+    gold_mask = torch.stack(gold_rows) if asking and any(bool(g.any()) for g in gold_rows) else empty
+    try:
+        out, lse, doc_max, doc_lse, gold_out = kernel.decode_attention(
+            q.contiguous(), _rows_contiguous(keys), _rows_contiguous(values), float(fused[0][0].scale), base, n_docs,
+            torch.tensor(stat_rows, dtype=torch.long), gold_mask)
+    except RuntimeError as e:  # checked before any work: scattered documents -> the flash path
+        if "not one run" in str(e):
+            return False
+        raise
+    stats = {}
+    start = 0
+    for i in asking:
+        s = fused[i][0]
+        rep = s.q.shape[0] // kv
+        part = slice(start, start + rep)
+        start += rep
+        shape = (kv * rep, 1, -1)
+        m, l, g = doc_max[:, part].reshape(shape), doc_lse[:, part].reshape(shape), gold_out[:, part].reshape(shape)
+        if to_base[i] is not None:  # base numbering -> this stream's (absent documents: -inf)
+            pad = torch.full((kv * rep, 1, 1), float("-inf"))
+            m, l = torch.cat([m, pad], -1)[..., to_base[i]], torch.cat([l, pad], -1)[..., to_base[i]]
+        stats[i] = (m, l, g)
+    for i, ((s, kd), o, ls) in enumerate(zip(fused, out.split(sizes, 1), lse.split(sizes, 1))):
+        s._merge_flash(o, ls, keys, values, kd, chunk_stats=stats.get(i))
+    return True
+
+
+def _to_base(base: Tensor, own: Tensor, n_docs: int) -> Tensor:
+    """For each of a stream's documents, its index in the base numbering (``n_docs`` when the
+    chunk does not hold it): the two numberings label the same keys."""
+    index = torch.full((n_docs,), n_docs, dtype=torch.long)
+    mask = base >= 0
+    index[own[mask]] = base[mask]
+    return index
+
+
+def _inverse(to_base: Tensor, n_docs: int) -> Tensor:
+    """For each base document, the stream's own index (``n_docs`` when not in the chunk)."""
+    inverse = torch.full((n_docs + 1,), n_docs, dtype=torch.long)
+    inverse[to_base] = torch.arange(n_docs)
+    return inverse[:n_docs]
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """[kv_head, C, d] with each key's d values contiguous and rows adjacent (a chunk slice is)."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
 
 
 def _flash(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> tuple[Tensor, Tensor]:

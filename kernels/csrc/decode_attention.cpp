@@ -1,0 +1,362 @@
+// Corpus attention for a few query rows (decoding steps): one pass over a chunk of bf16 keys and
+// values computes the attention output and log-sum-exp of every row and, for the rows asked
+// ("stat rows", the readout token), each document's max score, log-sum-exp and the gold
+// documents' part of the output.  Memory-bound: each key and value row is read once for all
+// rows, and the statistics come from the same scores (no second pass over the keys).
+//
+// Work is split over (KV head, part of the chunk); parts start at document boundaries so a
+// document's statistics are written by one task.  Scores and sums are fp32; q.k accumulates in
+// fp32 from bf16 inputs (as PyTorch's flash kernel does).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kBlock = 64;  // keys per block: scores [rows, 64] stay in L1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline __m512 bf16_to_f32(const uint16_t* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// e^x for 16 lanes: range reduction by ln 2, degree-6 polynomial, scalef (0 below ~-104, -inf -> 0).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-104.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// sum of exp(x[i] - shift) for i < n, and writes the terms to out (out may be null)
+inline float exp_sum(const float* x, int n, float shift, float* out) {
+  __m512 s = _mm512_setzero_ps();
+  __m512 sh = _mm512_set1_ps(shift);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x + i), sh));
+    if (out) _mm512_storeu_ps(out + i, e);
+    s = _mm512_add_ps(s, e);
+  }
+  if (i < n) {
+    __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), sh));
+    e = _mm512_maskz_mov_ps(m, e);
+    if (out) _mm512_mask_storeu_ps(out + i, m, e);
+    s = _mm512_add_ps(s, e);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+
+inline float max_of(const float* x, int n) {
+  __m512 m = _mm512_set1_ps(kNegInf);
+  int i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
+  if (i < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), (__mmask16)((1u << (n - i)) - 1), x + i));
+  return _mm512_reduce_max_ps(m);
+}
+
+inline float log_add_exp(float a, float b) {
+  if (a == kNegInf) return b;
+  if (b == kNegInf) return a;
+  float m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// In-place transpose of a 16 x 16 matrix of 32-bit words (r[i] = row i -> r[j] = column j).
+inline void transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int g = 0; g < 4; ++g) {  // u[4g + c], lane L: column 4L + c of rows 4g..4g+3
+    u[4 * g + 0] = _mm512_unpacklo_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(t[4 * g], t[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(t[4 * g + 1], t[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(t[4 * g + 1], t[4 * g + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    __m512i a = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), b = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    __m512i e = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), f = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(a, e, 0x88);
+    r[8 + c] = _mm512_shuffle_i32x4(a, e, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(b, f, 0x88);
+    r[12 + c] = _mm512_shuffle_i32x4(b, f, 0xdd);
+  }
+}
+
+constexpr int kRowGroup = 4;  // query rows computed together (buffers are padded to a multiple)
+
+// sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys (lanes past nb: -inf).  q.k with
+// vdpbf16ps: bf16 pairs multiplied exactly and summed in fp32.  The keys of 16 at a time are
+// transposed (kt: [D/2][16] words) so each instruction computes 16 keys' partial dot products.
+inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32_t* qd, int64_t R_pad, float scale,
+                         float* sc, uint32_t* kt) {
+  const int W = (int)(D / 2);
+  for (int k0 = 0; k0 < nb; k0 += 16) {
+    const int n = std::min(16, nb - k0);
+    for (int c0 = 0; c0 < W; c0 += 16) {
+      __m512i rows[16];
+      for (int i = 0; i < 16; ++i)
+        rows[i] = i < n ? _mm512_loadu_si512(kblock + (int64_t)(k0 + i) * D + 2 * c0) : _mm512_setzero_si512();
+      transpose16(rows);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (c0 + j) * 16, rows[j]);
+    }
+    const __mmask16 valid = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
+    for (int64_t r0 = 0; r0 < R_pad; r0 += kRowGroup) {
+      __m512 acc[2][kRowGroup];  // two chains per row: vdpbf16ps's latency, not its throughput, bounds one
+      for (int rr = 0; rr < kRowGroup; ++rr) acc[0][rr] = acc[1][rr] = _mm512_setzero_ps();
+      const uint32_t* q0 = qd + r0 * W;
+      for (int j = 0; j < W; j += 2) {
+        __m512bh c0 = (__m512bh)_mm512_loadu_si512(kt + j * 16), c1 = (__m512bh)_mm512_loadu_si512(kt + (j + 1) * 16);
+        for (int rr = 0; rr < kRowGroup; ++rr) {
+          acc[0][rr] = _mm512_dpbf16_ps(acc[0][rr], c0, (__m512bh)_mm512_set1_epi32((int)q0[rr * W + j]));
+          acc[1][rr] = _mm512_dpbf16_ps(acc[1][rr], c1, (__m512bh)_mm512_set1_epi32((int)q0[rr * W + j + 1]));
+        }
+      }
+      for (int rr = 0; rr < kRowGroup; ++rr)
+        _mm512_storeu_ps(sc + (r0 + rr) * kBlock + k0,
+                         _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf),
+                                              _mm512_mul_ps(_mm512_add_ps(acc[0][rr], acc[1][rr]), _mm512_set1_ps(scale))));
+    }
+  }
+}
+
+// acc[r] += sum_i pr[r, i] * v_i over the block (fp32; values converted from bf16 as they are read).
+template <int NV, int RG>
+inline void block_values(const uint16_t* vblock, int nb, const float* pr, int64_t R_pad, float* acc) {
+  constexpr int D = 16 * NV;
+  for (int64_t r0 = 0; r0 < R_pad; r0 += RG) {
+    __m512 a[RG][NV];
+    for (int rr = 0; rr < RG; ++rr)
+      for (int j = 0; j < NV; ++j) a[rr][j] = _mm512_loadu_ps(acc + (r0 + rr) * D + 16 * j);
+    for (int i = 0; i < nb; ++i) {
+      __m512 v[NV];
+      for (int j = 0; j < NV; ++j) v[j] = bf16_to_f32(vblock + (int64_t)i * D + 16 * j);
+      for (int rr = 0; rr < RG; ++rr) {
+        __m512 p = _mm512_set1_ps(pr[(r0 + rr) * kBlock + i]);
+        for (int j = 0; j < NV; ++j) a[rr][j] = _mm512_fmadd_ps(p, v[j], a[rr][j]);
+      }
+    }
+    for (int rr = 0; rr < RG; ++rr)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + (r0 + rr) * D + 16 * j, a[rr][j]);
+  }
+}
+
+inline void block_values_any(const uint16_t* vblock, int nb, int64_t D, const float* pr, int64_t R_pad, float* acc) {
+  switch (D) {  // RG must divide kRowGroup
+    case 64: return block_values<4, 4>(vblock, nb, pr, R_pad, acc);
+    case 128: return block_values<8, 2>(vblock, nb, pr, R_pad, acc);
+    case 32: return block_values<2, 4>(vblock, nb, pr, R_pad, acc);
+    default: TORCH_CHECK(false, "decode_attention: head dim ", D, " not built (32, 64, 128)");
+  }
+}
+
+struct Partial {  // one task's running softmax for every row
+  std::vector<float> m, l, acc, gold;  // m, l [R]; acc [R, D]; gold [S, D]
+};
+
+}  // namespace
+
+// q [G, R, D] bf16; keys, values [G, T, D] bf16 (rows contiguous); key_doc int64 [T] (-1: no
+// document) or empty; stat_rows int64 [S]; gold_mask bool [S, n_docs] or empty.
+// Returns out [G, R, D] fp32 (normalised), lse [G, R], doc_max / doc_lse [G, S, n_docs] (-inf
+// where a document has no key in the chunk), gold_out [G, S, D] (normalised by the row's lse).
+std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                         double scale, const at::Tensor& key_doc, int64_t n_docs,
+                                         const at::Tensor& stat_rows, const at::Tensor& gold_mask) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
+              values.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, keys and values");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
+  const int64_t G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q.size(1);
+  TORCH_CHECK(q.size(0) == G && q.size(2) == D && values.size(0) == G && values.size(1) == T && values.size(2) == D,
+              "decode_attention: shapes of q, keys, values disagree");
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "decode_attention: head dim must be 32, 64 or 128");
+  TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == D && values.stride(2) == 1 && values.stride(1) == D,
+              "decode_attention: keys and values rows must be contiguous");
+  const bool stats = key_doc.numel() > 0 && stat_rows.numel() > 0;
+  const int64_t S = stats ? stat_rows.size(0) : 0;
+  const bool has_gold = stats && gold_mask.numel() > 0;
+  auto qc = q.contiguous();
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto out = at::empty({G, R, D}, f32);
+  auto lse = at::empty({G, R}, f32);
+  auto doc_max = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
+  auto doc_lse = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
+  auto gold_out = at::zeros({G, S, D}, f32);
+
+  const int64_t* kd = stats ? key_doc.data_ptr<int64_t>() : nullptr;
+  std::vector<int64_t> srow(S);
+  for (int64_t s = 0; s < S; ++s) srow[s] = stat_rows.data_ptr<int64_t>()[s];
+  const bool* gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
+
+  // Parts of the chunk, starting at document boundaries when statistics are kept; each
+  // document's keys must be one run (so one task owns each document's statistics).
+  const int64_t threads = at::get_num_threads();
+  int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
+  std::vector<int64_t> bounds{0};
+  for (int64_t p = 1; p < n_parts; ++p) {
+    int64_t t = T * p / n_parts;
+    if (stats) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
+    if (t > bounds.back() && t < T) bounds.push_back(t);
+  }
+  bounds.push_back(T);
+  n_parts = (int64_t)bounds.size() - 1;
+  if (stats) {
+    std::vector<uint8_t> seen(n_docs, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t d = kd[t];
+      TORCH_CHECK(d < n_docs, "decode_attention: key_doc ", d, " >= n_docs ", n_docs);
+      if (d >= 0 && (t == 0 || kd[t - 1] != d)) {
+        TORCH_CHECK(!seen[d], "decode_attention: document ", d, "'s keys are not one run");
+        seen[d] = 1;
+      }
+    }
+  }
+
+  std::vector<Partial> parts(G * n_parts);
+  const auto* kp = reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>());
+  const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
+  const int64_t ks0 = keys.stride(0), vs0 = values.stride(0);
+  float* dmax = doc_max.data_ptr<float>();
+  float* dlse = doc_lse.data_ptr<float>();
+  const int nv = (int)(D / 16);
+  const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
+
+  const int64_t R_pad = (R + kRowGroup - 1) / kRowGroup * kRowGroup;
+  at::parallel_for(0, G * n_parts, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint32_t> qd(R_pad * D / 2, 0), kt(D / 2 * 16);
+    std::vector<float> sc(R_pad * kBlock), pr(R_pad * kBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / n_parts, part = task % n_parts;
+      const int64_t t0 = bounds[part], t1 = bounds[part + 1];
+      std::memcpy(qd.data(), qp + g * R * D, R * D * sizeof(uint16_t));  // rows past R stay 0
+      Partial& P = parts[task];
+      P.m.assign(R_pad, kNegInf);
+      P.l.assign(R_pad, 0.f);
+      P.acc.assign(R_pad * D, 0.f);
+      P.gold.assign(S * D, 0.f);
+      // per stat row: the document run in progress (its max score, sum of exp(score - run max))
+      std::vector<int64_t> run_doc(S, -1);
+      std::vector<float> run_max(S, kNegInf), run_sum(S, 0.f);
+      auto flush = [&](int64_t s) {
+        int64_t d = run_doc[s];
+        if (d < 0) return;
+        float* mx = dmax + (g * S + s) * n_docs + d;
+        float* ls = dlse + (g * S + s) * n_docs + d;
+        *mx = std::max(*mx, run_max[s]);
+        *ls = log_add_exp(*ls, run_max[s] + std::log(run_sum[s]));
+      };
+      const uint16_t* kbase = kp + g * ks0;
+      const uint16_t* vbase = vp + g * vs0;
+      for (int64_t b = t0; b < t1; b += kBlock) {
+        const int nb = (int)std::min<int64_t>(kBlock, t1 - b);
+        block_scores(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data());
+        // online softmax: rescale, probabilities
+        for (int64_t r = 0; r < R_pad; ++r) {
+          float* s_r = sc.data() + r * kBlock;
+          float m_new = std::max(P.m[r], max_of(s_r, nb));
+          float alpha = std::exp(P.m[r] - m_new);  // m starts at -inf: alpha 0
+          if (alpha != 1.f) {
+            P.l[r] *= alpha;
+            for (int64_t j = 0; j < D; ++j) P.acc[r * D + j] *= alpha;
+            for (int64_t s = 0; s < S; ++s)
+              if (srow[s] == r)  // run sums are relative to their run's own max: no rescale
+                for (int64_t j = 0; j < D; ++j) P.gold[s * D + j] *= alpha;
+          }
+          P.m[r] = m_new;
+          P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
+        }
+        block_values_any(vbase + b * D, nb, D, pr.data(), R_pad, P.acc.data());
+        if (!stats) continue;
+        // per-document statistics of the stat rows, one run of equal key_doc at a time
+        for (int i = 0; i < nb;) {
+          const int64_t d = kd[b + i];
+          int e = i + 1;
+          while (e < nb && kd[b + e] == d) ++e;
+          if (d >= 0) {
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t r = srow[s];
+              const float* s_r = sc.data() + r * kBlock + i;
+              float seg_max = max_of(s_r, e - i);
+              float seg_sum = exp_sum(s_r, e - i, seg_max, nullptr);
+              if (run_doc[s] == d) {
+                float mx = std::max(run_max[s], seg_max);
+                run_sum[s] = run_sum[s] * std::exp(run_max[s] - mx) + seg_sum * std::exp(seg_max - mx);
+                run_max[s] = mx;
+              } else {
+                flush(s);
+                run_doc[s] = d;
+                run_max[s] = seg_max;
+                run_sum[s] = seg_sum;
+              }
+              if (has_gold && gmask[s * n_docs + d]) {
+                float* ga = P.gold.data() + s * D;
+                for (int k = i; k < e; ++k) {
+                  __m512 p = _mm512_set1_ps(pr[r * kBlock + k]);
+                  for (int j = 0; j < nv; ++j)
+                    _mm512_storeu_ps(ga + 16 * j, _mm512_fmadd_ps(p, bf16_to_f32(vbase + (b + k) * D + 16 * j),
+                                                                  _mm512_loadu_ps(ga + 16 * j)));
+                }
+              }
+            }
+          }
+          i = e;
+        }
+      }
+      for (int64_t s = 0; s < S; ++s) flush(s);
+    }
+  });
+
+  // combine the parts of each KV head
+  float* o = out.data_ptr<float>();
+  float* ls = lse.data_ptr<float>();
+  float* go = gold_out.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t r = 0; r < R; ++r) {
+      float M = kNegInf;
+      for (int64_t p = 0; p < n_parts; ++p) M = std::max(M, parts[g * n_parts + p].m[r]);
+      float L = 0.f;
+      float* orow = o + (g * R + r) * D;
+      std::fill(orow, orow + D, 0.f);
+      std::vector<float> w(n_parts);
+      for (int64_t p = 0; p < n_parts; ++p) {
+        const Partial& P = parts[g * n_parts + p];
+        w[p] = P.m[r] == kNegInf ? 0.f : std::exp(P.m[r] - M);
+        L += P.l[r] * w[p];
+        for (int64_t j = 0; j < D; ++j) orow[j] += P.acc[r * D + j] * w[p];
+      }
+      for (int64_t j = 0; j < D; ++j) orow[j] /= L;
+      ls[g * R + r] = M + std::log(L);
+      for (int64_t s = 0; s < S; ++s) {
+        if (srow[s] != r) continue;
+        float* grow = go + (g * S + s) * D;
+        for (int64_t p = 0; p < n_parts; ++p)
+          for (int64_t j = 0; j < D; ++j) grow[j] += parts[g * n_parts + p].gold[s * D + j] * w[p];
+        for (int64_t j = 0; j < D; ++j) grow[j] /= L;
+      }
+    }
+  }
+  return {out, lse, doc_max, doc_lse, gold_out};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics");
+}

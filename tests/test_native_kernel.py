@@ -1,0 +1,161 @@
+"""The compiled decode kernel (kernels/csrc/decode_attention.cpp) against a float64 dense
+reference computed from the same bf16 inputs, and the streams that use it against the dense
+corpus attention and against PyTorch's flash path."""
+
+import pytest
+import torch
+
+import kernels.corpus_attention as ca
+from kernels.corpus_attention import CorpusAttentionStream, dense_corpus_attention, iter_chunks, update_shared
+from kernels.native import decode_kernel
+from kernels.score_functions import SSMax, Sink, Temperature
+from lens.engine import BlockSearchRunner
+from lens.models.registry import load_model
+
+kernel = decode_kernel()
+pytestmark = pytest.mark.skipif(kernel is None, reason="no AVX-512 BF16 CPU or no C++ compiler: the PyTorch path is used")
+
+
+def _reference(q, k, v, scale, key_doc, n_docs, stat_rows, gold_mask):
+    s = (q.double() @ k.double().transpose(-1, -2)) * scale  # [G, R, T]
+    lse = torch.logsumexp(s, -1)
+    out = torch.softmax(s, -1) @ v.double()
+    ss = s[:, stat_rows]
+    doc_max = torch.full((*ss.shape[:2], n_docs), float("-inf"), dtype=torch.double)
+    doc_lse = doc_max.clone()
+    for d in range(n_docs):
+        keys_of_d = key_doc == d
+        if keys_of_d.any():
+            doc_max[..., d] = ss[..., keys_of_d].amax(-1)
+            doc_lse[..., d] = torch.logsumexp(ss[..., keys_of_d], -1)
+    gold_keys = gold_mask[:, key_doc.clamp(min=0)] & (key_doc >= 0)  # [S, T]
+    gold = (torch.exp(ss - lse[:, stat_rows, None]) * gold_keys) @ v.double()
+    return out, lse, doc_max, doc_lse, gold
+
+
+@pytest.mark.parametrize("G,R,T,D", [(3, 3, 5000, 64), (3, 6, 10007, 64), (8, 2, 3001, 128), (2, 5, 700, 32),
+                                     (1, 1, 17, 64), (1, 1, 1, 64), (3, 24, 9000, 64)])
+def test_kernel_equals_dense_reference(G, R, T, D):
+    """Outputs, log-sum-exp, per-document max and log-sum-exp of the stat rows, and their gold
+    part, for documents of unequal length that cross the kernel's blocks and parts, instruction
+    keys (-1), documents absent from the chunk (-inf), and key counts not a multiple of 16."""
+    g = torch.Generator().manual_seed(T)
+    q = torch.randn(G, R, D, generator=g).bfloat16()
+    k = (torch.randn(G, T, D, generator=g) * 2).bfloat16()
+    v = torch.randn(G, T, D, generator=g).bfloat16()
+    key_doc = torch.sort(torch.randint(-1, 40, (T,), generator=g)).values
+    n_docs = 45
+    stat_rows = torch.tensor(sorted({R - 1, 0}))
+    gold_mask = torch.zeros(len(stat_rows), n_docs, dtype=torch.bool)
+    gold_mask[0, int(key_doc[-1])] = True
+    gold_mask[-1, 7] = True
+    ours = kernel.decode_attention(q, k, v, 0.125, key_doc, n_docs, stat_rows, gold_mask)
+    ref = _reference(q, k, v, 0.125, key_doc, n_docs, stat_rows, gold_mask)
+    for name, a, b in zip(("out", "lse", "doc_max", "doc_lse", "gold"), ours, ref):
+        assert a.dtype == torch.float32 and a.shape == b.shape, name
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+        finite = torch.isfinite(b)
+        assert (a.double()[finite] - b[finite]).abs().max() <= 2e-5, name
+
+
+def test_kernel_without_statistics_and_on_strided_chunks():
+    """No key_doc: output and lse only; a chunk sliced out of a longer corpus (rows contiguous,
+    heads strided) reads the right keys."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 4, 64, generator=g).bfloat16()
+    k, v = (torch.randn(3, 9000, 64, generator=g).bfloat16() for _ in range(2))
+    empty = torch.empty(0, dtype=torch.long)
+    out, lse, doc_max, _, _ = kernel.decode_attention(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, empty, 0, empty, empty)
+    ref = _reference(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, torch.zeros(5000, dtype=torch.long), 1,
+                     torch.tensor([0]), torch.zeros(1, 1, dtype=torch.bool))
+    assert doc_max.numel() == 0
+    assert (out.double() - ref[0]).abs().max() <= 2e-5 and (lse.double() - ref[1]).abs().max() <= 2e-5
+
+
+def test_kernel_refuses_scattered_documents_and_bad_shapes():
+    q = torch.randn(1, 1, 64).bfloat16()
+    k = torch.randn(1, 40, 64).bfloat16()
+    scattered = torch.tensor([0] * 10 + [1] * 10 + [0] * 20)
+    with pytest.raises(RuntimeError, match="not one run"):
+        kernel.decode_attention(q, k, k, 0.1, scattered, 2, torch.tensor([0]), torch.empty(0, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="head dim"):
+        kernel.decode_attention(q[..., :48], k[..., :48], k[..., :48], 0.1, scattered, 2, torch.tensor([0]),
+                                torch.empty(0, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="bf16"):
+        kernel.decode_attention(q.float(), k, k, 0.1, scattered, 2, torch.tensor([0]), torch.empty(0, dtype=torch.bool))
+
+
+def _streams_inputs(seed=0, heads=9, kv=3, d=64, doc_lens=(700, 35, 1, 260, 90, 4000, 64)):
+    g = torch.Generator().manual_seed(seed)
+    n_inst = 11
+    t = n_inst + sum(doc_lens)
+    key_doc = torch.tensor([-1] * n_inst + [j for j, n in enumerate(doc_lens) for _ in range(n)])
+    return dict(corpus_k=(torch.randn(kv, t, d, generator=g) * 1.5).bfloat16(),
+                corpus_v=torch.randn(kv, t, d, generator=g).bfloat16(), key_doc=key_doc, n_docs=len(doc_lens),
+                self_k=torch.randn(kv, 3, d, generator=g).bfloat16(), self_v=torch.randn(kv, 3, d, generator=g).bfloat16(),
+                layer=1, scale=d**-0.5), g
+
+
+@pytest.mark.parametrize("chunk_size", [333, 65536])
+def test_shared_streams_on_the_kernel_equal_the_dense_reference(chunk_size, monkeypatch):
+    """Streams with their own queries, interventions and document numberings, sharing chunks:
+    through the compiled kernel (checked to be the path taken) each equals the dense reference
+    in fp32 on the same bf16 inputs, and PyTorch's flash path within bf16 rounding."""
+    base, g = _streams_inputs()
+    n_docs = base["n_docs"]
+    perms = [list(range(n_docs)), [2, 0, 4, 1, 3, 6, 5], [6, 5, 4, 3, 2, 1, 0]]
+    # temperatures that are powers of two fold into bf16 queries exactly (others round the folded
+    # query to bf16 on any path), so the reference can be the fp32 dense computation
+    fns = [None, Temperature(0.5), Temperature(0.25) + Sink(1.0)]
+    qs = [torch.randn(9, n_q, 64, generator=g).bfloat16() for n_q in (3, 1, 2)]
+    kw = dict(n_corpus_keys=base["key_doc"].shape[0], n_docs_attended=n_docs, layer=1, scale=base["scale"],
+              stats_rows="last", n_self=3)
+
+    def numbering(i, key_doc):
+        table = torch.tensor(perms[i])
+        return torch.where(key_doc >= 0, table[key_doc.clamp(min=0)], key_doc)
+
+    def run():
+        streams = [CorpusAttentionStream(qs[i], n_docs, score_fn=fns[i], gold_docs=[perms[i][3]], **kw) for i in range(3)]
+        for keys, values, key_doc in iter_chunks(base["corpus_k"], base["corpus_v"], base["key_doc"], chunk_size):
+            update_shared(streams, keys, values, [numbering(i, key_doc) for i in range(3)])
+        return [s.finish(base["self_k"], base["self_v"]) for s in streams]
+
+    calls = []
+    real = ca._update_native
+    monkeypatch.setattr(ca, "_update_native", lambda *a: calls.append(1) or real(*a))
+    native = run()
+    assert calls, "the compiled kernel was not used"
+    monkeypatch.setattr(ca, "_native_for", lambda *a: None)
+    flash = run()
+    fp32 = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in base.items()}
+    for i in range(3):
+        dense = dense_corpus_attention(**dict(fp32, q=qs[i].float(), key_doc=numbering(i, base["key_doc"])),
+                                       score_fn=fns[i], gold_docs=[perms[i][3]])
+        a, b = native[i], flash[i]
+        assert torch.allclose(a.lse, dense.lse, atol=1e-4)
+        assert torch.allclose(a.doc_max[:, 0], dense.doc_max[:, -1], atol=1e-4)
+        assert torch.allclose(a.doc_lse[:, 0], dense.doc_lse[:, -1], atol=1e-4)
+        assert torch.allclose(a.output.float(), dense.output, atol=1e-2)  # the output is cast to bf16
+        assert torch.allclose(a.gold_output.float(), dense.gold_output[-1:], atol=1e-2)
+        # the flash path's readout scores come from a bf16 matmul: equal within that rounding
+        assert torch.allclose(a.doc_lse, b.doc_lse, atol=0.1) and torch.allclose(a.output.float(), b.output.float(), atol=2e-2)
+
+
+def test_engine_on_the_kernel_matches_the_flash_path(small_limit, monkeypatch):
+    """A bf16 model whose head size the kernel takes (tiny-qwen3, d=32): the same decoded code and
+    the same per-layer gold mass with and without the compiled kernel."""
+    model = load_model("tiny-qwen3", dtype=torch.bfloat16)
+    calls = []
+    real = ca._update_native
+    monkeypatch.setattr(ca, "_update_native", lambda *a: calls.append(1) or real(*a))
+    runs = [BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 12, score_fn=SSMax(0.5, n="docs"))]
+    assert calls
+    monkeypatch.setattr(ca, "_native_for", lambda *a: None)
+    runs.append(BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 12, score_fn=SSMax(0.5, n="docs")))
+    a, b = runs
+    assert a.decoded == b.decoded
+    for la, lb in zip(a.layers, b.layers):
+        mass_a = torch.exp(la.doc_lse - la.lse[..., None])
+        mass_b = torch.exp(lb.doc_lse - lb.lse[..., None])
+        assert torch.allclose(mass_a, mass_b, atol=0.02)

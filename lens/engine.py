@@ -301,7 +301,7 @@ class MemoryKV(KVSource):
         for stream in streams:
             groups.setdefault(self._group_key(stream.corpus), []).append(stream)
         for members in groups.values():
-            leader = members[0].corpus
+            leader = self._leader(members[0].corpus)
             all_keys, all_values, key_doc = self._corpus_kv(leader)
             keys, values = all_keys[layer], all_values[layer]
             shared, remaps = [], []
@@ -317,6 +317,14 @@ class MemoryKV(KVSource):
             if shared:
                 for k, v, docs in iter_chunks(keys, values, key_doc, chunk_size):
                     update_shared([s.attention for s in shared], k, v, [_renumber(docs, r) for r in remaps])
+
+    def _leader(self, corpus: list[int]) -> list[int]:
+        """The document order whose concatenated KV a group reads: the sorted documents when
+        positions do not depend on order, so every query over the same documents (in the lab, any
+        query at N = the pool) reuses one concatenation across calls; else the corpus itself."""
+        if self.layout.positions == "sequential":
+            return corpus
+        return self._per_corpus("leader", (corpus,), lambda: sorted(corpus))
 
     def _group_key(self, corpus: list[int]):
         """Streams with equal keys can share the concatenated KV of the first of them: the same

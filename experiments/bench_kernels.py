@@ -8,8 +8,10 @@
   roof      corpus attention throughput against this box's roof, measured in the same run: the
             bf16 matmul rate (2048^3) and memory bandwidth (1 GB copy); roofline = min(matmul
             rate, arithmetic intensity x bandwidth).
-            Also the decoding steps' shape: streams of one query row each, one at a time vs
-            sharing each chunk read (update_shared).
+            The decoding shapes (a few rows per KV head) kernel by kernel: PyTorch's flash
+            kernel vs lens's compiled decode kernel, without and with the readout statistics.
+            Also streams of one query row each, one at a time vs sharing each chunk read
+            (update_shared).
   rerun     intervention reruns on a cached 1K-document corpus: seconds per query, one query
             alone and four selected together (as the lab runs them).
 
@@ -186,11 +188,40 @@ def part_roof(args) -> None:
             print(f"T={t} Q={n_q:<3} stats={'on ' if stats else 'off'}: {el * 1e3:7.1f} ms, {flops / el / 1e9:6.1f} GFLOP/s, "
                   f"{bytes_ / el / 1e9:5.1f} GB/s of KV; roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof")
 
+    # The decoding shapes kernel by kernel: a few rows per KV head (a digit token's 3 heads per KV
+    # head, times the streams sharing the read).  PyTorch's flash kernel (output and lse only; the
+    # readout statistics then need another pass) vs lens's compiled kernel (kernels/native.py),
+    # without and with the readout rows' per-document statistics and gold part.
+    from kernels.corpus_attention import _flash
+    from kernels.native import decode_kernel
+
+    native = decode_kernel()
+    bytes_ = 2 * kv * t * d * 2
+    empty = torch.empty(0, dtype=torch.long)
+    for rows in args.roof_rows:
+        q = torch.randn(kv, rows, d, dtype=torch.bfloat16)
+        stat_rows = torch.arange(rows - 3, rows) if rows >= 3 else torch.arange(rows)
+        gold = torch.zeros(len(stat_rows), n_docs, dtype=torch.bool)
+        gold[:, 3] = True
+        calls = {"pytorch flash": lambda: _flash(q, keys, values, d**-0.5)}
+        if native is not None:
+            calls["lens kernel"] = lambda: native.decode_attention(q, keys, values, d**-0.5, empty, 0, empty, empty)
+            calls["lens kernel + stats"] = lambda: native.decode_attention(
+                q, keys, values, d**-0.5, key_doc, n_docs, stat_rows, gold)
+        for name, call in calls.items():
+            call()
+            el = min(_timed(call) for _ in range(3))
+            flops = 4 * kv * rows * t * d
+            roof = min(peak, flops / bytes_ * bandwidth)
+            print(f"T={t} {rows:>2} rows/KV head, {name:<20}: {el * 1e3:7.1f} ms, KV read at {bytes_ / el / 1e9:5.1f} GB/s "
+                  f"-> {flops / el / roof:.0%} of roof")
+    if native is None:
+        print("(lens's compiled kernel unavailable here: no AVX-512 BF16 or no compiler)")
+
     # Decoding steps: one query row per stream (a digit token), memory-bound.  Streams over the
     # same documents (a beam's hypotheses, queries over one pool) share each chunk read.
     from kernels.corpus_attention import CorpusAttentionStream, iter_chunks, update_shared
 
-    bytes_ = 2 * kv * t * d * 2
     for n_streams in args.roof_streams:
         qs = [torch.randn(h, 1, d, dtype=torch.bfloat16) for _ in range(n_streams)]
         for shared in (False, True):
@@ -273,6 +304,7 @@ def main() -> None:
     parser.add_argument("--tl-mem-gb", type=float, default=20.0)
     parser.add_argument("--roof-tokens", type=int, default=1 << 20)
     parser.add_argument("--roof-queries", type=lambda s: [int(x) for x in s.split(",")], default=[16, 64])
+    parser.add_argument("--roof-rows", type=lambda s: [int(x) for x in s.split(",")], default=[3, 6, 12, 24])
     parser.add_argument("--roof-streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--rerun-docs", type=int, default=1000)
     parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)

@@ -124,6 +124,13 @@ class CorpusAttentionStream:
         _update_fused_streams([(self, key_doc)], keys, values)
 
     @property
+    def uses_key_doc(self) -> bool:
+        """Whether the chunks' document ids matter to this stream (statistics, routing scores, or
+        a score function on the generic path); if not, any numbering may be passed."""
+        return (self.folded_q is None or self.doc_max is not None or self.gold_acc is not None
+                or self.route_max is not None)
+
+    @property
     def wants_readout_scores(self) -> bool:
         return self.folded_q is not None and (self.doc_max is not None or self.gold_acc is not None)
 

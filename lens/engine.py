@@ -316,7 +316,10 @@ class MemoryKV(KVSource):
                     remaps.append(remap)
             if shared:
                 for k, v, docs in iter_chunks(keys, values, key_doc, chunk_size):
-                    update_shared([s.attention for s in shared], k, v, [_renumber(docs, r) for r in remaps])
+                    # only streams that read document ids get their own numbering (decoding steps
+                    # without statistics on the fused path do not)
+                    update_shared([s.attention for s in shared], k, v,
+                                  [_renumber(docs, r) if s.attention.uses_key_doc else docs for s, r in zip(shared, remaps)])
 
     def _leader(self, corpus: list[int]) -> list[int]:
         """The document order whose concatenated KV a group reads: the sorted documents when

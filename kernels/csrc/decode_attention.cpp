@@ -7,8 +7,12 @@
 // Work is split over (KV head, part of the chunk); parts start at document boundaries so a
 // document's statistics are written by one task.  Scores and sums are fp32; q.k accumulates in
 // fp32 from bf16 inputs (as PyTorch's flash kernel does).
-#include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>  // the Tensor <-> Python caster
 #include <immintrin.h>
 
 #include <algorithm>
@@ -139,10 +143,29 @@ inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32
   }
 }
 
-// acc[r] += sum_i pr[r, i] * v_i over the block (fp32; values converted from bf16 as they are read).
+// acc[r] += sum_i pr[r, i] * v_i over the block (fp32).  One row group converts the values from
+// bf16 as it reads them; several convert the block once into vf and read that.
 template <int NV, int RG>
-inline void block_values(const uint16_t* vblock, int nb, const float* pr, int64_t R_pad, float* acc) {
+inline void block_values(const uint16_t* vblock, int nb, const float* pr, int64_t R_pad, float* acc, float* vf) {
   constexpr int D = 16 * NV;
+  if (R_pad > RG) {
+    for (int i = 0; i < nb; ++i)
+      for (int j = 0; j < NV; ++j) _mm512_storeu_ps(vf + i * D + 16 * j, bf16_to_f32(vblock + (int64_t)i * D + 16 * j));
+    for (int64_t r0 = 0; r0 < R_pad; r0 += RG) {
+      __m512 a[RG][NV];
+      for (int rr = 0; rr < RG; ++rr)
+        for (int j = 0; j < NV; ++j) a[rr][j] = _mm512_loadu_ps(acc + (r0 + rr) * D + 16 * j);
+      for (int i = 0; i < nb; ++i) {
+        for (int rr = 0; rr < RG; ++rr) {
+          __m512 p = _mm512_set1_ps(pr[(r0 + rr) * kBlock + i]);
+          for (int j = 0; j < NV; ++j) a[rr][j] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vf + i * D + 16 * j), a[rr][j]);
+        }
+      }
+      for (int rr = 0; rr < RG; ++rr)
+        for (int j = 0; j < NV; ++j) _mm512_storeu_ps(acc + (r0 + rr) * D + 16 * j, a[rr][j]);
+    }
+    return;
+  }
   for (int64_t r0 = 0; r0 < R_pad; r0 += RG) {
     __m512 a[RG][NV];
     for (int rr = 0; rr < RG; ++rr)
@@ -160,11 +183,12 @@ inline void block_values(const uint16_t* vblock, int nb, const float* pr, int64_
   }
 }
 
-inline void block_values_any(const uint16_t* vblock, int nb, int64_t D, const float* pr, int64_t R_pad, float* acc) {
+inline void block_values_any(const uint16_t* vblock, int nb, int64_t D, const float* pr, int64_t R_pad, float* acc,
+                             float* vf) {
   switch (D) {  // RG must divide kRowGroup
-    case 64: return block_values<4, 4>(vblock, nb, pr, R_pad, acc);
-    case 128: return block_values<8, 2>(vblock, nb, pr, R_pad, acc);
-    case 32: return block_values<2, 4>(vblock, nb, pr, R_pad, acc);
+    case 64: return block_values<4, 4>(vblock, nb, pr, R_pad, acc, vf);
+    case 128: return block_values<8, 2>(vblock, nb, pr, R_pad, acc, vf);
+    case 32: return block_values<2, 4>(vblock, nb, pr, R_pad, acc, vf);
     default: TORCH_CHECK(false, "decode_attention: head dim ", D, " not built (32, 64, 128)");
   }
 }
@@ -248,7 +272,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
     std::vector<uint32_t> qd(R_pad * D / 2, 0), kt(D / 2 * 16);
-    std::vector<float> sc(R_pad * kBlock), pr(R_pad * kBlock);
+    std::vector<float> sc(R_pad * kBlock), pr(R_pad * kBlock), vf(kBlock * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / n_parts, part = task % n_parts;
       const int64_t t0 = bounds[part], t1 = bounds[part + 1];
@@ -273,6 +297,14 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
       const uint16_t* vbase = vp + g * vs0;
       for (int64_t b = t0; b < t1; b += kBlock) {
         const int nb = (int)std::min<int64_t>(kBlock, t1 - b);
+        {  // prefetch the keys and values two blocks ahead (two streams per task; the hardware
+           // prefetcher alone left the loads stalling)
+          const int64_t ahead = b + 2 * kBlock, stop = std::min<int64_t>(ahead + kBlock, t1);
+          for (int64_t line = ahead * D * 2; line < stop * D * 2; line += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(kbase) + line, _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(vbase) + line, _MM_HINT_T0);
+          }
+        }
         block_scores(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data());
         // online softmax: rescale, probabilities
         for (int64_t r = 0; r < R_pad; ++r) {
@@ -289,7 +321,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           P.m[r] = m_new;
           P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
         }
-        block_values_any(vbase + b * D, nb, D, pr.data(), R_pad, P.acc.data());
+        block_values_any(vbase + b * D, nb, D, pr.data(), R_pad, P.acc.data(), vf.data());
         if (!stats) continue;
         // per-document statistics of the stat rows, one run of equal key_doc at a time
         for (int i = 0; i < nb;) {

@@ -228,10 +228,10 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
         _update_fused_streams(fused, keys, values)
 
 
-# Below this many stacked query rows per KV head (and whenever readout statistics are kept) the
-# compiled kernel beats PyTorch's flash kernel on this box's decoding shapes (bench_kernels
-# --part roof); above it the flash kernel's AMX matmuls win.
-NATIVE_MAX_ROWS = 16
+# Up to this many stacked query rows per KV head (and whenever readout statistics are kept) the
+# compiled kernel beats PyTorch's flash kernel on this box (bench_kernels --part roof: with AMX
+# tiles for q.k up to ~150 rows; with AVX-512 dot products only, up to ~16).
+NATIVE_MAX_ROWS = {True: 160, False: 16}  # keyed by kernel.uses_amx()
 
 
 def _update_fused_streams(fused: list[tuple[CorpusAttentionStream, Tensor]], keys: Tensor, values: Tensor) -> None:
@@ -265,13 +265,14 @@ def _native_for(q: Tensor, keys: Tensor, values: Tensor, stats: bool):
     few rows or statistics wanted), else None."""
     if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16) or keys.shape[-1] not in (32, 64, 128):
         return None
-    if not stats and q.shape[1] > NATIVE_MAX_ROWS:
-        return None
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
         return None
     from kernels.native import decode_kernel
 
-    return decode_kernel()
+    kernel = decode_kernel()
+    if kernel is None or (not stats and q.shape[1] > NATIVE_MAX_ROWS[kernel.uses_amx()]):
+        return None
+    return kernel
 
 
 def _update_native(kernel, fused, q: Tensor, keys: Tensor, values: Tensor, sizes: list[int], asking: list[int]) -> bool:

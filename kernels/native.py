@@ -39,7 +39,7 @@ def decode_kernel():
     try:
         return load(
             name=f"lens_decode_attention_{digest}", sources=[str(SOURCE)], build_directory=str(build),
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-fopenmp"],
+            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"],
             extra_ldflags=["-fopenmp"], verbose=False,
         )
     except Exception as e:  # a missing compiler or headers: the PyTorch path is used instead

@@ -178,3 +178,25 @@ def test_kernel_with_wide_score_gaps():
     for name, a, b in zip(("out", "lse", "doc_max", "doc_lse", "gold"), ours, ref):
         assert torch.isfinite(a).all(), name
         assert ((a.double() - b).abs() / b.abs().clamp(min=1)).max() <= 2e-5, name
+
+
+def test_kernel_without_amx_tiles_equals_dense_reference():
+    """The AVX-512 dot-product path for q.k (where Linux does not grant AMX tiles, or
+    LENS_NATIVE_AMX=0) is held to the same reference, in a process of its own (the choice is made
+    once per process)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, tests.test_native_kernel as t\n"
+        "assert not t.kernel.uses_amx()\n"
+        "for shape in [(3, 3, 5000, 64), (8, 2, 3001, 128), (2, 5, 700, 32), (1, 1, 17, 64), (3, 24, 9000, 64)]:\n"
+        "    t.test_kernel_equals_dense_reference(*shape)\n"
+        "t.test_kernel_with_wide_score_gaps()\n"
+        "print('ok')\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "LENS_NATIVE_AMX": "0"}, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

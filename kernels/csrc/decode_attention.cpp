@@ -14,11 +14,15 @@
 #include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>  // the Tensor <-> Python caster
 #include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace {
@@ -139,6 +143,64 @@ inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32
         _mm512_storeu_ps(sc + (r0 + rr) * kBlock + k0,
                          _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf),
                                               _mm512_mul_ps(_mm512_add_ps(acc[0][rr], acc[1][rr]), _mm512_set1_ps(scale))));
+    }
+  }
+}
+
+// AMX: the same scores with tile matrix multiplies, up to 16 query rows x 16 keys per instruction
+// (the transposed keys kt are already the B operand's pair-interleaved layout).  Used when the
+// kernel may use the tiles (Linux grants them per process) and LENS_NATIVE_AMX is not 0.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+inline bool amx_available() {
+  static const bool ok = [] {
+    const char* env = std::getenv("LENS_NATIVE_AMX");
+    if (env != nullptr && std::string(env) == "0") return false;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  }();
+  return ok;
+}
+
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 3; ++t) {  // 0: scores [16 rows, 16 keys] fp32; 1: q [16 rows, 32 bf16]; 2: keys [16 pairs, 16 keys]
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// qd has R_tiles * 16 rows (zero past R); sc receives rows < R_pad.
+inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const uint32_t* qd, int64_t R_pad, float scale,
+                             float* sc, uint32_t* kt, float* ctile) {
+  const int W = (int)(D / 2);
+  for (int k0 = 0; k0 < nb; k0 += 16) {
+    const int n = std::min(16, nb - k0);
+    for (int c0 = 0; c0 < W; c0 += 16) {
+      __m512i rows[16];
+      for (int i = 0; i < 16; ++i)
+        rows[i] = i < n ? _mm512_loadu_si512(kblock + (int64_t)(k0 + i) * D + 2 * c0) : _mm512_setzero_si512();
+      transpose16(rows);
+      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (c0 + j) * 16, rows[j]);
+    }
+    const __mmask16 valid = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
+    for (int64_t r0 = 0; r0 < R_pad; r0 += 16) {
+      _tile_zero(0);
+      for (int c0 = 0; c0 < W; c0 += 16) {
+        _tile_loadd(1, qd + r0 * W + c0, W * 4);
+        _tile_loadd(2, kt + c0 * 16, 64);
+        _tile_dpbf16ps(0, 1, 2);
+      }
+      _tile_stored(0, ctile, 64);
+      const int64_t rn = std::min<int64_t>(16, R_pad - r0);
+      for (int64_t rr = 0; rr < rn; ++rr)
+        _mm512_storeu_ps(sc + (r0 + rr) * kBlock + k0,
+                         _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf),
+                                              _mm512_mul_ps(_mm512_loadu_ps(ctile + rr * 16), _mm512_set1_ps(scale))));
     }
   }
 }
@@ -265,13 +327,17 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
 
   const int64_t R_pad = (R + kRowGroup - 1) / kRowGroup * kRowGroup;
+  const bool use_amx = amx_available();
   at::parallel_for(0, G * n_parts, 1, [&](int64_t begin, int64_t end) {
     // flush denormals to zero: probabilities far below the row's max (real attention has gaps of
     // ~100 nats) would otherwise make the FMAs take microcode assists, several times slower.
     // Terms below 1e-38 of the max do not change an fp32 sum.
     const unsigned int csr = _mm_getcsr();
     _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
-    std::vector<uint32_t> qd(R_pad * D / 2, 0), kt(D / 2 * 16);
+    const int64_t R_tiles = (R_pad + 15) / 16 * 16;  // the AMX path reads q in tiles of 16 rows
+    std::vector<uint32_t> qd(R_tiles * D / 2, 0), kt(D / 2 * 16);
+    std::vector<float> ctile(16 * 16);
+    if (use_amx) amx_configure();
     std::vector<float> sc(R_pad * kBlock), pr(R_pad * kBlock), vf(kBlock * D);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / n_parts, part = task % n_parts;
@@ -305,7 +371,10 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
             _mm_prefetch(reinterpret_cast<const char*>(vbase) + line, _MM_HINT_T0);
           }
         }
-        block_scores(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data());
+        if (use_amx)
+          block_scores_amx(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data(), ctile.data());
+        else
+          block_scores(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data());
         // online softmax: rescale, probabilities
         for (int64_t r = 0; r < R_pad; ++r) {
           float* s_r = sc.data() + r * kBlock;
@@ -360,6 +429,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
       }
       for (int64_t s = 0; s < S; ++s) flush(s);
     }
+    if (use_amx) _tile_release();
     _mm_setcsr(csr);
   });
 
@@ -397,4 +467,5 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics");
+  m.def("uses_amx", &amx_available, "whether q.k runs on AMX tiles (else AVX-512 BF16 dot products)");
 }

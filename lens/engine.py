@@ -466,10 +466,13 @@ class BlockSearchRunner:
                 for root in streams:
                     candidates = []
                     for h in hypotheses[id(root)]:
-                        logits = self.model.unembed(h.resid[:, -1:])[0, -1].float()
-                        if step == 0:
+                        if step == 0:  # the readout token's whole distribution is part of the record
+                            logits = self.model.unembed(h.resid[:, -1:])[0, -1].float()
                             readout[id(root)] = logits
-                        logp = torch.log_softmax(logits[self.digit_ids], dim=-1)
+                            digit_logits = logits[self.digit_ids]
+                        else:  # later steps need only the ten digits' rows of the unembedding
+                            digit_logits = self._digit_logit_lens(h.resid[0, -1])
+                        logp = torch.log_softmax(digit_logits, dim=-1)
                         prefix = "".join(map(str, h.digits))
                         allowed = range(10) if beam == 1 else sorted(
                             {int(c[step]) for c in codes[id(root)] if c.startswith(prefix)})

@@ -228,29 +228,37 @@ def update_shared(streams: list[CorpusAttentionStream], keys: Tensor, values: Te
         _update_fused_streams(fused, keys, values)
 
 
-# Up to this many stacked query rows per KV head (and whenever readout statistics are kept) the
-# compiled kernel beats PyTorch's flash kernel on this box (bench_kernels --part roof: with AMX
-# tiles for q.k up to ~150 rows; with AVX-512 dot products only, up to ~16).
+# Up to this many query rows per KV head in a stream (and whenever its readout statistics are
+# kept) the compiled kernel beats PyTorch's flash kernel on this box (bench_kernels --part roof:
+# with AMX tiles for q.k up to ~150 rows; with AVX-512 dot products only, up to ~16).  The choice
+# is made per stream, never by how many streams share a chunk: a stream's numbers do not depend
+# on its companions (a resumed sweep batches differently).
 NATIVE_MAX_ROWS = {True: 160, False: 16}  # keyed by kernel.uses_amx()
 
 
 def _update_fused_streams(fused: list[tuple[CorpusAttentionStream, Tensor]], keys: Tensor, values: Tensor) -> None:
-    """One chunk for streams on the fused path (same scale): one kernel call over their stacked
-    rows.  The compiled kernel (:mod:`kernels.native`) also computes the readout rows'
-    per-document statistics and gold output in the same pass; PyTorch's flash kernel needs a
-    second pass over the keys for them."""
+    """One chunk for streams on the fused path (same scale): their rows stacked into one call of
+    the compiled kernel (:mod:`kernels.native`), which also computes the readout rows'
+    per-document statistics and gold output in the same pass, and of PyTorch's flash kernel for
+    the streams the compiled kernel does not take (its statistics then need a second pass)."""
     kv = keys.shape[0]
     rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
+    kernel = _native_for(rows[0], keys, values)
+    if kernel is not None:
+        limit = NATIVE_MAX_ROWS[kernel.uses_amx()]
+        mine = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores or rows[i].shape[1] <= limit]
+        if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values):
+            fused = [f for i, f in enumerate(fused) if i not in mine]
+            rows = [r for i, r in enumerate(rows) if i not in mine]
+    if not fused:
+        return
     q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
     sizes = [r.shape[1] for r in rows]
-    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
     scale = fused[0][0].scale
-    kernel = _native_for(q, keys, values, bool(asking))
-    if kernel is not None and _update_native(kernel, fused, q, keys, values, sizes, asking):
-        return
     out, lse = _flash(q, keys, values, scale)
     # the readout rows of the streams that keep statistics: one more shared pass over the keys
     lasts = [None] * len(fused)
+    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
     if asking:
         readout = torch.cat([fused[i][0].folded_q[:, -1:] for i in asking], 1)  # [head, streams, d]
         scores = _grouped_scores(readout, keys, scale)  # [head, streams, C]
@@ -260,29 +268,31 @@ def _update_fused_streams(fused: list[tuple[CorpusAttentionStream, Tensor]], key
         s._merge_flash(o, l, keys, values, kd, last)
 
 
-def _native_for(q: Tensor, keys: Tensor, values: Tensor, stats: bool):
+def _native_for(q: Tensor, keys: Tensor, values: Tensor):
     """The compiled decode kernel when it applies here (bf16, no autograd, a built head size,
-    few rows or statistics wanted), else None."""
+    the kernel available), else None."""
     if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16) or keys.shape[-1] not in (32, 64, 128):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
         return None
     from kernels.native import decode_kernel
 
-    kernel = decode_kernel()
-    if kernel is None or (not stats and q.shape[1] > NATIVE_MAX_ROWS[kernel.uses_amx()]):
-        return None
-    return kernel
+    return decode_kernel()
 
 
-def _update_native(kernel, fused, q: Tensor, keys: Tensor, values: Tensor, sizes: list[int], asking: list[int]) -> bool:
-    """The compiled kernel's pass: statistics in the first asking stream's document numbering,
-    handed to each stream in its own.  False (nothing done) when a document's keys are not one
-    run in the chunk, which the kernel's per-document statistics need."""
+def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:
+    """The compiled kernel's pass over the streams' stacked rows: statistics in the first asking
+    stream's document numbering, handed to each stream in its own.  False (nothing done) when a
+    document's keys are not one run in the chunk, which the kernel's per-document statistics need."""
     kv = keys.shape[0]
+    q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+    sizes = [r.shape[1] for r in rows]
+    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     empty = torch.empty(0, dtype=torch.long)
-    base = fused[asking[0]][1].long().contiguous() if asking else empty
+    # the document ids always go in: they place the kernel's parts, so a row's summation order is
+    # the same whether or not other rows keep statistics
+    base = fused[asking[0] if asking else 0][1].long().contiguous()
     n_docs = fused[asking[0]][0].n_docs if asking else 0
     stat_rows, gold_rows, to_base = [], [], {}
     for i in asking:

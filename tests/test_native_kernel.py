@@ -200,3 +200,31 @@ def test_kernel_without_amx_tiles_equals_dense_reference():
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "LENS_NATIVE_AMX": "0"}, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_a_streams_numbers_do_not_depend_on_its_companions():
+    """Which kernel a stream takes depends on the stream alone, and rows do not interact: a
+    stream fed with companions (stacked rows past the kernel's limit, with and without
+    statistics) gets bit-identical numbers to the stream fed alone (a resumed sweep batches
+    streams differently and must write the same records)."""
+    base, g = _streams_inputs(seed=3)
+    n_docs = base["n_docs"]
+    kw = dict(n_corpus_keys=base["key_doc"].shape[0], n_docs_attended=n_docs, layer=1, scale=base["scale"],
+              stats_rows="last", n_self=60)
+    qs = [torch.randn(9, n_q, 64, generator=g).bfloat16() for n_q in (1, 60, 60, 60, 2)]
+    stats = [True, False, False, True, False]
+
+    def run(which):
+        streams = [CorpusAttentionStream(qs[i], n_docs, gold_docs=[2] if stats[i] else None, stats=stats[i], **kw)
+                   for i in which]
+        for keys, values, key_doc in iter_chunks(base["corpus_k"], base["corpus_v"], base["key_doc"], 4096):
+            update_shared(streams, keys, values, [key_doc] * len(streams))
+        self_k, self_v = (torch.randn(3, 60, 64, generator=torch.Generator().manual_seed(1)).bfloat16() for _ in range(2))
+        return [s.finish(self_k, self_v) for s in streams]
+
+    together = run(range(5))
+    for i in (0, 1, 4):
+        alone = run([i])[0]
+        for name in ("output", "lse", "doc_max", "doc_lse", "gold_output"):
+            a, b = getattr(together[i], name), getattr(alone, name)
+            assert (a is None and b is None) or torch.equal(a, b), (i, name)

@@ -288,7 +288,11 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   auto doc_lse = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
   auto gold_out = at::zeros({G, S, D}, f32);
 
-  const int64_t* kd = stats ? key_doc.data_ptr<int64_t>() : nullptr;
+  // key_doc, when given, also places the parts' boundaries (at document starts) with or without
+  // statistics: a row's summation order then does not depend on what other rows ask for
+  TORCH_CHECK(key_doc.numel() == 0 || (key_doc.numel() == T && key_doc.scalar_type() == at::kLong && key_doc.is_contiguous()),
+              "decode_attention: key_doc must be empty or int64 [T], contiguous");
+  const int64_t* kd = key_doc.numel() > 0 ? key_doc.data_ptr<int64_t>() : nullptr;
   std::vector<int64_t> srow(S);
   for (int64_t s = 0; s < S; ++s) srow[s] = stat_rows.data_ptr<int64_t>()[s];
   const bool* gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
@@ -300,7 +304,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   std::vector<int64_t> bounds{0};
   for (int64_t p = 1; p < n_parts; ++p) {
     int64_t t = T * p / n_parts;
-    if (stats) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
+    if (kd) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
     if (t > bounds.back() && t < T) bounds.push_back(t);
   }
   bounds.push_back(T);

@@ -293,12 +293,17 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   TORCH_CHECK(key_doc.numel() == 0 || (key_doc.numel() == T && key_doc.scalar_type() == at::kLong && key_doc.is_contiguous()),
               "decode_attention: key_doc must be empty or int64 [T], contiguous");
   const int64_t* kd = key_doc.numel() > 0 ? key_doc.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(!has_gold || (gold_mask.dim() == 2 && gold_mask.size(0) == S && gold_mask.size(1) == n_docs &&
+                            gold_mask.is_contiguous()), "decode_attention: gold_mask must be bool [stat rows, n_docs]");
   std::vector<int64_t> srow(S);
-  for (int64_t s = 0; s < S; ++s) srow[s] = stat_rows.data_ptr<int64_t>()[s];
+  for (int64_t s = 0; s < S; ++s) {
+    srow[s] = stat_rows.data_ptr<int64_t>()[s];
+    TORCH_CHECK(srow[s] >= 0 && srow[s] < R, "decode_attention: stat row ", srow[s], " outside 0..", R - 1);
+  }
   const bool* gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
 
-  // Parts of the chunk, starting at document boundaries when statistics are kept; each
-  // document's keys must be one run (so one task owns each document's statistics).
+  // Parts of the chunk, starting at document boundaries when key_doc is given; with statistics
+  // each document's keys must be one run (so one task owns each document's statistics).
   const int64_t threads = at::get_num_threads();
   int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
   std::vector<int64_t> bounds{0};

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from kernels.native import decode_kernel
 from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_function
 
 
@@ -275,8 +276,6 @@ def _native_for(q: Tensor, keys: Tensor, values: Tensor):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
         return None
-    from kernels.native import decode_kernel
-
     return decode_kernel()
 
 

@@ -333,8 +333,7 @@ class MemoryKV(KVSource):
         """Streams with equal keys can share the concatenated KV of the first of them: the same
         documents in the same order, or in any order when a document's positions do not depend on
         the documents before it."""
-        return self._per_corpus("group", (corpus,), lambda: tuple(corpus) if self.layout.positions == "sequential"
-                                else tuple(sorted(corpus)))
+        return self._per_corpus("group", (corpus,), lambda: tuple(self._leader(corpus)))
 
     def _remap(self, leader: list[int], corpus: list[int]) -> Tensor | None:
         """For each position of ``leader``'s corpus, the position of the same document in

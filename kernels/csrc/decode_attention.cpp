@@ -110,6 +110,24 @@ inline void transpose16(__m512i* r) {
   }
 }
 
+// kt [W words][16 keys] <- the n (<= 16) keys at kblock (W = D/2 words each; keys past n: 0),
+// transposed so one vector holds one word of 16 keys (the layout both q.k paths consume).
+inline void transpose_keys(const uint16_t* kblock, int n, int W, uint32_t* kt) {
+  const int64_t D = 2 * W;
+  for (int c0 = 0; c0 < W; c0 += 16) {
+    __m512i rows[16];
+    for (int i = 0; i < 16; ++i)
+      rows[i] = i < n ? _mm512_loadu_si512(kblock + i * D + 2 * c0) : _mm512_setzero_si512();
+    transpose16(rows);
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (c0 + j) * 16, rows[j]);
+  }
+}
+
+// 16 keys' scaled scores into out; lanes past the valid keys get -inf.
+inline void store_scores(float* out, __m512 dots, float scale, __mmask16 valid) {
+  _mm512_storeu_ps(out, _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), _mm512_mul_ps(dots, _mm512_set1_ps(scale))));
+}
+
 constexpr int kRowGroup = 4;  // query rows computed together (buffers are padded to a multiple)
 
 // sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys (lanes past nb: -inf).  q.k with
@@ -120,13 +138,7 @@ inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32
   const int W = (int)(D / 2);
   for (int k0 = 0; k0 < nb; k0 += 16) {
     const int n = std::min(16, nb - k0);
-    for (int c0 = 0; c0 < W; c0 += 16) {
-      __m512i rows[16];
-      for (int i = 0; i < 16; ++i)
-        rows[i] = i < n ? _mm512_loadu_si512(kblock + (int64_t)(k0 + i) * D + 2 * c0) : _mm512_setzero_si512();
-      transpose16(rows);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (c0 + j) * 16, rows[j]);
-    }
+    transpose_keys(kblock + (int64_t)k0 * D, n, W, kt);
     const __mmask16 valid = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
     for (int64_t r0 = 0; r0 < R_pad; r0 += kRowGroup) {
       __m512 acc[2][kRowGroup];  // two chains per row: vdpbf16ps's latency, not its throughput, bounds one
@@ -140,9 +152,7 @@ inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32
         }
       }
       for (int rr = 0; rr < kRowGroup; ++rr)
-        _mm512_storeu_ps(sc + (r0 + rr) * kBlock + k0,
-                         _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf),
-                                              _mm512_mul_ps(_mm512_add_ps(acc[0][rr], acc[1][rr]), _mm512_set1_ps(scale))));
+        store_scores(sc + (r0 + rr) * kBlock + k0, _mm512_add_ps(acc[0][rr], acc[1][rr]), scale, valid);
     }
   }
 }
@@ -180,13 +190,7 @@ inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const ui
   const int W = (int)(D / 2);
   for (int k0 = 0; k0 < nb; k0 += 16) {
     const int n = std::min(16, nb - k0);
-    for (int c0 = 0; c0 < W; c0 += 16) {
-      __m512i rows[16];
-      for (int i = 0; i < 16; ++i)
-        rows[i] = i < n ? _mm512_loadu_si512(kblock + (int64_t)(k0 + i) * D + 2 * c0) : _mm512_setzero_si512();
-      transpose16(rows);
-      for (int j = 0; j < 16; ++j) _mm512_storeu_si512(kt + (c0 + j) * 16, rows[j]);
-    }
+    transpose_keys(kblock + (int64_t)k0 * D, n, W, kt);
     const __mmask16 valid = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
     for (int64_t r0 = 0; r0 < R_pad; r0 += 16) {
       _tile_zero(0);
@@ -197,10 +201,7 @@ inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const ui
       }
       _tile_stored(0, ctile, 64);
       const int64_t rn = std::min<int64_t>(16, R_pad - r0);
-      for (int64_t rr = 0; rr < rn; ++rr)
-        _mm512_storeu_ps(sc + (r0 + rr) * kBlock + k0,
-                         _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf),
-                                              _mm512_mul_ps(_mm512_loadu_ps(ctile + rr * 16), _mm512_set1_ps(scale))));
+      for (int64_t rr = 0; rr < rn; ++rr) store_scores(sc + (r0 + rr) * kBlock + k0, _mm512_loadu_ps(ctile + rr * 16), scale, valid);
     }
   }
 }

@@ -3,7 +3,8 @@ needs.
 
 Keys are the corpus (instruction + documents; ``key_doc`` names each key's document, -1 for the
 instruction) followed by the query side's own keys (``self_k``), of which the ``Q`` queries are
-the last ``Q``: query i attends the corpus and the self keys up to and including itself.
+the last ``Q``: query i attends the corpus and the self keys up to and including itself (or, with
+``self_mask`` [Q, S], the self keys it names: a tree of drafted digits in speculative decoding).
 
 * :func:`corpus_attention` streams the corpus in chunks with an online (flash-style) softmax:
   it never holds more than ``[head, Q, chunk]`` scores, so its memory does not grow with the
@@ -44,6 +45,17 @@ class CorpusAttentionResult:
 Chunk = tuple[Tensor, Tensor, Tensor]  # keys [kv_head, C, d], values [kv_head, C, d], key_doc [C]
 
 
+def _self_mask(n_q: int, n_self: int, mask: Tensor | None) -> Tensor:
+    """Which self keys each query row attends, bool [Q, S]: by default the Q queries are the last
+    Q self keys, each attending the keys up to itself (causal).  A given mask (e.g. a tree of
+    drafted digits, each attending the query and its own earlier digits) is checked for shape."""
+    if mask is None:
+        return torch.arange(n_self)[None, :] <= torch.arange(n_self - n_q, n_self)[:, None]
+    if mask.shape != (n_q, n_self) or mask.dtype != torch.bool:
+        raise ValueError(f"self_mask must be bool [{n_q}, {n_self}] (query rows, self keys); got {mask.dtype} {list(mask.shape)}")
+    return mask
+
+
 def _kept_keys(key_doc: Tensor, keep_docs: Tensor | None) -> Tensor | None:
     """Boolean [T] of the keys attended under routing (instruction keys always), or None for all."""
     if keep_docs is None:
@@ -75,13 +87,14 @@ class CorpusAttentionStream:
     def __init__(
         self, q: Tensor, n_docs: int, *, n_corpus_keys: int, n_docs_attended: int, n_self: int, layer: int,
         scale: float, score_fn: ScoreFunction | None = None, gold_docs: list[int] | None = None,
-        stats: bool = True, route_stats: bool = False, stats_rows: str = "all",
+        stats: bool = True, route_stats: bool = False, stats_rows: str = "all", self_mask: Tensor | None = None,
+        route_rows: slice = slice(None),
     ):
         n_heads, n_q, d = q.shape
         self.q, self.scale, self.layer, self.score_fn = q, scale, layer, score_fn
         self.n_docs, self.n_docs_attended = n_docs, n_docs_attended
-        self.self_pos = torch.arange(n_self - n_q, n_self)
-        self.n_keys = (n_corpus_keys + self.self_pos + 1).view(1, n_q, 1)
+        self.self_mask = _self_mask(n_q, n_self, self_mask)
+        self.n_keys = (n_corpus_keys + self.self_mask.sum(1)).view(1, n_q, 1)
         self.rows = slice(n_q - 1, n_q) if stats_rows == "last" else slice(0, n_q)
         n_rows = 1 if stats_rows == "last" else n_q
         self.m = torch.full((n_heads, n_q), float("-inf"))
@@ -92,6 +105,7 @@ class CorpusAttentionStream:
         self.doc_max = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.doc_lse = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.route_max = torch.full((n_heads, n_docs), float("-inf")) if route_stats else None
+        self.route_rows = route_rows  # the rows routing scores reduce over (the query's own, not drafted digits)
         # Fast path: a score function that only scales each (head, row) folds into q, the bulk
         # goes through PyTorch's fused flash kernel, and per-document statistics are computed
         # for the readout row alone (the generic path keeps them for every row if asked).
@@ -111,7 +125,7 @@ class CorpusAttentionStream:
             return
         raw = _grouped_scores(self.q, keys, self.scale)
         if self.route_max is not None:
-            _doc_max(raw.amax(1, keepdim=True), key_doc, self.route_max[:, None])
+            _doc_max(raw[:, self.route_rows].amax(1, keepdim=True), key_doc, self.route_max[:, None])
         scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
         self._accumulate(scores, values, key_doc)
 
@@ -148,7 +162,7 @@ class CorpusAttentionStream:
         n_heads, n_q, d = self.q.shape
         kv = keys.shape[0]
         if self.route_max is not None:  # raw scores (before interventions), max over query rows
-            _doc_max(_grouped_row_max(self.q, keys, self.scale), key_doc, self.route_max[:, None])
+            _doc_max(_grouped_row_max(self.q[:, self.route_rows], keys, self.scale), key_doc, self.route_max[:, None])
         out = out.reshape(n_heads, n_q, d).float()
         lse = lse.reshape(n_heads, n_q).float()
         m_new = torch.maximum(self.m, lse)
@@ -182,8 +196,7 @@ class CorpusAttentionStream:
             _grouped_scores(self.q, self_k, self.scale), self.score_fn,
             self._context(torch.full((s,), -1, dtype=torch.long)),
         )
-        causal = torch.arange(s)[None, :] <= self.self_pos[:, None]
-        self._accumulate(scores.masked_fill(~causal, float("-inf")), self_v, None)
+        self._accumulate(scores.masked_fill(~self.self_mask, float("-inf")), self_v, None)
         lse = self.m + torch.log(self.l)
         if sink is not None:
             lse = torch.logaddexp(lse, sink.view(-1, 1).float())
@@ -474,6 +487,7 @@ def corpus_attention(
     route_stats: bool = False,
     stats_rows: str = "all",
     chunk_size: int = 16384,
+    self_mask: Tensor | None = None,
 ) -> CorpusAttentionResult:
     """Streaming corpus attention.  q: [head, Q, d] (rotated); corpus_k/v: [kv_head, T, d];
     key_doc: [T] long; self_k/v: [kv_head, S, d] with S >= Q; keep_docs: bool [N] or None."""
@@ -483,7 +497,7 @@ def corpus_attention(
     return attend_chunks(
         q, iter_chunks(corpus_k, corpus_v, key_doc, chunk_size, keep_docs), n_docs, self_k, self_v,
         n_corpus_keys=n_keys, n_docs_attended=n_attended, layer=layer, scale=scale, score_fn=score_fn,
-        gold_docs=gold_docs, stats=stats, route_stats=route_stats, stats_rows=stats_rows,
+        gold_docs=gold_docs, stats=stats, route_stats=route_stats, stats_rows=stats_rows, self_mask=self_mask,
     )
 
 
@@ -503,6 +517,7 @@ def dense_corpus_attention(
     stats: bool = True,
     keep_docs: Tensor | None = None,
     route_stats: bool = False,
+    self_mask: Tensor | None = None,
 ) -> CorpusAttentionResult:
     """The materialised reference (all [head, Q, T+S] scores at once), fp32 throughout."""
     n_heads, n_q, _ = q.shape
@@ -514,12 +529,11 @@ def dense_corpus_attention(
 
     kept = _kept_keys(key_doc, keep_docs)
     kept = kept if kept is not None else torch.ones(t, dtype=torch.bool)
-    self_pos = torch.arange(s - n_q, s)
     allowed = torch.ones(n_q, t + s, dtype=torch.bool)
     allowed[:, :t] = kept
-    allowed[:, t:] = torch.arange(s)[None, :] <= self_pos[:, None]
+    allowed[:, t:] = _self_mask(n_q, s, self_mask)
     all_key_doc = torch.cat([key_doc, torch.full((s,), -1, dtype=key_doc.dtype)])
-    n_keys = (int(kept.sum()) + self_pos + 1).view(1, n_q, 1)
+    n_keys = allowed.sum(1).view(1, n_q, 1)
     n_attended = int(keep_docs.sum()) if keep_docs is not None else n_docs
     ctx = ScoreContext(layer, n_heads, n_keys, n_attended, all_key_doc)
     scores, sink = apply_score_function(raw, score_fn, ctx)

@@ -10,7 +10,11 @@
    disk-backed corpus is read once per layer, whatever the number of streams), then every
    stream finishes the layer.  Attention goes through ``kernels.corpus_attention``, which also
    returns the per-document statistics the lens records (for the readout token).
-4. Four digits are decoded greedily (over the ten digit tokens), reusing the query side's KV.
+4. Four digits are decoded greedily (over the ten digit tokens) or by a beam over the corpus's
+   codes, reusing the query side's KV.  Given drafts (e.g. the plain run's codes when an
+   intervention reruns a query), the drafted digits ride along in the query pass as extra rows
+   (a tree: each attends the query and its own earlier digits), and a step whose prefix was
+   drafted reads its digit distribution from there instead of passing over the corpus again.
 """
 
 from __future__ import annotations
@@ -153,6 +157,11 @@ class QueryStream:
     attention: CorpusAttentionStream | None = None
     source_plan: tuple | None = None  # a KV source's per-corpus lookup, computed once per stream
     start_layer: int = 0  # first layer computed at the first step (earlier ones restored from a plain run)
+    # speculative decoding: drafted digit prefixes -> their row in the query pass (rows 0..M-1, the
+    # query's own tokens after them), the digit logits each row gave, and the pass's self mask
+    drafted: dict | None = None
+    draft_logits: dict | None = None
+    self_mask: Tensor | None = None
 
     # decoding: the digits so far, their summed log-prob, and the ten-digit distributions seen
     digits: list = field(default_factory=list)
@@ -422,12 +431,30 @@ class BlockSearchRunner:
         return self.run_streams([self.stream(query_id, n_docs, score_fn, record)], beam=beam)[0]
 
     @torch.no_grad()
-    def run_streams(self, streams: list[QueryStream], desc: str | None = None, beam: int = 1) -> list[QueryRun]:
+    def run_streams(
+        self, streams: list[QueryStream], desc: str | None = None, beam: int = 1,
+        drafts: list[list[str] | None] | None = None,
+    ) -> list[QueryRun]:
         """Run several streams together, layer-major (see the module docstring).
 
         ``beam=1`` decodes greedily over the ten digit tokens.  ``beam=k>1`` keeps the k most
         probable prefixes of the corpus's own codes at each digit (a beam over the code trie),
-        so each run also carries its top-k codes ranked by the model's probability."""
+        so each run also carries its top-k codes ranked by the model's probability.
+
+        ``drafts``, per stream, codes to verify in the query pass (speculative decoding; the
+        plain run's ranked codes are good drafts for an intervention's rerun).  The decoded codes
+        do not depend on them; a drafted step costs no pass over the corpus, an undrafted one
+        costs what it would without drafts.  Numbers agree with an undrafted run to rounding
+        (the rows are batched differently), so sweeps, whose records must not depend on what
+        ran before, do not draft.  ``self.draft_counts`` tells how many decoding steps the drafts
+        answered and how many were computed."""
+        if drafts is not None:
+            if len(drafts) != len(streams):
+                raise LensError(f"drafts: one list of codes per stream ({len(streams)}), got {len(drafts)}")
+            for s, codes in zip(streams, drafts):
+                if codes:
+                    self._plant_drafts(s, codes)
+        self.draft_counts = dict(drafted=0, computed=0)
         for s in streams:  # each in its own order: under `sequential` positions depend on it
             self.source.prefill(s.corpus)
         readout: dict[int, Tensor] = {}
@@ -438,24 +465,42 @@ class BlockSearchRunner:
         with tqdm(total=total, desc=desc or "query layers", disable=not self.progress or len(streams) < 2, leave=False) as bar:
             for step in range(CODE_DIGITS):
                 active = [h for hs in hypotheses.values() for h in hs]
+                computing = []
                 for h in active:
-                    tokens = torch.tensor(h.query_ids) if step == 0 else self.digit_ids[h.digits[-1]].view(1)
-                    positions = torch.arange(h.next_position, h.next_position + tokens.shape[0])[None]
-                    h.next_position += tokens.shape[0]
+                    if step == 0 and h.drafted is not None:
+                        tokens, positions = self._draft_rows(h)
+                    elif step == 0:
+                        tokens = torch.tensor(h.query_ids)
+                        positions = torch.arange(h.next_position, h.next_position + tokens.shape[0])
+                    else:
+                        tokens, positions = self.digit_ids[h.digits[-1]].view(1), torch.tensor([h.next_position])
+                        if h.drafted is not None and tuple(h.digits) in h.drafted:  # answered by the query pass
+                            h.next_position += 1
+                            self.draft_counts["drafted"] += 1
+                            continue
+                        if h.drafted is not None:
+                            self._leave_drafts(h)
+                        self.draft_counts["computed"] += 1
+                    h.next_position += len(h.query_ids) if step == 0 else 1
                     h.resid = self.model.embed(tokens[None])
-                    h.rotary = self.model.rotary(positions)
+                    h.rotary = self.model.rotary(positions[None])
+                    computing.append(h)
                 saving = {}
                 if step == 0:
-                    saving = {id(h): (h, [], self._plain_key(h)) for h in active if h.score_fn is None}
+                    saving = {id(h): (h, [], self._plain_key(h)) for h in active if h.score_fn is None and h.drafted is None}
                     for h in active:
                         self._restore_plain(h)
                 for layer in range(self.model.cfg.n_layers):
                     for h, inputs, _ in saving.values():
                         inputs.append(h.resid)
-                    todo = [h for h in active if h.start_layer <= layer]
+                    todo = [h for h in computing if h.start_layer <= layer]
                     if todo:
                         self._layer(layer, todo, record=step == 0)
                     bar.update(1)
+                for h in computing:
+                    if step == 0 and h.drafted is not None:  # each drafted row's digit distribution
+                        h.draft_logits = {p: self._digit_logit_lens(h.resid[0, i]) for p, i in h.drafted.items()}
+                        h.self_mask = None
                 for h, inputs, key in saving.values():
                     self._plain[key] = dict(resid_in=inputs, self_k=list(h.self_k), self_v=list(h.self_v),
                                             layers=list(h.recording.get("layers", [])))
@@ -469,6 +514,8 @@ class BlockSearchRunner:
                             logits = self.model.unembed(h.resid[:, -1:])[0, -1].float()
                             readout[id(root)] = logits
                             digit_logits = logits[self.digit_ids]
+                        elif h.drafted is not None:  # verified from the drafted row of this prefix
+                            digit_logits = h.draft_logits[tuple(h.digits)]
                         else:  # later steps need only the ten digits' rows of the unembedding
                             digit_logits = self._digit_logit_lens(h.resid[0, -1])
                         logp = torch.log_softmax(digit_logits, dim=-1)
@@ -483,13 +530,48 @@ class BlockSearchRunner:
                     finished[id(root)] = hypotheses[id(root)]
         return [self._result(s, finished[id(s)], readout[id(s)]) for s in streams]
 
+    def _plant_drafts(self, s: QueryStream, codes: list[str]) -> None:
+        """The trie of the drafted codes' first three digits: prefix -> row of the query pass."""
+        for code in codes:
+            if not (isinstance(code, str) and len(code) == CODE_DIGITS and code.isdigit()):
+                raise LensError(f"draft {code!r} for {s.query_id}: expected a code of {CODE_DIGITS} digits")
+        prefixes = {tuple(int(c) for c in code[:j]) for code in codes for j in range(1, CODE_DIGITS)}
+        s.drafted = {p: i for i, p in enumerate(sorted(prefixes, key=lambda p: (len(p), p)))}
+
+    def _draft_rows(self, s: QueryStream) -> tuple[Tensor, Tensor]:
+        """Tokens and positions of the query pass with drafts: the drafted digits first (each at
+        the position it would have when decoded), the query's tokens last (the readout row stays
+        the last row); and the self mask: the query causal, each drafted digit attending the
+        query, its own earlier digits and itself."""
+        nodes, n_q, m = list(s.drafted), len(s.query_ids), len(s.drafted)
+        start = s.next_position
+        tokens = torch.cat([self.digit_ids[[p[-1] for p in nodes]], torch.tensor(s.query_ids)])
+        positions = torch.cat([torch.tensor([start + n_q + len(p) - 1 for p in nodes]), torch.arange(start, start + n_q)])
+        mask = torch.zeros(m + n_q, m + n_q, dtype=torch.bool)
+        mask[m:, m:] = torch.ones(n_q, n_q, dtype=torch.bool).tril()
+        mask[:m, m:] = True
+        for i, p in enumerate(nodes):
+            mask[i, [s.drafted[p[:j]] for j in range(1, len(p) + 1)]] = True
+        s.self_mask = mask
+        return tokens, positions
+
+    def _leave_drafts(self, s: QueryStream) -> None:
+        """A hypothesis whose next prefix was not drafted decodes on: its self KV becomes the
+        query's rows and those of its (drafted) digits so far, in decoding order."""
+        m = len(s.drafted)
+        rows = list(range(m, m + len(s.query_ids))) + [s.drafted[tuple(s.digits[:j])] for j in range(1, len(s.digits))]
+        index = torch.tensor(rows)
+        s.self_k = [k.index_select(1, index) for k in s.self_k]
+        s.self_v = [v.index_select(1, index) for v in s.self_v]
+        s.drafted = s.draft_logits = None
+
     def _plain_key(self, s: QueryStream) -> tuple:
         return (s.query_id, tuple(s.query_ids), tuple(s.corpus), s.next_position, s.record, s.route_record)
 
     def _restore_plain(self, s: QueryStream) -> None:
         """Start ``s`` at its intervention's first layer when a plain run of the same query over
         the same corpus left its states: the layers before that one are exactly the plain run's."""
-        if s.score_fn is None:
+        if s.score_fn is None or s.drafted is not None:  # drafted rows are not in a plain run's states
             return
         first = min(s.score_fn.first_layer(), self.model.cfg.n_layers - 1)
         plain = self._plain.get(self._plain_key(s)) if first > 0 else None
@@ -521,7 +603,8 @@ class BlockSearchRunner:
                 layer=layer, scale=attn.scale, score_fn=s.score_fn,
                 gold_docs=s.gold_positions if record and s.record else None,
                 stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
-                stats_rows="last",
+                stats_rows="last", self_mask=s.self_mask,
+                route_rows=slice(None) if s.self_mask is None else slice(len(s.drafted), None),
             )
         self.source.feed(layer, streams)
         for s in streams:

@@ -162,6 +162,7 @@ class QueryStream:
     drafted: dict | None = None
     draft_logits: dict | None = None
     self_mask: Tensor | None = None
+    beam_root: int | None = None  # set on a beam's hypotheses at decoding steps: their dense layers run as one batch
 
     # decoding: the digits so far, their summed log-prob, and the ten-digit distributions seen
     digits: list = field(default_factory=list)
@@ -465,6 +466,7 @@ class BlockSearchRunner:
         with tqdm(total=total, desc=desc or "query layers", disable=not self.progress or len(streams) < 2, leave=False) as bar:
             for step in range(CODE_DIGITS):
                 active = [h for hs in hypotheses.values() for h in hs]
+                root_of = {id(h): r for r, hs in hypotheses.items() for h in hs}
                 computing = []
                 for h in active:
                     if step == 0 and h.drafted is not None:
@@ -482,6 +484,7 @@ class BlockSearchRunner:
                             self._leave_drafts(h)
                         self.draft_counts["computed"] += 1
                     h.next_position += len(h.query_ids) if step == 0 else 1
+                    h.beam_root = None if step == 0 else root_of[id(h)]
                     h.resid = self.model.embed(tokens[None])
                     h.rotary = self.model.rotary(positions[None])
                     computing.append(h)
@@ -586,47 +589,83 @@ class BlockSearchRunner:
     def _layer(self, layer: int, streams: list[QueryStream], record: bool) -> None:
         block = self.model.blocks[layer]
         attn = block.attn
-        for s in streams:
-            s.resid, (q, k, v) = block.attention_inputs(s.resid, *s.rotary)
-            k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
-            if s.self_k[layer] is None:
-                s.self_k[layer], s.self_v[layer] = k_new, v_new
-            else:
-                s.self_k[layer] = torch.cat([s.self_k[layer], k_new], dim=1)
-                s.self_v[layer] = torch.cat([s.self_v[layer], v_new], dim=1)
-            deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
-            routed = s.attends_routed(layer)
-            s.attention = CorpusAttentionStream(
-                q[0].transpose(0, 1), s.n_docs,
-                n_corpus_keys=self.source.corpus_keys(s, layer), n_self=s.self_k[layer].shape[1],
-                n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
-                layer=layer, scale=attn.scale, score_fn=s.score_fn,
-                gold_docs=s.gold_positions if record and s.record else None,
-                stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
-                stats_rows="last", self_mask=s.self_mask,
-                route_rows=slice(None) if s.self_mask is None else slice(len(s.drafted), None),
-            )
+        batches = self._batches(streams)
+        for members in batches:
+            if len(members) == 1:
+                members[0].resid, qkv = block.attention_inputs(members[0].resid, *members[0].rotary)
+                qkvs = [qkv]
+            else:  # a beam's hypotheses: one token each at the same position, one batch
+                resid, (q, k, v) = block.attention_inputs(torch.cat([s.resid for s in members]), *members[0].rotary)
+                qkvs = [(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(len(members))]
+                for i, s in enumerate(members):
+                    s.resid = resid[i : i + 1]
+            for s, (q, k, v) in zip(members, qkvs):
+                self._open_stream(layer, s, q, k, v, record)
         self.source.feed(layer, streams)
+        for members in batches:
+            results = [self._close_stream(layer, s) for s in members]
+            if len(members) == 1:
+                members[0].resid = block.finish(members[0].resid, results[0].output[None])
+            else:
+                out = block.finish(torch.cat([s.resid for s in members]), torch.stack([r.output for r in results]))
+                for i, s in enumerate(members):
+                    s.resid = out[i : i + 1]
+            for s, res in zip(members, results):
+                if record and s.record:
+                    self._record(s, attn, res)
+
+    def _batches(self, streams: list[QueryStream]) -> list[list[QueryStream]]:
+        """Streams whose dense layers run as one batch: a beam's hypotheses at a decoding step
+        (same root, one token each).  Never streams of different roots: a stream's numbers must
+        not depend on which others ran beside it (a resumed sweep batches streams differently)."""
+        groups: dict = {}
         for s in streams:
-            res = s.attention.finish(s.self_k[layer], s.self_v[layer])
-            s.attention = None
-            if s.route is not None and layer == s.route.layer and s.keep_docs is None:
-                top = s.route.scores(res.route_max).topk(min(s.route.B, s.n_docs)).indices
-                s.keep_docs = torch.zeros(s.n_docs, dtype=torch.bool)
-                s.keep_docs[top] = True
-            resid_in = s.resid
-            s.resid = block.finish(resid_in, res.output[None])
-            if record and s.record:
-                gold = res.gold_output if res.gold_output is not None else torch.zeros_like(res.output[-1:])
-                rec = s.recording.setdefault("layers", [])
-                rec.append(dict(
-                    result=CorpusAttentionResult(res.output[-1:], res.lse[:, -1:], res.doc_max, res.doc_lse, res.gold_output),
-                    attn_out=attn.o_proj(res.output[-1:].reshape(1, -1))[0].float(),
-                    gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
-                    resid_post=s.resid[0, -1].float(),
-                    logit_lens=self._digit_logit_lens(s.resid[0, -1]),
-                    route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]) if s.route_record else None,
-                ))
+            groups.setdefault(id(s) if s.beam_root is None else s.beam_root, []).append(s)
+        return list(groups.values())
+
+    def _open_stream(self, layer: int, s: QueryStream, q: Tensor, k: Tensor, v: Tensor, record: bool) -> None:
+        """The stream's new keys and values join its self KV; its corpus attention is set up."""
+        attn = self.model.blocks[layer].attn
+        k_new, v_new = k[0].transpose(0, 1), v[0].transpose(0, 1)
+        if s.self_k[layer] is None:
+            s.self_k[layer], s.self_v[layer] = k_new, v_new
+        else:
+            s.self_k[layer] = torch.cat([s.self_k[layer], k_new], dim=1)
+            s.self_v[layer] = torch.cat([s.self_v[layer], v_new], dim=1)
+        deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
+        routed = s.attends_routed(layer)
+        s.attention = CorpusAttentionStream(
+            q[0].transpose(0, 1), s.n_docs,
+            n_corpus_keys=self.source.corpus_keys(s, layer), n_self=s.self_k[layer].shape[1],
+            n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
+            layer=layer, scale=attn.scale, score_fn=s.score_fn,
+            gold_docs=s.gold_positions if record and s.record else None,
+            stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
+            stats_rows="last", self_mask=s.self_mask,
+            route_rows=slice(None) if s.self_mask is None else slice(len(s.drafted), None),
+        )
+
+    def _close_stream(self, layer: int, s: QueryStream) -> CorpusAttentionResult:
+        res = s.attention.finish(s.self_k[layer], s.self_v[layer])
+        s.attention = None
+        if s.route is not None and layer == s.route.layer and s.keep_docs is None:
+            top = s.route.scores(res.route_max).topk(min(s.route.B, s.n_docs)).indices
+            s.keep_docs = torch.zeros(s.n_docs, dtype=torch.bool)
+            s.keep_docs[top] = True
+        return res
+
+    def _record(self, s: QueryStream, attn, res: CorpusAttentionResult) -> None:
+        """The readout token's record of one layer."""
+        gold = res.gold_output if res.gold_output is not None else torch.zeros_like(res.output[-1:])
+        rec = s.recording.setdefault("layers", [])
+        rec.append(dict(
+            result=CorpusAttentionResult(res.output[-1:], res.lse[:, -1:], res.doc_max, res.doc_lse, res.gold_output),
+            attn_out=attn.o_proj(res.output[-1:].reshape(1, -1))[0].float(),
+            gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
+            resid_post=s.resid[0, -1].float(),
+            logit_lens=self._digit_logit_lens(s.resid[0, -1]),
+            route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]) if s.route_record else None,
+        ))
 
     def _digit_logit_lens(self, resid: Tensor) -> Tensor:
         """Final norm + unembedding of a residual vector, restricted to the ten digit tokens: [10]."""

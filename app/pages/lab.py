@@ -46,26 +46,17 @@ if not chosen:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _runs(model_name, dataset_name, query_ids, n, spec, drafts=None):
+def _runs(model_name, dataset_name, query_ids, n, spec):
     from kernels.score_functions import parse_intervention
 
     fn = None if spec == "none" else parse_intervention(spec)
     streams = [runner.stream(q, n, fn, route_scores=False) for q in query_ids]  # routing recall not shown here
-    return runner.run_streams(streams, beam=2, drafts=None if drafts is None else [list(d) for d in drafts])
-
-
-def _rerun(query_ids, n, spec):
-    """An intervention's runs, the plain runs' ranked codes as drafts (speculative decoding: the
-    same codes and numbers, most decoding steps answered in the query pass)."""
-    plain = _runs(model, dataset, query_ids, n, "none")
-    if spec == "none":
-        return plain
-    return _runs(model, dataset, query_ids, n, spec, tuple(tuple(r.ranked_codes) for r in plain))
+    return runner.run_streams(streams, beam=2)
 
 
 try:
     before = _runs(model, dataset, tuple(chosen), int(n_docs), "none")
-    after = _rerun(tuple(chosen), int(n_docs), score_fn.spec() if score_fn else "none")
+    after = _runs(model, dataset, tuple(chosen), int(n_docs), score_fn.spec() if score_fn else "none")
 except LensError as err:
     st.error(str(err))
     st.stop()
@@ -105,7 +96,7 @@ if st.button("run parameter sweep", key="lab-sweep-run"):
             c = Controls(**{"SSMax s": dict(ssmax_s=value), "temperature t": dict(temperature=value),
                             "sink b": dict(sink_b=value)}[param])
             fn = c.score_function()
-            runs = _rerun(tuple(chosen), n, fn.spec() if fn else "none")
+            runs = _runs(model, dataset, tuple(chosen), n, fn.spec() if fn else "none")
             res = compare_runs(runs, runs)
             rows.append(dict(value=value, N=n, hit_at_1=res["after"]["hit_at_1"],
                              peak_gold_mass=float(res["layers"].gold_mass_after.max())))

@@ -452,6 +452,10 @@ class BlockSearchRunner:
         if drafts is not None:
             if len(drafts) != len(streams):
                 raise LensError(f"drafts: one list of codes per stream ({len(streams)}), got {len(drafts)}")
+            for s, codes in zip(streams, drafts):  # every draft checked before any stream changes
+                for code in codes or []:
+                    if not (isinstance(code, str) and len(code) == CODE_DIGITS and code.isdigit()):
+                        raise LensError(f"draft {code!r} for {s.query_id}: expected a code of {CODE_DIGITS} digits")
             for s, codes in zip(streams, drafts):
                 if codes:
                     self._plant_drafts(s, codes)
@@ -535,9 +539,6 @@ class BlockSearchRunner:
 
     def _plant_drafts(self, s: QueryStream, codes: list[str]) -> None:
         """The trie of the drafted codes' first three digits: prefix -> row of the query pass."""
-        for code in codes:
-            if not (isinstance(code, str) and len(code) == CODE_DIGITS and code.isdigit()):
-                raise LensError(f"draft {code!r} for {s.query_id}: expected a code of {CODE_DIGITS} digits")
         prefixes = {tuple(int(c) for c in code[:j]) for code in codes for j in range(1, CODE_DIGITS)}
         s.drafted = {p: i for i, p in enumerate(sorted(prefixes, key=lambda p: (len(p), p)))}
 

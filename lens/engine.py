@@ -591,26 +591,17 @@ class BlockSearchRunner:
         block = self.model.blocks[layer]
         attn = block.attn
         batches = self._batches(streams)
-        for members in batches:
-            if len(members) == 1:
-                members[0].resid, qkv = block.attention_inputs(members[0].resid, *members[0].rotary)
-                qkvs = [qkv]
-            else:  # a beam's hypotheses: one token each at the same position, one batch
-                resid, (q, k, v) = block.attention_inputs(torch.cat([s.resid for s in members]), *members[0].rotary)
-                qkvs = [(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i in range(len(members))]
-                for i, s in enumerate(members):
-                    s.resid = resid[i : i + 1]
-            for s, (q, k, v) in zip(members, qkvs):
-                self._open_stream(layer, s, q, k, v, record)
+        for members in batches:  # a batch: one stream, or a beam's hypotheses (one token each, same position)
+            resid, (q, k, v) = block.attention_inputs(torch.cat([s.resid for s in members]), *members[0].rotary)
+            for i, s in enumerate(members):
+                s.resid = resid[i : i + 1]
+                self._open_stream(layer, s, q[i : i + 1], k[i : i + 1], v[i : i + 1], record)
         self.source.feed(layer, streams)
         for members in batches:
             results = [self._close_stream(layer, s) for s in members]
-            if len(members) == 1:
-                members[0].resid = block.finish(members[0].resid, results[0].output[None])
-            else:
-                out = block.finish(torch.cat([s.resid for s in members]), torch.stack([r.output for r in results]))
-                for i, s in enumerate(members):
-                    s.resid = out[i : i + 1]
+            out = block.finish(torch.cat([s.resid for s in members]), torch.stack([r.output for r in results]))
+            for i, s in enumerate(members):
+                s.resid = out[i : i + 1]
             for s, res in zip(members, results):
                 if record and s.record:
                     self._record(s, attn, res)

@@ -150,21 +150,30 @@ def part_roof(args) -> None:
 
     torch.manual_seed(0)
     print("== corpus attention vs this box's roof (bf16, SmolLM2 shapes: 9 query heads over 3 KV heads, d=64)")
+    print("   (the roof is re-measured just before each line, best of 3 like the kernel's time: this box's")
+    print("   speed moves by up to 3x within minutes, so a roof measured once at the start misleads)")
     a = torch.randn(2048, 2048, dtype=torch.bfloat16)
     b = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    a @ b
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    peak = 2 * 2048**3 * 10 / (time.perf_counter() - t0)
     src = torch.empty(1 << 29, dtype=torch.int16)
     dst = torch.empty_like(src)
+    a @ b
     dst.copy_(src)
-    t0 = time.perf_counter()
-    for _ in range(5):
-        dst.copy_(src)
-    bandwidth = 2 * src.numel() * 2 * 5 / (time.perf_counter() - t0)  # read + write
-    print(f"measured: bf16 matmul {peak / 1e9:.0f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+
+    def measure_roof() -> tuple[float, float]:
+        peak = 2 * 2048**3 / min(_timed(lambda: a @ b) for _ in range(3))
+        bandwidth = 2 * src.numel() * 2 / min(_timed(lambda: dst.copy_(src)) for _ in range(3))  # read + write
+        return peak, bandwidth
+
+    peak, bandwidth = measure_roof()
+    print(f"measured at the start: bf16 matmul {peak / 1e9:.0f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s")
+    seen = []  # (peak, bandwidth) per line, for the summary
+
+    def roof_now() -> str:
+        nonlocal peak, bandwidth
+        peak, bandwidth = measure_roof()
+        seen.append((peak, bandwidth))
+        return f"[roof {peak / 1e9:.0f} GFLOP/s, {bandwidth / 1e9:.1f} GB/s]"
+
     t, h, kv, d = args.roof_tokens, 9, 3, 64
     keys = torch.randn(kv, t, d, dtype=torch.bfloat16)
     values = torch.randn(kv, t, d, dtype=torch.bfloat16)
@@ -176,6 +185,7 @@ def part_roof(args) -> None:
         for stats in (False, True):
             kwargs = dict(layer=0, scale=d**-0.5, stats=stats, stats_rows="last", gold_docs=[3] if stats else None)
             corpus_attention(q, keys, values, key_doc, n_docs, self_k, self_v, **kwargs)
+            measured = roof_now()
             times = []
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -186,7 +196,7 @@ def part_roof(args) -> None:
             bytes_ = 2 * kv * t * d * 2
             roof = min(peak, flops / bytes_ * bandwidth)
             print(f"T={t} Q={n_q:<3} stats={'on ' if stats else 'off'}: {el * 1e3:7.1f} ms, {flops / el / 1e9:6.1f} GFLOP/s, "
-                  f"{bytes_ / el / 1e9:5.1f} GB/s of KV; roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof")
+                  f"{bytes_ / el / 1e9:5.1f} GB/s of KV; roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof {measured}")
 
     # The decoding shapes kernel by kernel: a few rows per KV head (a digit token's 3 heads per KV
     # head, times the streams sharing the read).  PyTorch's flash kernel (output and lse only; the
@@ -210,11 +220,12 @@ def part_roof(args) -> None:
                 q, keys, values, d**-0.5, key_doc, n_docs, stat_rows, gold)
         for name, call in calls.items():
             call()
+            measured = roof_now()
             el = min(_timed(call) for _ in range(3))
             flops = 4 * kv * rows * t * d
             roof = min(peak, flops / bytes_ * bandwidth)
             print(f"T={t} {rows:>2} rows/KV head, {name:<20}: {el * 1e3:7.1f} ms, KV read at {bytes_ / el / 1e9:5.1f} GB/s "
-                  f"-> {flops / el / roof:.0%} of roof")
+                  f"-> {flops / el / roof:.0%} of roof {measured}")
     if native is None:
         print("(lens's compiled kernel unavailable here: no AVX-512 BF16 or no compiler)")
 
@@ -238,13 +249,17 @@ def part_roof(args) -> None:
                     st.finish(keys[:, :1], values[:, :1])
 
             run()
+            measured = roof_now()
             el = min(_timed(run) for _ in range(3))
             flops = 4 * h * n_streams * t * d
             read = bytes_ * (1 if shared else n_streams)
             roof = min(peak, flops / read * bandwidth)
             print(f"T={t} decode {n_streams} stream(s) x 1 row, {'shared chunks' if shared else 'one at a time'}: "
                   f"{el * 1e3:7.1f} ms ({el * 1e3 / n_streams:6.1f} ms/stream), KV read at {read / el / 1e9:5.1f} GB/s; "
-                  f"roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof")
+                  f"roofline {roof / 1e9:.0f} GFLOP/s -> {flops / el / roof:.0%} of roof {measured}")
+    peaks, bands = [p for p, _ in seen], [b for _, b in seen]
+    print(f"the roof over this run: bf16 matmul {min(peaks) / 1e9:.0f}-{max(peaks) / 1e9:.0f} GFLOP/s, "
+          f"memory bandwidth {min(bands) / 1e9:.1f}-{max(bands) / 1e9:.1f} GB/s")
 
 
 def _timed(fn) -> float:

@@ -13,7 +13,12 @@
             Also streams of one query row each, one at a time vs sharing each chunk read
             (update_shared).
   rerun     intervention reruns on a cached 1K-document corpus: seconds per query, one query
-            alone and four selected together (as the lab runs them).
+            alone and four selected together (as the lab runs them), and what they would cost
+            at 100% of the roof measured in the same run.
+  ablate    where the compiled kernel's time goes: builds of it with one part of the work left
+            out (q.k, the exponentials, p.v, the key transposes; their results are wrong, only
+            their time is read), timed against the full kernel in turns, on one layer of
+            SmolLM2's shapes.
 
     .venv/bin/python experiments/bench_kernels.py --part tl,roof,rerun
 """
@@ -152,18 +157,7 @@ def part_roof(args) -> None:
     print("== corpus attention vs this box's roof (bf16, SmolLM2 shapes: 9 query heads over 3 KV heads, d=64)")
     print("   (the roof is re-measured just before each line, best of 3 like the kernel's time: this box's")
     print("   speed moves by up to 3x within minutes, so a roof measured once at the start misleads)")
-    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
-    src = torch.empty(1 << 29, dtype=torch.int16)
-    dst = torch.empty_like(src)
-    a @ b
-    dst.copy_(src)
-
-    def measure_roof() -> tuple[float, float]:
-        peak = 2 * 2048**3 / min(_timed(lambda: a @ b) for _ in range(3))
-        bandwidth = 2 * src.numel() * 2 / min(_timed(lambda: dst.copy_(src)) for _ in range(3))  # read + write
-        return peak, bandwidth
-
+    measure_roof = Roof()
     peak, bandwidth = measure_roof()
     print(f"measured at the start: bf16 matmul {peak / 1e9:.0f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s")
     seen = []  # (peak, bandwidth) per line, for the summary
@@ -262,6 +256,24 @@ def part_roof(args) -> None:
           f"memory bandwidth {min(bands) / 1e9:.1f}-{max(bands) / 1e9:.1f} GB/s")
 
 
+class Roof:
+    """This box's roof, measured on call: the bf16 matmul rate (2048^3) and the memory bandwidth
+    (a 1 GB copy, read + write), each the best of 3 like the kernels' times."""
+
+    def __init__(self):
+        self.a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+        self.b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+        self.src = torch.empty(1 << 29, dtype=torch.int16)
+        self.dst = torch.empty_like(self.src)
+        self.a @ self.b
+        self.dst.copy_(self.src)
+
+    def __call__(self) -> tuple[float, float]:
+        peak = 2 * 2048**3 / min(_timed(lambda: self.a @ self.b) for _ in range(3))
+        bandwidth = 2 * self.src.numel() * 2 / min(_timed(lambda: self.dst.copy_(self.src)) for _ in range(3))
+        return peak, bandwidth
+
+
 def _timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -325,6 +337,71 @@ def part_rerun(args) -> None:
         print(f"{way:<36} {spec:<22} N={n} ({runs[0].n_tokens} tokens): {sum(ts) / len(ts):.2f} s/query "
               f"(min {min(ts):.2f}, max {max(ts):.2f}; 2 repeats, all layers recorded, 4 digits decoded{note})")
 
+    # What these calls would cost at 100% of this box's roof, measured now: per decoding step,
+    # max(attention FLOPs / bf16 matmul rate, KV bytes / bandwidth) over every layer, plus the
+    # dense layers' weights read once per step.  The query pass has all the query tokens' rows;
+    # each digit step one row per hypothesis (beam 2 for the lab, 1 for greedy), and queries over
+    # one pool share every KV read.
+    peak, bandwidth = Roof()()
+    cfg = model.cfg
+    n_tokens = runs[0].n_tokens
+    query_tokens = len(runner.stream(queries[0], n).query_ids)
+    kv_bytes = 2 * cfg.n_kv_heads * n_tokens * cfg.d_head * 2 * cfg.n_layers
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.blocks.parameters())
+
+    def floor(n_q: int, beam: int) -> float:
+        total = 0.0
+        for step, rows in enumerate([query_tokens] + [beam] * 3):
+            flops = 4 * cfg.n_heads * rows * n_q * n_tokens * cfg.d_head * cfg.n_layers
+            total += max(flops / peak, kv_bytes / bandwidth) + weight_bytes / bandwidth
+        return total / n_q
+
+    print(f"roof now: bf16 matmul {peak / 1e9:.0f} GFLOP/s, memory bandwidth {bandwidth / 1e9:.1f} GB/s; "
+          f"KV {kv_bytes / 1e9:.2f} GB per pass, {query_tokens} query tokens")
+    for way, n_q, beam in (("run_query (greedy, full record)", 1, 1), ("lab, 1 query (beam 2)", 1, 2),
+                           ("lab, 4 queries (beam 2)", 4, 2)):
+        best = min(min(times[way, spec]) for spec in specs[:2])  # routing reads fewer keys: left out
+        print(f"{way:<36} at 100% of roof: {floor(n_q, beam):.2f} s/query; fastest unrouted measured "
+              f"{best:.2f} s/query -> {floor(n_q, beam) / best:.0%} of roof")
+
+
+# ------------------------------------------------------------------------------------ ablate
+def part_ablate(args) -> None:
+    from kernels.native import _has_avx512, build
+
+    if not _has_avx512():
+        print("== ablate: needs AVX-512 BF16 (the compiled kernel); skipped")
+        return
+    t, kv, d = args.ablate_tokens, 3, 64
+    print(f"== where the compiled kernel's time goes: T={t}, {kv} KV heads, d={d}, no statistics; "
+          f"best of 7, variants timed in turns")
+    variants = {"full": 0, "no q.k": 1, "no exp": 2, "no p.v": 4, "no transposes": 8, "stream only": 7}
+    kernels = {name: build(bits) for name, bits in variants.items()}
+    torch.manual_seed(0)
+    keys = (torch.randn(kv, t, d) * 2).bfloat16()
+    values = torch.randn(kv, t, d).bfloat16()
+    key_doc = torch.arange(t) // 100
+    empty, empty_b = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.bool)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for rows in args.ablate_rows:
+        q = torch.randn(kv, rows, d).bfloat16()
+        best = dict.fromkeys(kernels, float("inf"))
+        best_matmul = float("inf")
+        for _ in range(7):
+            for name, kernel in kernels.items():
+                el = _timed(lambda k=kernel: k.decode_attention(q, keys, values, d**-0.5, key_doc, 0, empty, empty_b))
+                best[name] = min(best[name], el)
+            best_matmul = min(best_matmul, _timed(lambda: a @ b))
+        full = best["full"]
+        parts = ", ".join(f"{name} {best[name] * 1e3:.2f} ms (saves {(full - best[name]) * 1e3:+.2f})"
+                          for name in variants if name != "full")
+        print(f"{rows:>3} rows/KV head: full {full * 1e3:.2f} ms; {parts}")
+        pv = full - best["no p.v"]
+        if pv > 0:  # p.v accumulates in fp32 FMAs: compare with the fp32 matmul rate, timed in the same turns
+            fp32 = 2 * 2048**3 / best_matmul
+            rate = 2 * rows * t * kv * d / pv
+            print(f"    p.v: {rate / 1e9:.0f} GFLOP/s, {rate / fp32:.0%} of this box's fp32 matmul rate ({fp32 / 1e9:.0f} GFLOP/s)")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -336,6 +413,8 @@ def main() -> None:
     parser.add_argument("--roof-rows", type=lambda s: [int(x) for x in s.split(",")], default=[3, 6, 12, 24])
     parser.add_argument("--roof-streams", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--rerun-docs", type=int, default=1000)
+    parser.add_argument("--ablate-tokens", type=int, default=102400)
+    parser.add_argument("--ablate-rows", type=lambda s: [int(x) for x in s.split(",")], default=[3, 6, 36])
     parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tl_worker is not None:
@@ -343,7 +422,7 @@ def main() -> None:
         return
     print(f"threads {torch.get_num_threads()}")
     for part in args.part.split(","):
-        {"tl": part_tl, "roof": part_roof, "rerun": part_rerun}[part](args)
+        {"tl": part_tl, "roof": part_roof, "rerun": part_rerun, "ablate": part_ablate}[part](args)
 
 
 if __name__ == "__main__":

@@ -29,19 +29,27 @@ def _has_avx512() -> bool:
 def decode_kernel():
     if os.environ.get("LENS_NATIVE", "1") == "0" or not _has_avx512():
         return None
+    try:
+        return build()
+    except Exception as e:  # a missing compiler or headers: the PyTorch path is used instead
+        warnings.warn(f"lens: compiled decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path")
+        return None
+
+
+def build(ablate: int = 0):
+    """Compile (or load the cached build of) the kernel.  ``ablate`` != 0 builds a variant with
+    parts of the work left out, for ``experiments/bench_kernels.py --part ablate`` only."""
     from torch.utils.cpp_extension import load
 
     from lens.paths import cache_dir
 
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    build = cache_dir() / "build" / f"decode_attention-{digest}"
-    build.mkdir(parents=True, exist_ok=True)
-    try:
-        return load(
-            name=f"lens_decode_attention_{digest}", sources=[str(SOURCE)], build_directory=str(build),
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"],
-            extra_ldflags=["-fopenmp"], verbose=False,
-        )
-    except Exception as e:  # a missing compiler or headers: the PyTorch path is used instead
-        warnings.warn(f"lens: compiled decode kernel unavailable ({type(e).__name__}: {e}); using the PyTorch path")
-        return None
+    tag = f"{digest}_ablate{ablate}" if ablate else digest
+    folder = cache_dir() / "build" / f"decode_attention-{tag}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return load(
+        name=f"lens_decode_attention_{tag}", sources=[str(SOURCE)], build_directory=str(folder),
+        extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile",
+                      "-mamx-bf16", "-fopenmp", f"-DLENS_ABLATE={int(ablate)}"],
+        extra_ldflags=["-fopenmp"], verbose=False,
+    )

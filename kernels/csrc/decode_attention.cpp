@@ -28,6 +28,15 @@
 namespace {
 
 constexpr int kBlock = 64;  // keys per block: scores [rows, 64] stay in L1
+
+// Ablation builds for experiments/bench_kernels.py --part ablate, never a real one: each bit
+// leaves one part of the work out (the results are then wrong), so the benchmark can time what
+// that part costs.  1: q.k, 2: the exponentials, 4: p.v, 8: the key transposes (q.k reads the
+// keys as if they were stored transposed).
+#ifndef LENS_ABLATE
+#define LENS_ABLATE 0
+#endif
+constexpr int kAblate = LENS_ABLATE;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline __m512 bf16_to_f32(const uint16_t* p) {
@@ -190,7 +199,10 @@ inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const ui
   const int W = (int)(D / 2);
   for (int k0 = 0; k0 < nb; k0 += 16) {
     const int n = std::min(16, nb - k0);
-    transpose_keys(kblock + (int64_t)k0 * D, n, W, kt);
+    if constexpr (kAblate & 8)
+      kt = const_cast<uint32_t*>(reinterpret_cast<const uint32_t*>(kblock + (int64_t)k0 * D));
+    else
+      transpose_keys(kblock + (int64_t)k0 * D, n, W, kt);
     const __mmask16 valid = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
     for (int64_t r0 = 0; r0 < R_pad; r0 += 16) {
       _tile_zero(0);
@@ -384,10 +396,12 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
             _mm_prefetch(reinterpret_cast<const char*>(vbase) + line, _MM_HINT_T0);
           }
         }
-        if (use_amx)
+        if constexpr (kAblate & 1) {
+        } else if (use_amx) {
           block_scores_amx(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data(), ctile.data());
-        else
+        } else {
           block_scores(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data());
+        }
         // online softmax: rescale, probabilities
         for (int64_t r = 0; r < R_pad; ++r) {
           float* s_r = sc.data() + r * kBlock;
@@ -401,9 +415,9 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
                 for (int64_t j = 0; j < D; ++j) P.gold[s * D + j] *= alpha;
           }
           P.m[r] = m_new;
-          P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
+          if constexpr (!(kAblate & 2)) P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
         }
-        block_values_any(vbase + b * D, nb, D, pr.data(), R_pad, P.acc.data(), vf.data());
+        if constexpr (!(kAblate & 4)) block_values_any(vbase + b * D, nb, D, pr.data(), R_pad, P.acc.data(), vf.data());
         if (!stats) continue;
         // per-document statistics of the stat rows, one run of equal key_doc at a time
         for (int i = 0; i < nb;) {

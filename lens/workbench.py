@@ -105,6 +105,16 @@ def maxsim_distribution(run: QueryRun, layer: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def code_margin(run: QueryRun) -> float | None:
+    """Log-probability gap between the run's top two ranked codes (None with fewer than two).
+    Near 0 the decoded code is a coin toss to the model's precision: SmolLM2 in bf16 has logits
+    in steps of 0.125 where they lie, so ties are common, and a code that changes there may be
+    rounding, not an intervention."""
+    if len(run.ranked_logprobs) < 2:
+        return None
+    return float(run.ranked_logprobs[0] - run.ranked_logprobs[1])
+
+
 def compare_runs(before: list[QueryRun], after: list[QueryRun]) -> dict:
     """Before/after an intervention over the same queries: per-layer means and recall."""
     def summary(runs):
@@ -112,7 +122,8 @@ def compare_runs(before: list[QueryRun], after: list[QueryRun]) -> dict:
         per_layer = tables.groupby("layer")[["gold_mass", "r_sum_hit", "r_any_hit", "gold_share"]].mean()
         rows = [query_row(r) for r in runs]
         return per_layer, dict(hit_at_1=sum(r["hit@1"] for r in rows if "hit@1" in r) / len(rows),
-                               decoded=[(r.query_id, r.decoded, "|".join(r.gold_codes)) for r in runs])
+                               decoded=[(r.query_id, r.decoded, "|".join(r.gold_codes)) for r in runs],
+                               margin=[code_margin(r) for r in runs])
     (b_layers, b), (a_layers, a) = summary(before), summary(after)
     layers = b_layers.add_suffix("_before").join(a_layers.add_suffix("_after")).reset_index()
     return dict(layers=layers, before=b, after=a)

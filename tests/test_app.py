@@ -91,6 +91,10 @@ def test_lab_controls_change_the_numbers_as_the_api_does(tmp_path):
     layer = int(peak_key.split("layer ")[1].split()[0])
     assert after[peak_key] == f"{expected['layers'].gold_mass_after[layer]:.4f}"
     assert after["hit@1 after"] == f"{expected['after']['hit_at_1']:.2f}"
+    decoded = at.dataframe[0].value  # codes and the top-two margins, as the API gives them
+    assert list(decoded.decoded_after) == [d for _, d, _ in expected["after"]["decoded"]]
+    assert list(decoded.margin_after) == pytest.approx(expected["after"]["margin"])
+    assert all(m >= 0 for m in decoded.margin_after)
     at.text_input(key="lab-sweep-n").set_value("4,16")
     at.text_input(key="lab-sweep-grid").set_value("0.3,0.6")
     at.button(key="lab-sweep-run").click().run()

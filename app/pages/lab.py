@@ -75,7 +75,11 @@ st.plotly_chart(px.line(layers, x="layer", y=["r_sum_hit_before", "r_sum_hit_aft
                         title="R_sum / R_any per layer"), key="lab-r")
 st.dataframe(pd.DataFrame(
     [dict(query=q, gold=g, decoded_before=d) for q, d, g in cmp["before"]["decoded"]]
-).assign(decoded_after=[d for _, d, _ in cmp["after"]["decoded"]]), hide_index=True, key="lab-decoded")
+).assign(decoded_after=[d for _, d, _ in cmp["after"]["decoded"]],
+         margin_before=cmp["before"]["margin"], margin_after=cmp["after"]["margin"]), hide_index=True, key="lab-decoded")
+st.caption("margin: log-probability gap between the top two codes of the beam. Near 0 the two are tied to the "
+           "model's precision (bf16 logits move in steps of 0.125), and a code that changes there may be rounding, "
+           "not the intervention.")
 
 st.subheader("sweep an intervention parameter")
 param = st.selectbox("parameter", ["SSMax s", "temperature t", "sink b"], key="lab-sweep-param")

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -363,6 +364,25 @@ def part_rerun(args) -> None:
         best = min(min(times[way, spec]) for spec in specs[:2])  # routing reads fewer keys: left out
         print(f"{way:<36} at 100% of roof: {floor(n_q, beam):.2f} s/query; fastest unrouted measured "
               f"{best:.2f} s/query -> {floor(n_q, beam) / best:.0%} of roof")
+
+    # How firm the decoded codes are: the same plain runs with the corpus fed in chunks of 2^18
+    # keys instead of 2^16.  Only fp32 summation order changes; the bf16 model then rounds a few
+    # values the other way, and at this N that can reorder the top codes.
+    from lens.workbench import code_margin
+
+    feed = runner.source.feed
+    for q in queries[:2]:
+        runs = {}
+        for chunk in (65536, 262144):
+            runner.source.feed = functools.partial(feed, chunk_size=chunk)
+            runs[chunk] = runner.run_streams([runner.stream(q, n, route_scores=False)], beam=2)[0]
+        runner.source.feed = feed
+        first = [torch.log_softmax(r.readout_logits[runner.digit_ids].float(), -1) for r in runs.values()]
+        attn = [r.attn_out[0] for r in runs.values()]
+        print(f"{q} plain, chunks of 2^16 vs 2^18 keys: codes {runs[65536].ranked_codes} vs {runs[262144].ranked_codes}, "
+              f"margins {code_margin(runs[65536]):.3f} vs {code_margin(runs[262144]):.3f}; layer 0 attention output "
+              f"differs by {float((attn[0] - attn[1]).abs().max() / attn[0].abs().max()):.0e} of its max, "
+              f"first-digit log-probs by up to {float((first[0] - first[1]).abs().max()):.3f}")
 
 
 # ------------------------------------------------------------------------------------ ablate

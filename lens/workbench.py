@@ -107,9 +107,10 @@ def maxsim_distribution(run: QueryRun, layer: int) -> pd.DataFrame:
 
 def code_margin(run: QueryRun) -> float | None:
     """Log-probability gap between the run's top two ranked codes (None with fewer than two).
-    Near 0 the decoded code is a coin toss to the model's precision: SmolLM2 in bf16 has logits
-    in steps of 0.125 where they lie, so ties are common, and a code that changes there may be
-    rounding, not an intervention."""
+    Only the codes the beam kept are compared.  On a model not trained for the task (SmolLM2)
+    the digit distributions are flat, and bf16 rounding alone moves them by up to ~0.1 nats a
+    digit (``bench_kernels.py --part rerun`` feeds one corpus in two chunk sizes and prints how
+    the codes move), so a small margin says the decoded code is not firm."""
     if len(run.ranked_logprobs) < 2:
         return None
     return float(run.ranked_logprobs[0] - run.ranked_logprobs[1])

@@ -77,9 +77,9 @@ st.dataframe(pd.DataFrame(
     [dict(query=q, gold=g, decoded_before=d) for q, d, g in cmp["before"]["decoded"]]
 ).assign(decoded_after=[d for _, d, _ in cmp["after"]["decoded"]],
          margin_before=cmp["before"]["margin"], margin_after=cmp["after"]["margin"]), hide_index=True, key="lab-decoded")
-st.caption("margin: log-probability gap between the top two codes of the beam. Near 0 the two are tied to the "
-           "model's precision (bf16 logits move in steps of 0.125), and a code that changes there may be rounding, "
-           "not the intervention.")
+st.caption("margin: log-probability gap between the two codes the beam kept. On a model not trained for the task "
+           "the digit distributions are flat and bf16 rounding alone moves them by up to ~0.1 nats a digit, enough "
+           "to reorder codes: read a changed code together with the gold mass and R_sum/R_any curves above.")
 
 st.subheader("sweep an intervention parameter")
 param = st.selectbox("parameter", ["SSMax s", "temperature t", "sink b"], key="lab-sweep-param")

@@ -319,9 +319,6 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   // each document's keys must be one run (so one task owns each document's statistics).
   const int64_t threads = at::get_num_threads();
   int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
-  // as many tasks per thread: at::parallel_for hands each thread one contiguous range of tasks,
-  // so 9 tasks on 2 threads left one thread a whole part idle (3-11% of the call, measured)
-  while ((G * n_parts) % threads != 0 && n_parts < T / 2048) ++n_parts;
   std::vector<int64_t> bounds{0};
   for (int64_t p = 1; p < n_parts; ++p) {
     int64_t t = T * p / n_parts;

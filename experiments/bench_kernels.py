@@ -15,6 +15,8 @@
   rerun     intervention reruns on a cached 1K-document corpus: seconds per query, one query
             alone and four selected together (as the lab runs them), and what they would cost
             at 100% of the roof measured in the same run.
+  overhead  the lab's call on 10 documents, where the corpus costs next to nothing: the dense
+            layers and the Python around the kernel by themselves.
   ablate    where the compiled kernel's time goes: builds of it with one part of the work left
             out (q.k, the exponentials, p.v, the key transposes; their results are wrong, only
             their time is read), timed against the full kernel in turns, on one layer of
@@ -385,6 +387,28 @@ def part_rerun(args) -> None:
               f"first-digit log-probs by up to {float((first[0] - first[1]).abs().max()):.3f}")
 
 
+# ------------------------------------------------------------------------------------ overhead
+def part_overhead(args) -> None:
+    """The lab's call where the corpus costs next to nothing: what the dense layers and the
+    Python around the kernel take by themselves."""
+    from kernels.score_functions import parse_intervention
+    from lens.data.datasets import limit_dataset
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    torch.set_grad_enabled(False)
+    model = load_model("smollm2-135m", dtype=torch.bfloat16)
+    data = limit_dataset(n_docs=10, items_per_doc=28, n_queries=8, seed=0)
+    runner = BlockSearchRunner(model, data, progress=False)
+    fn = parse_intervention("ssmax:s=0.43")
+    call = lambda: runner.run_streams([runner.stream("q0", 10, fn, route_scores=False)], beam=2)  # noqa: E731
+    runner.run_streams([runner.stream("q0", 10, route_scores=False)], beam=2)
+    call()
+    times = [_timed(call) for _ in range(5)]
+    print(f"== overhead: the lab's call (beam 2, ssmax:s=0.43, all layers recorded) on 10 documents "
+          f"({call()[0].n_tokens} tokens): best {min(times):.2f} s, median {sorted(times)[2]:.2f} s of 5")
+
+
 # ------------------------------------------------------------------------------------ ablate
 def part_ablate(args) -> None:
     from kernels.native import _has_avx512, build
@@ -442,7 +466,8 @@ def main() -> None:
         return
     print(f"threads {torch.get_num_threads()}")
     for part in args.part.split(","):
-        {"tl": part_tl, "roof": part_roof, "rerun": part_rerun, "ablate": part_ablate}[part](args)
+        {"tl": part_tl, "roof": part_roof, "rerun": part_rerun, "ablate": part_ablate,
+         "overhead": part_overhead}[part](args)
 
 
 if __name__ == "__main__":

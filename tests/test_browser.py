@@ -92,6 +92,11 @@ def test_dashboard_and_a_live_intervention_in_chromium(server, tmp_path):
         while time.time() < deadline and after == before:
             time.sleep(0.5)
             after = metric.locator('[data-testid="stMetricValue"]').inner_text()
+        # each arrow press reruns the page: wait until the last rerun is done, so the value read and
+        # the screenshot are those of t = 0.5, not of a step on the way
+        time.sleep(1.0)
+        page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=300_000)
+        after = metric.locator('[data-testid="stMetricValue"]').inner_text()
         page.screenshot(path=str(shots / "lab.png"), full_page=True)
         browser.close()
     assert after != before, f"gold mass stayed {before} after moving the temperature slider"

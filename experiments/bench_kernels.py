@@ -354,7 +354,7 @@ def part_rerun(args) -> None:
 
     def floor(n_q: int, beam: int) -> float:
         total = 0.0
-        for step, rows in enumerate([query_tokens] + [beam] * 3):
+        for rows in [query_tokens] + [beam] * 3:
             flops = 4 * cfg.n_heads * rows * n_q * n_tokens * cfg.d_head * cfg.n_layers
             total += max(flops / peak, kv_bytes / bandwidth) + weight_bytes / bandwidth
         return total / n_q

@@ -401,7 +401,9 @@ def part_overhead(args) -> None:
     data = limit_dataset(n_docs=10, items_per_doc=28, n_queries=8, seed=0)
     runner = BlockSearchRunner(model, data, progress=False)
     fn = parse_intervention("ssmax:s=0.43")
-    call = lambda: runner.run_streams([runner.stream("q0", 10, fn, route_scores=False)], beam=2)  # noqa: E731
+    def call():
+        return runner.run_streams([runner.stream("q0", 10, fn, route_scores=False)], beam=2)
+
     runner.run_streams([runner.stream("q0", 10, route_scores=False)], beam=2)
     call()
     times = [_timed(call) for _ in range(5)]
@@ -433,7 +435,7 @@ def part_ablate(args) -> None:
         best_matmul = float("inf")
         for _ in range(7):
             for name, kernel in kernels.items():
-                el = _timed(lambda k=kernel: k.decode_attention(q, keys, values, d**-0.5, key_doc, 0, empty, empty_b))
+                el = _timed(lambda k=kernel, q=q: k.decode_attention(q, keys, values, d**-0.5, key_doc, 0, empty, empty_b))
                 best[name] = min(best[name], el)
             best_matmul = min(best_matmul, _timed(lambda: a @ b))
         full = best["full"]

@@ -301,10 +301,11 @@ def part_rerun(args) -> None:
     # As in the intervention lab: a query's corpus is already cached (its plain run came first);
     # the intervention reruns only the query side.  "lab, 4 queries" is the lab's call with four
     # queries selected: at N = the pool their corpora hold the same documents, so the decoding
-    # steps read each chunk once for all of them; its time is divided by 4.  "drafted" is what the
-    # lab does: the plain runs' ranked codes ride along in the query pass (speculative decoding),
-    # and a decoding step they answer costs no pass over the corpus; how many they answered is
-    # printed (it depends on how much the intervention changes the codes).
+    # steps read each chunk once for all of them; its time is divided by 4.  "drafted" rows are
+    # the API's speculative decoding, which the lab does not use (it did not pay here): the plain
+    # runs' ranked codes ride along in the query pass, and a decoding step they answer costs no
+    # pass over the corpus; how many they answered is printed (it depends on how much the
+    # intervention changes the codes).
     specs = ("ssmax:s=0.43", "sink:b=4", "route:layer=16,B=256")
     n = args.rerun_docs
     queries = [q.id for q in data.queries[:4]]

@@ -29,7 +29,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner, length_batches
+    from lens.engine import BlockSearchRunner
     from lens.models.registry import load_model, smollm2_folder
 
     dtype = getattr(torch, args.dtype)
@@ -42,10 +42,9 @@ def main() -> None:
 
     folder = smollm2_folder() if args.model == "smollm2-135m" else args.model
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").eval()
-    # The same batches lens forms (documents sorted by length, up to batch_tokens per batch).
-    order = sorted(docs, key=lambda d: len(runner.pool.doc_token_ids[d]))
-    batches = [[order[i] for i in batch]
-               for batch in length_batches([len(runner.pool.doc_token_ids[d]) for d in order], args.batch_tokens)]
+    # The same batches lens forms (its fixed batches: runs of the pool's storage order, up to
+    # batch_tokens padded tokens each).
+    batches = runner.source.batches
     hf_inputs = []
     for batch in batches:
         width = max(len(runner.pool.doc_token_ids[d]) for d in batch)

@@ -4,7 +4,10 @@
 2. Documents are prefilled block-sparsely in batches (each sees the instruction and itself).
    Their per-layer keys and values live in a KV source: :class:`MemoryKV` (a per-document
    cache keyed by model, layout, document tokens and start position; prefilled on demand) or
-   :class:`lens.kv_store.DiskKV` (the whole pool on disk, for corpora larger than RAM).
+   :class:`lens.kv_store.DiskKV` (the whole pool on disk, for corpora larger than RAM).  Both
+   prefill the same fixed batches (:func:`pool_batches`): a document's KV depends on the other
+   rows of its batch at the last bit (padded width and GEMM shape change the order of sums), so
+   it must not depend on which documents happened to be asked for first.
 3. Query streams, one per (query, N, intervention), run *layer-major*: every stream computes its
    queries for layer L, the source feeds the layer's corpus chunks to all streams at once (a
    disk-backed corpus is read once per layer, whatever the number of streams), then every
@@ -32,7 +35,9 @@ from kernels.block_prefill import block_prefill
 from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream, iter_chunks, update_shared
 from kernels.score_functions import Route, ScoreFunction, find_route
 from lens.data.datasets import Dataset
-from lens.data.layout import LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, document_start, query_start
+from lens.data.layout import (
+    LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, document_start, pool_order, query_start,
+)
 from lens.errors import LensError
 from lens.models.decoder import Decoder
 
@@ -98,6 +103,15 @@ def length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     if current:
         batches.append(current)
     return batches
+
+
+def pool_batches(pool: PoolLayout, seed: int, batch_tokens: int) -> list[list[int]]:
+    """The fixed prefill batches of a pool (pool indices): runs of its seeded storage order
+    (:func:`lens.data.layout.pool_order`, the order every corpus's distractors are drawn in) of
+    up to ``batch_tokens`` padded tokens.  A corpus at size N is mostly a prefix of that order,
+    so a small N prefills few batches beyond its own documents."""
+    order = pool_order(len(pool.doc_token_ids), seed)
+    return [[order[i] for i in b] for b in length_batches([len(pool.doc_token_ids[d]) for d in order], batch_tokens)]
 
 
 @dataclass
@@ -226,9 +240,12 @@ class MemoryKV(KVSource):
     """Documents' KV in memory, prefilled on demand (the interactive path, up to a few million
     tokens of KV: SmolLM2 needs 23 KB per token in bf16)."""
 
-    def __init__(self, model: Decoder, pool: PoolLayout, batch_tokens: int = 8192, progress: bool = True):
+    def __init__(
+        self, model: Decoder, pool: PoolLayout, batch_tokens: int = 8192, progress: bool = True, seed: int = 0,
+    ):
         self.model, self.pool, self.layout = model, pool, pool.config
-        self.batch_tokens, self.progress = batch_tokens, progress
+        self.batch_tokens, self.progress, self.seed = batch_tokens, progress, seed
+        self._batch_of: dict[int, int] | None = None
         with torch.no_grad():
             self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
@@ -256,19 +273,39 @@ class MemoryKV(KVSource):
         self._concat.clear()
         self.__dict__.pop("_memo", None)
 
+    def _batch_index(self) -> tuple[list[list[int]], dict[int, int]]:
+        if self._batch_of is None:
+            self._batches = pool_batches(self.pool, self.seed, self.batch_tokens)
+            self._batch_of = {d: b for b, docs in enumerate(self._batches) for d in docs}
+        return self._batches, self._batch_of
+
+    @property
+    def batches(self) -> list[list[int]]:
+        """The fixed prefill batches (:func:`pool_batches`; the same as the disk cache's)."""
+        return self._batch_index()[0]
+
     @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:
-        """Make sure every document of ``corpus`` (pool indices) has its KV cached."""
-        todo = sorted(
-            {(d, s) for d, s in zip(corpus, self.starts(corpus)) if self._key(d, s) not in self._store},
-            key=lambda ds: len(self.pool.doc_token_ids[ds[0]]),
-        )
-        if not todo:
+        """Make sure every document of ``corpus`` (pool indices) has its KV cached.
+
+        A missing document is prefilled with the whole of its fixed batch (:attr:`batches`), so
+        its KV is the same bits whatever was prefilled before: a resumed sweep, a query asked
+        after another, the disk cache and this one all hold the same KV.  Under ``sequential``
+        positions a document's start depends on the corpus, so there is no fixed batch to put
+        it in: it is prefilled alone."""
+        starts = self.starts(corpus)
+        missing = [(d, s) for d, s in zip(corpus, starts) if self._key(d, s) not in self._store]
+        if not missing:
             return
-        lengths = [len(self.pool.doc_token_ids[d]) for d, _ in todo]
-        with tqdm(total=len(todo), desc="prefill documents", unit="doc", disable=not self.progress, leave=False) as bar:
-            for batch in length_batches(lengths, self.batch_tokens):
-                items = [todo[i] for i in batch]
+        if self.layout.positions == "sequential":
+            groups = [[ds] for ds in dict.fromkeys(missing)]
+        else:  # one start for every document
+            batches, batch_of = self._batch_index()
+            start = missing[0][1]
+            groups = [[(d, start) for d in batches[b]] for b in sorted({batch_of[d] for d, _ in missing})]
+        with tqdm(total=sum(map(len, groups)), desc="prefill documents", unit="doc", disable=not self.progress,
+                  leave=False) as bar:
+            for items in groups:
                 keys, values = prefill_batch(
                     self.model, self.instruction, [self.pool.doc_token_ids[d] for d, _ in items],
                     [s for _, s in items], self.model.tokenizer.pad_token_id or 0,
@@ -385,7 +422,7 @@ class BlockSearchRunner:
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
         self.progress = progress
         if kv == "memory":
-            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens, progress)
+            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens, progress, seed)
         elif kv == "disk":
             from lens.kv_store import DiskKV
 

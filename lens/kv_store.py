@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from kernels.corpus_attention import update_shared
 from lens.data.layout import PoolLayout, document_start, pool_order
-from lens.engine import DocumentKV, KVSource, QueryStream, length_batches, prefill_batch, run_instruction
+from lens.engine import DocumentKV, KVSource, QueryStream, pool_batches, prefill_batch, run_instruction
 from lens.errors import LensError
 from lens.models.decoder import Decoder
 from lens.paths import cache_dir
@@ -85,6 +85,8 @@ class DiskKV(KVSource):
     def _content_key(self) -> str:
         h = hashlib.sha256()
         h.update(f"lens-kv{FORMAT}|{self.model.fingerprint}|{self.pool.config.document_fingerprint()}|{self.model.dtype}|".encode())
+        if self.batch_tokens != 8192:  # the batches shape the KV's last bits; the default is left out of
+            h.update(f"batch{self.batch_tokens}|".encode())  # the key so caches built before stay valid
         h.update(np.asarray(self.pool.instruction_ids, dtype=np.int64).tobytes())
         for d in self.order:
             h.update(f"|{self.pool.codes[d]}|".encode())
@@ -157,11 +159,14 @@ class DiskKV(KVSource):
             fds.append(fd)
         n_inst = len(self.pool.instruction_ids)
         docs = [self.pool.doc_token_ids[d] for d in self.order]
-        todo = list(range(done, len(docs)))
-        batches = [[todo[i] for i in b] for b in length_batches([len(docs[i]) for i in todo], self.batch_tokens)]
+        # the fixed batches the memory cache prefills too (so both hold the same bits), in storage
+        # positions; a batch that a resumed build finds half done is prefilled whole again
+        batches = [[int(self.rank[d]) for d in b] for b in pool_batches(self.pool, self.seed, self.batch_tokens)]
+        batches = [b for b in batches if b[-1] >= done]
         desc = f"prefill {len(docs)} documents to disk" + (f" (resuming at {done})" if done else "")
-        with tqdm(total=self.n_tokens, initial=int(self.doc_offsets[done]), desc=desc, unit="tok",
-                  unit_scale=True, disable=not self.progress) as bar:
+        initial = int(self.doc_offsets[batches[0][0] if batches else done])
+        with tqdm(total=self.n_tokens, initial=initial, desc=desc, unit="tok", unit_scale=True,
+                  disable=not self.progress) as bar:
             for batch in batches:
                 starts = [document_start(self.pool.config, n_inst, 0) for _ in batch]
                 keys, values = prefill_batch(self.model, instruction, [docs[i] for i in batch], starts,

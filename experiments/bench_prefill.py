@@ -6,6 +6,12 @@ instruction block, and its per-layer KV is stored in the document cache); the ba
 ``model.model`` (no LM head) on the same right-padded batches with SDPA.
 
     .venv/bin/python experiments/bench_prefill.py --docs 64 --items 20 --repeats 3
+
+``--sizes 1024,2048,8192`` instead times lens alone per size of its fixed prefill batches: the
+whole pool, and a first query's prefill at each ``--first-n`` (which also prefills the rest of
+the batches its documents fall in), on an empty cache each time, sizes in turns.
+
+    .venv/bin/python experiments/bench_prefill.py --docs 256 --sizes 1024,2048,4096,8192
 """
 
 from __future__ import annotations
@@ -24,7 +30,11 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (tokens): time lens alone")
+    parser.add_argument("--first-n", default="16,64", help="with --sizes: corpus sizes of the first query")
     args = parser.parse_args()
+    if args.sizes:
+        return batch_sizes(args)
 
     from transformers import AutoModelForCausalLM
 
@@ -77,6 +87,36 @@ def main() -> None:
     for name, t in best.items():
         print(f"{name:<13} {n_tokens / t:10.0f} tok/s  (best of {args.repeats}: {t:.3f}s)")
     print(f"ratio lens / transformers: {best['transformers'] / best['lens']:.2f}x")
+
+
+def batch_sizes(args) -> None:
+    from lens.data.datasets import limit_dataset
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    torch.set_grad_enabled(False)
+    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    dataset = limit_dataset(n_docs=args.docs, items_per_doc=args.items, n_queries=8, seed=0)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    first_n = [int(x) for x in args.first_n.split(",")]
+    runners = {b: BlockSearchRunner(model, dataset, batch_tokens=b, progress=False) for b in sizes}
+    times: dict = {(b, what): [] for b in sizes for what in ["pool", *first_n]}
+    docs: dict = {}
+    for _ in range(args.repeats):
+        for b, runner in runners.items():
+            for what in ["pool", *first_n]:
+                runner.source.clear()
+                corpus = list(range(args.docs)) if what == "pool" else runner.corpus(dataset.queries[0].id, what)[0]
+                t0 = time.perf_counter()
+                runner.prefill(corpus)
+                times[b, what].append(time.perf_counter() - t0)
+                docs[b, what] = len(runner.source)
+    print(f"model {args.model} {args.dtype}, pool of {args.docs} documents, threads {torch.get_num_threads()}, "
+          f"best of {args.repeats}")
+    for b in sizes:
+        cells = [f"{'pool' if w == 'pool' else f'first query N={w}'}: {min(times[b, w]):.2f}s ({docs[b, w]} docs)"
+                 for w in ["pool", *first_n]]
+        print(f"batch_tokens {b:>5} ({len(runners[b].source.batches):>3} batches)  " + "   ".join(cells))
 
 
 if __name__ == "__main__":

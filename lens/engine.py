@@ -241,8 +241,11 @@ class MemoryKV(KVSource):
     tokens of KV: SmolLM2 needs 23 KB per token in bf16)."""
 
     def __init__(
-        self, model: Decoder, pool: PoolLayout, batch_tokens: int = 8192, progress: bool = True, seed: int = 0,
+        self, model: Decoder, pool: PoolLayout, batch_tokens: int = 2048, progress: bool = True, seed: int = 0,
     ):
+        """``batch_tokens`` sizes the fixed batches.  A small N prefills whole the batches its
+        documents fall in, so smaller batches keep a first query's prefill near its own documents;
+        ``experiments/bench_prefill.py --sizes`` measures the trade (README, Performance)."""
         self.model, self.pool, self.layout = model, pool, pool.config
         self.batch_tokens, self.progress, self.seed = batch_tokens, progress, seed
         self._batch_of: dict[int, int] | None = None
@@ -410,23 +413,25 @@ class BlockSearchRunner:
         dataset: Dataset,
         layout: LayoutConfig | None = None,
         seed: int = 0,
-        batch_tokens: int = 8192,
+        batch_tokens: int | None = None,
         progress: bool = True,
         kv: str = "memory",
         kv_folder=None,
     ):
         """``kv="memory"`` prefills documents on demand into RAM; ``kv="disk"`` prefills the whole
-        pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``)."""
+        pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``).
+        ``batch_tokens``: the prefill batches' size, by default each source's own (memory 2048,
+        disk 8192); the two hold the same KV bits when it is the same."""
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
         self.progress = progress
         if kv == "memory":
-            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens, progress, seed)
+            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens or 2048, progress, seed)
         elif kv == "disk":
             from lens.kv_store import DiskKV
 
-            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens, progress=progress)
+            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens or 8192, progress=progress)
         else:
             raise LensError(f"kv={kv!r}: choose memory or disk")
         self.digit_ids = torch.tensor(

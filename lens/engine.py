@@ -287,35 +287,57 @@ class MemoryKV(KVSource):
         """The fixed prefill batches (:func:`pool_batches`; the same as the disk cache's)."""
         return self._batch_index()[0]
 
+    def _groups(self, corpus: list[int]) -> list[list[tuple[int, int, str]]]:
+        """The fixed batches that hold ``corpus``'s documents, as (document, start, store key).
+
+        Under ``shared`` and ``restart`` positions a document has one start: its batch is the
+        pool's (:attr:`batches`), whichever corpus asks.  Under ``sequential`` positions a
+        document's start depends on the corpus, so the batches are runs of the corpus itself
+        and a document's key names its batch: a corpus whose batch holds the same documents at
+        the same starts shares it, any other prefills its own."""
+        def compute():
+            starts = self.starts(corpus)
+            if self.layout.positions != "sequential":
+                batches, batch_of = self._batch_index()
+                return [[(d, starts[0], self._key(d, starts[0])) for d in batches[b]]
+                        for b in sorted({batch_of[d] for d in corpus})]
+            groups = []
+            for b in length_batches([len(self.pool.doc_token_ids[d]) for d in corpus], self.batch_tokens):
+                keys = [self._key(corpus[i], starts[i]) for i in b]
+                batch = hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
+                groups.append([(corpus[i], starts[i], f"{k}@{batch}") for i, k in zip(b, keys)])
+            return groups
+
+        return self._per_corpus("groups", (corpus,), compute)
+
+    def _doc_keys(self, corpus: list[int]) -> list[str]:
+        """The store key of each of ``corpus``'s documents, in corpus order."""
+        def compute():
+            key = {d: k for group in self._groups(corpus) for d, _, k in group}
+            return [key[d] for d in corpus]
+
+        return self._per_corpus("doc keys", (corpus,), compute)
+
     @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:
         """Make sure every document of ``corpus`` (pool indices) has its KV cached.
 
-        A missing document is prefilled with the whole of its fixed batch (:attr:`batches`), so
+        A missing document is prefilled with the whole of its fixed batch (:meth:`_groups`), so
         its KV is the same bits whatever was prefilled before: a resumed sweep, a query asked
-        after another, the disk cache and this one all hold the same KV.  Under ``sequential``
-        positions a document's start depends on the corpus, so there is no fixed batch to put
-        it in: it is prefilled alone."""
-        starts = self.starts(corpus)
-        missing = [(d, s) for d, s in zip(corpus, starts) if self._key(d, s) not in self._store]
-        if not missing:
+        after another, the disk cache and this one all hold the same KV."""
+        groups = [g for g in self._groups(corpus) if any(k not in self._store for _, _, k in g)]
+        if not groups:
             return
-        if self.layout.positions == "sequential":
-            groups = [[ds] for ds in dict.fromkeys(missing)]
-        else:  # one start for every document
-            batches, batch_of = self._batch_index()
-            start = missing[0][1]
-            groups = [[(d, start) for d in batches[b]] for b in sorted({batch_of[d] for d, _ in missing})]
         with tqdm(total=sum(map(len, groups)), desc="prefill documents", unit="doc", disable=not self.progress,
                   leave=False) as bar:
             for items in groups:
                 keys, values = prefill_batch(
-                    self.model, self.instruction, [self.pool.doc_token_ids[d] for d, _ in items],
-                    [s for _, s in items], self.model.tokenizer.pad_token_id or 0,
+                    self.model, self.instruction, [self.pool.doc_token_ids[d] for d, _, _ in items],
+                    [s for _, s, _ in items], self.model.tokenizer.pad_token_id or 0,
                 )
-                for row, (d, s) in enumerate(items):
+                for row, (d, _, key) in enumerate(items):
                     n = len(self.pool.doc_token_ids[d])
-                    self._store[self._key(d, s)] = DocumentKV(
+                    self._store[key] = DocumentKV(
                         keys[row, :, :n].transpose(1, 2).contiguous(), values[row, :, :n].transpose(1, 2).contiguous()
                     )
                 bar.update(len(items))
@@ -328,7 +350,7 @@ class MemoryKV(KVSource):
         if key in self._concat:
             self._concat.move_to_end(key)
             return self._concat[key]
-        docs = [self._store[self._key(d, s)] for d, s in zip(corpus, self.starts(corpus))]
+        docs = [self._store[k] for k in self._doc_keys(corpus)]
         n_layers = self.instruction.keys.shape[0]
         keys = [torch.cat([self.instruction.keys[l]] + [kv.keys[l] for kv in docs], dim=1) for l in range(n_layers)]
         values = [torch.cat([self.instruction.values[l]] + [kv.values[l] for kv in docs], dim=1) for l in range(n_layers)]

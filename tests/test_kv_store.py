@@ -72,6 +72,21 @@ def test_document_kv_does_not_depend_on_what_was_prefilled_before(models, data, 
     disk.close()
 
 
+def test_sequential_document_kv_does_not_depend_on_what_was_prefilled_before(models, data):
+    # Under sequential positions a document's start depends on its corpus, so a corpus's batches
+    # are its own; documents another corpus left at the same starts must not leak into them.
+    model = models("tiny-llama")
+    layout = LayoutConfig(positions="sequential")
+    runners = [BlockSearchRunner(model, data, layout, progress=False, batch_tokens=100) for _ in range(2)]
+    corpus = runners[0].corpus("q0", 30)[0]
+    for q, n in (("q0", 9), ("q0", 20), ("q1", 30)):
+        runners[0].prefill(runners[0].corpus(q, n)[0])
+    for r in runners:
+        r.prefill(corpus)
+    a, b = (r.source._corpus_kv(corpus) for r in runners)
+    assert all(torch.equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
 def test_corrupt_and_truncated_caches_are_rebuilt(models, data, tmp_path, capsys):
     model = models("tiny-llama")
     first = BlockSearchRunner(model, data, progress=False, kv="disk", kv_folder=tmp_path)

@@ -5,9 +5,10 @@
    Their per-layer keys and values live in a KV source: :class:`MemoryKV` (a per-document
    cache keyed by model, layout, document tokens and start position; prefilled on demand) or
    :class:`lens.kv_store.DiskKV` (the whole pool on disk, for corpora larger than RAM).  Both
-   prefill the same fixed batches (:func:`pool_batches`): a document's KV depends on the other
-   rows of its batch at the last bit (padded width and GEMM shape change the order of sums), so
-   it must not depend on which documents happened to be asked for first.
+   prefill the same fixed batches (:func:`pool_batches`; under ``sequential`` positions, runs of
+   each corpus): a document's KV depends on the other rows of its batch at the last bit (padded
+   width and GEMM shape change the order of sums), so it must not depend on which documents
+   happened to be asked for first.
 3. Query streams, one per (query, N, intervention), run *layer-major*: every stream computes its
    queries for layer L, the source feeds the layer's corpus chunks to all streams at once (a
    disk-backed corpus is read once per layer, whatever the number of streams), then every

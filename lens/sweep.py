@@ -10,8 +10,8 @@ disk-backed corpus is read once per layer for all of them).  Each finished unit 
 ``DIR/parts/<unit>.parquet`` (written to a temporary name, then renamed), so a sweep killed at
 any point and restarted with the same arguments redoes only the unit it was in: no lost and no
 duplicated rows, and the same bits as an uninterrupted sweep (a unit's numbers depend only on the
-unit: documents are prefilled in fixed batches, see :mod:`lens.engine`).  ``DIR/sweep.json`` holds the arguments; other arguments into the same DIR are
-an error.
+unit: documents are prefilled in fixed batches, see :mod:`lens.engine`).  ``DIR/sweep.json``
+holds the arguments; other arguments into the same DIR are an error.
 """
 
 from __future__ import annotations

@@ -253,14 +253,18 @@ class MemoryKV(KVSource):
         with torch.no_grad():
             self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
+        self._keys: dict[tuple[int, int], str] = {}
         self._concat: OrderedDict = OrderedDict()
         self.concat_budget_bytes = int(float(os.environ.get("LENS_CORPUS_CACHE_GB", "4")) * 1e9)
         self._fingerprint = self.layout.document_fingerprint()
 
     def _key(self, doc: int, start: int) -> str:
-        h = hashlib.sha256(f"{self.model.fingerprint}|{self._fingerprint}|{start}|".encode())
-        h.update(torch.tensor(self.pool.doc_token_ids[doc], dtype=torch.int64).numpy().tobytes())
-        return h.hexdigest()
+        key = self._keys.get((doc, start))
+        if key is None:
+            h = hashlib.sha256(f"{self.model.fingerprint}|{self._fingerprint}|{start}|".encode())
+            h.update(torch.tensor(self.pool.doc_token_ids[doc], dtype=torch.int64).numpy().tobytes())
+            key = self._keys[doc, start] = h.hexdigest()
+        return key
 
     def starts(self, corpus: list[int]) -> list[int]:
         starts, offset, n_inst = [], 0, len(self.pool.instruction_ids)
@@ -296,28 +300,24 @@ class MemoryKV(KVSource):
         document's start depends on the corpus, so the batches are runs of the corpus itself
         and a document's key names its batch: a corpus whose batch holds the same documents at
         the same starts shares it, any other prefills its own."""
-        def compute():
-            starts = self.starts(corpus)
-            if self.layout.positions != "sequential":
-                batches, batch_of = self._batch_index()
-                return [[(d, starts[0], self._key(d, starts[0])) for d in batches[b]]
-                        for b in sorted({batch_of[d] for d in corpus})]
-            groups = []
-            for b in length_batches([len(self.pool.doc_token_ids[d]) for d in corpus], self.batch_tokens):
-                keys = [self._key(corpus[i], starts[i]) for i in b]
-                batch = hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
-                groups.append([(corpus[i], starts[i], f"{k}@{batch}") for i, k in zip(b, keys)])
-            return groups
-
-        return self._per_corpus("groups", (corpus,), compute)
+        starts = self.starts(corpus)
+        if self.layout.positions != "sequential":
+            batches, batch_of = self._batch_index()
+            return [[(d, starts[0], self._key(d, starts[0])) for d in batches[b]]
+                    for b in sorted({batch_of[d] for d in corpus})]
+        groups = []
+        for b in length_batches([len(self.pool.doc_token_ids[d]) for d in corpus], self.batch_tokens):
+            keys = [self._key(corpus[i], starts[i]) for i in b]
+            batch = hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
+            groups.append([(corpus[i], starts[i], f"{k}@{batch}") for i, k in zip(b, keys)])
+        return groups
 
     def _doc_keys(self, corpus: list[int]) -> list[str]:
         """The store key of each of ``corpus``'s documents, in corpus order."""
-        def compute():
-            key = {d: k for group in self._groups(corpus) for d, _, k in group}
-            return [key[d] for d in corpus]
-
-        return self._per_corpus("doc keys", (corpus,), compute)
+        if self.layout.positions != "sequential":
+            start = self.starts(corpus[:1])[0]
+            return [self._key(d, start) for d in corpus]
+        return [k for group in self._groups(corpus) for _, _, k in group]  # runs of the corpus, in order
 
     @torch.no_grad()
     def prefill(self, corpus: list[int]) -> None:

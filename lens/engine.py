@@ -249,7 +249,9 @@ class MemoryKV(KVSource):
         ``experiments/bench_prefill.py --sizes`` measures the trade (README, Performance)."""
         self.model, self.pool, self.layout = model, pool, pool.config
         self.batch_tokens, self.progress, self.seed = batch_tokens, progress, seed
-        self._batch_of: dict[int, int] | None = None
+        self.batches = pool_batches(pool, seed, batch_tokens)  # the disk cache's too
+        self._batch_of = {d: b for b, docs in enumerate(self.batches) for d in docs}
+        self._start = document_start(self.layout, len(pool.instruction_ids), 0)  # all (not under sequential)
         with torch.no_grad():
             self.instruction = run_instruction(model, pool.instruction_ids)
         self._store: dict[str, DocumentKV] = {}
@@ -281,17 +283,6 @@ class MemoryKV(KVSource):
         self._concat.clear()
         self.__dict__.pop("_memo", None)
 
-    def _batch_index(self) -> tuple[list[list[int]], dict[int, int]]:
-        if self._batch_of is None:
-            self._batches = pool_batches(self.pool, self.seed, self.batch_tokens)
-            self._batch_of = {d: b for b, docs in enumerate(self._batches) for d in docs}
-        return self._batches, self._batch_of
-
-    @property
-    def batches(self) -> list[list[int]]:
-        """The fixed prefill batches (:func:`pool_batches`; the same as the disk cache's)."""
-        return self._batch_index()[0]
-
     def _groups(self, corpus: list[int]) -> list[list[tuple[int, int, str]]]:
         """The fixed batches that hold ``corpus``'s documents, as (document, start, store key).
 
@@ -300,12 +291,10 @@ class MemoryKV(KVSource):
         document's start depends on the corpus, so the batches are runs of the corpus itself
         and a document's key names its batch: a corpus whose batch holds the same documents at
         the same starts shares it, any other prefills its own."""
-        starts = self.starts(corpus)
         if self.layout.positions != "sequential":
-            batches, batch_of = self._batch_index()
-            return [[(d, starts[0], self._key(d, starts[0])) for d in batches[b]]
-                    for b in sorted({batch_of[d] for d in corpus})]
-        groups = []
+            return [[(d, self._start, self._key(d, self._start)) for d in self.batches[b]]
+                    for b in sorted({self._batch_of[d] for d in corpus})]
+        starts, groups = self.starts(corpus), []
         for b in length_batches([len(self.pool.doc_token_ids[d]) for d in corpus], self.batch_tokens):
             keys = [self._key(corpus[i], starts[i]) for i in b]
             batch = hashlib.sha256("|".join(keys).encode()).hexdigest()[:16]
@@ -315,8 +304,7 @@ class MemoryKV(KVSource):
     def _doc_keys(self, corpus: list[int]) -> list[str]:
         """The store key of each of ``corpus``'s documents, in corpus order."""
         if self.layout.positions != "sequential":
-            start = self.starts(corpus[:1])[0]
-            return [self._key(d, start) for d in corpus]
+            return [self._key(d, self._start) for d in corpus]
         return [k for group in self._groups(corpus) for _, _, k in group]  # runs of the corpus, in order
 
     @torch.no_grad()

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 
 import streamlit as st
-import torch
-
+from lens.backend import resolve_dtype
 from lens.data.datasets import load_dataset
 from lens.engine import BlockSearchRunner
 from lens.errors import LensError
@@ -17,7 +16,7 @@ from lens.workbench import DEFAULT_DATASET, default_model
 
 @st.cache_resource(show_spinner="loading model")
 def cached_model(name: str):
-    return load_model(name, dtype=torch.bfloat16)
+    return load_model(name, dtype=resolve_dtype(os.environ.get("LENS_DTYPE", "auto")))
 
 
 @st.cache_resource(show_spinner="preparing corpus")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import time
@@ -36,11 +37,13 @@ TRAIN_SEED_BASE = 1_000_000  # training corpora use seeds >= this; evaluation us
 def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=None) -> dict:
     """One training corpus and several queries over it.
 
-    LIMIT-style: a fresh corpus of N documents whose every query has two relevant documents in it
-    (the others are hard negatives sharing many items); needles: N key-value documents, one
-    relevant each; BEIR (``beir``): the judged documents of a few queries plus random others.
-    Codes are fresh, random and unique per corpus."""
-    from lens.data.datasets import limit_dataset, needle_dataset
+    ``pairs`` (LIMIT's design, lens.data.datasets.limit_pairs_dataset on the training half of the
+    vocabulary): every pair of the N documents shares one item nobody else likes, each document
+    carries N-1 items and the queries name pair items (two relevant documents); ``limit``: the
+    synthetic-limit generator (items per document from --items, hard negatives sharing filler
+    items); ``needle``: N key-value documents, one relevant each; BEIR (``beir``): the judged
+    documents of a few queries plus random others.  Codes are fresh, random and unique per corpus."""
+    from lens.data.datasets import limit_dataset, limit_pairs_dataset, needle_dataset
 
     n_docs = rng.choice(args.n_docs)
     seed = TRAIN_SEED_BASE + step
@@ -56,8 +59,13 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
         doc_texts = [beir.documents[d].text for d in chosen]
         asked = [(q.text, [chosen.index(d) for d in beir.gold(q.id) if d in chosen]) for q in picked]
     else:
-        kind = "needle" if rng.random() < args.needle_fraction else "limit"
-        if kind == "limit":
+        kinds, weights = zip(*args.mix.items())
+        kind = rng.choices(kinds, weights)[0]
+        if kind == "pairs":
+            data = limit_pairs_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs * (n_docs - 1) // 2),
+                                       split="train", seed=seed)
+        elif kind == "limit":
+            n_docs = min(n_docs, args.limit_max_docs)
             items = rng.choice(args.items)
             # at most half the item slots go to query items: the generator's random pairing can run
             # out of open documents near full capacity (4 documents x 8 items x 16 queries did)
@@ -74,7 +82,10 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
     texts = [layout.document_template.format(code=code, title="", text=doc_texts[old])
              for old, code in zip(order, codes)]
     docs = tokenizer(texts, add_special_tokens=False).input_ids
-    docs = [d[: layout.max_doc_tokens] for d in docs]
+    too_long = [len(d) for d in docs if len(d) > layout.max_doc_tokens]
+    if too_long:  # cutting a document would cut its code (it sits at the end): never train on that
+        raise SystemExit(f"a {kind} document has {max(too_long)} tokens, more than --max-doc-tokens "
+                         f"{layout.max_doc_tokens}; raise it")
     queries = []
     for text, golds in asked:
         if not golds:
@@ -85,18 +96,37 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
     return dict(docs=docs, queries=queries, kind=kind)
 
 
+def _mix(text: str) -> dict[str, float]:
+    out = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in ("pairs", "limit", "needle") or not weight:
+            raise argparse.ArgumentTypeError(f"--mix {text!r}: expected e.g. pairs=0.7,limit=0.15,needle=0.15")
+        out[name] = float(weight)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--out", default="lens/adapters/blocksearch-135m")
     parser.add_argument("--checkpoints", default=None, help="default: $LENS_CACHE/train/<out name>")
-    parser.add_argument("--steps", type=int, default=380)
-    parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[4, 8, 16, 16])
-    parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 16, 20])
-    parser.add_argument("--needle-fraction", type=float, default=0.15)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[16, 24, 32, 46, 64])
+    parser.add_argument("--mix", type=_mix, default=_mix("pairs=0.7,limit=0.15,needle=0.15"),
+                        help="corpus kinds and their weights: pairs (LIMIT design), limit (synthetic-limit), needle")
+    parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 16, 20],
+                        help="items per document of the synthetic-limit kind")
+    parser.add_argument("--limit-max-docs", type=int, default=16, help="N cap of the synthetic-limit kind")
+    parser.add_argument("--max-doc-tokens", type=int, default=512)
+    parser.add_argument("--ssmax", action="store_true",
+                        help="train a length-aware softmax (one s_L per layer, s_L log N on the query rows) with the adapter")
+    parser.add_argument("--ssmax-init-n", type=float, default=None,
+                        help="s_L starts at 1/log(this): the identity at this N (default: the geometric mean of --n-docs)")
+    parser.add_argument("--init-adapter", default=None, help="start the LoRA from this adapter folder")
     parser.add_argument("--code-position", default="end", choices=["start", "end"],
                         help="where the code sits in a document (README: code-first did not learn in budget)")
-    parser.add_argument("--queries", type=int, default=16,
+    parser.add_argument("--queries", type=int, default=32,
                         help="queries per corpus (they share its prefill; LIMIT: at most N x items / 4)")
     parser.add_argument("--beir", default=None, help="train on this BEIR folder instead of the generators")
     parser.add_argument("--rank", type=int, default=16)
@@ -114,7 +144,7 @@ def main() -> None:
     from lens.data.layout import LayoutConfig
     from lens.models.registry import load_model
     from lens.paths import cache_dir
-    from lens.training import LORA_TARGETS, add_lora, layout_digit_logits, lora_state
+    from lens.training import LORA_TARGETS, LearnedSSMax, add_lora, layout_digit_logits, lora_state
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,10 +153,23 @@ def main() -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(args.base, dtype=torch.float32)
     params = add_lora(model, args.rank, args.alpha)
+    if args.init_adapter:
+        from safetensors.torch import load_file
+
+        start = {k: v.float() for k, v in load_file(Path(args.init_adapter) / "adapter.safetensors").items() if "lora_" in k}
+        missing = set(start) - {n for n, _ in model.named_parameters()}
+        if missing:
+            raise SystemExit(f"{args.init_adapter}: {len(missing)} tensors do not match this model's LoRA")
+        model.load_state_dict(start, strict=False)
+    ssmax = None
+    if args.ssmax:
+        init_n = args.ssmax_init_n or math.exp(sum(map(math.log, args.n_docs)) / len(args.n_docs))
+        ssmax = LearnedSSMax(model.cfg.n_layers, init_n)
+        params = params + list(ssmax.parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps))
-    layout = LayoutConfig(code_position=args.code_position)
+    layout = LayoutConfig(code_position=args.code_position, max_doc_tokens=args.max_doc_tokens)
     tok = model.tokenizer
     digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
     instruction_ids = tok(layout.instruction, add_special_tokens=False).input_ids
@@ -135,10 +178,12 @@ def main() -> None:
     step = 0
     ckpt = ckpt_dir / "checkpoint.pt"
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors and plain containers only: never unpickle code
         if state["config"] != config:
             raise SystemExit(f"{ckpt} was made with other arguments; delete {ckpt_dir} or use the same arguments")
         model.load_state_dict(state["lora"], strict=False)
+        if ssmax is not None:
+            ssmax.load_state_dict(state["ssmax"])
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         step = state["step"]
@@ -156,7 +201,8 @@ def main() -> None:
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,
-                                          query_offset=layout.query_offset, mass_layer=args.aux_layer)
+                                          query_offset=layout.query_offset, mass_layer=args.aux_layer, ssmax=ssmax,
+                                          checkpoint=sum(map(len, ex["docs"])) > 4000)
         # loss: -log of the probability of decoding any relevant document's code (marginal over golds)
         losses, auxes, first_right, all_right = [], [], 0, 0
         i = 0
@@ -189,21 +235,29 @@ def main() -> None:
         with log_path.open("a") as f:
             f.write(json.dumps(dict(step=step, loss=loss.item(), aux=aux.item(), queries=len(losses),
                                     first_digit_right=first_right, code_right=all_right, kind=ex["kind"],
-                                    n_docs=len(ex["docs"]), lr=schedule.get_last_lr()[0],
+                                    n_docs=len(ex["docs"]), tokens=sum(map(len, ex["docs"])),
+                                    lr=schedule.get_last_lr()[0],
                                     elapsed_s=round(time.time() - t0, 1))) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
         if step % args.save_every == 0 or step == args.steps:
             tmp = ckpt.with_suffix(".tmp")
             torch.save(dict(config=config, lora=lora_state(model), optimizer=optimizer.state_dict(),
-                            schedule=schedule.state_dict(), step=step), tmp)
+                            schedule=schedule.state_dict(), step=step,
+                            ssmax=ssmax.state_dict() if ssmax is not None else {}), tmp)
             os.replace(tmp, ckpt)
     bar.close()
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}, out / "adapter.safetensors")
+    tensors = {k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}
+    extra = {}
+    if ssmax is not None:
+        tensors["ssmax.s"] = ssmax.s.detach().float().clone()
+        extra["ssmax"] = dict(n="docs", s=[round(float(x), 5) for x in ssmax.s.detach()],
+                              note="query rows' scores times s_L*log(N documents) at every layer L")
+    save_file(tensors, out / "adapter.safetensors")
     (out / "adapter_config.json").write_text(json.dumps(dict(
         base=args.base, r=args.rank, lora_alpha=args.alpha, target_modules=LORA_TARGETS, training=config,
-        layout=dict(code_position=args.code_position),
+        layout=dict(code_position=args.code_position, max_doc_tokens=args.max_doc_tokens), **extra,
         wall_seconds_this_run=round(time.time() - t0),
     ), indent=1))
     (out / "loss_log.jsonl").write_text(log_path.read_text())

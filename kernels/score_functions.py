@@ -146,7 +146,7 @@ class Temperature(ScoreFunction):
         return _first_of(self.layers, None)
 
     def spec(self):
-        return f"temperature:t={self.t:g}" + _layers_spec(self.layers)
+        return f"temperature:t={_number_spec(self.t)}" + _layers_spec(self.layers)
 
 
 @dataclass(repr=False)
@@ -245,7 +245,7 @@ class HeadScale(ScoreFunction):
         return self.layer
 
     def spec(self):
-        return f"scale-heads:layer={self.layer},heads={'|'.join(map(str, self.heads))},factor={self.factor:g}"
+        return f"scale-heads:layer={self.layer},heads={'|'.join(map(str, self.heads))},factor={_number_spec(self.factor)}"
 
 
 @dataclass(repr=False)
@@ -300,12 +300,17 @@ def _first_of(layers, value) -> int:
     return max(firsts, default=0)
 
 
+def _number_spec(value: float) -> str:
+    """``%g`` without a '+' (the composition separator): 1e+09 -> 1e09, which parses back."""
+    return f"{value:g}".replace("e+", "e")
+
+
 def _value_spec(value) -> str:
     if isinstance(value, dict):
-        return "|".join(f"{k}:{v:g}" for k, v in sorted(value.items()))
+        return "|".join(f"{k}:{_number_spec(v)}" for k, v in sorted(value.items()))
     if isinstance(value, (list, tuple)):
-        return "|".join(f"{v:g}" for v in value)
-    return f"{value:g}"
+        return "|".join(_number_spec(v) for v in value)
+    return _number_spec(value)
 
 
 def _layers_spec(layers):
@@ -332,11 +337,25 @@ _SPEC_HELP = (
 )
 
 
+# the largest magnitudes a parameter may take: beyond them scores overflow (exp) or every row is
+# flat or one-hot to the last bit, so a result would be an artefact of the number format
+PARAMETER_BOUNDS = {"t": (1e-3, 1e3), "s": (0.0, 100.0), "b": (-1e4, 1e4), "factor": (-1e3, 1e3)}
+
+
 def _parse_number(key: str, text: str, spec: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise InterventionSpecError(f"intervention {spec!r}: {key}={text!r} is not a number; {_SPEC_HELP}") from None
+    if not math.isfinite(value):
+        raise InterventionSpecError(f"intervention {spec!r}: {key}={text!r} is not a finite number")
+    low, high = PARAMETER_BOUNDS.get(key, (-math.inf, math.inf))
+    if key in ("t", "s") and value <= 0:
+        raise InterventionSpecError(f"intervention {spec!r}: {key} must be > 0, got {text}")
+    if not low <= value <= high:
+        raise InterventionSpecError(f"intervention {spec!r}: {key}={text} is outside {low:g}..{high:g}, "
+                                    "where scores stay finite and meaningful")
+    return value
 
 
 def _parse_per_layer(key: str, text: str, spec: str):
@@ -347,7 +366,7 @@ def _parse_per_layer(key: str, text: str, spec: str):
         out = {}
         for item in items:
             layer, value = item.split(":", 1)
-            out[int(_parse_number(key, layer, spec))] = _parse_number(key, value, spec)
+            out[_parse_int_list("layer", layer, spec)[0]] = _parse_number(key, value, spec)
         return out
     return tuple(_parse_number(key, item, spec) for item in items)
 
@@ -374,7 +393,38 @@ def parse_intervention(spec: str) -> ScoreFunction:
                 raise InterventionSpecError(f"intervention {spec!r}: {item!r} is not key=value; {_SPEC_HELP}")
             args[key.strip()] = value.strip()
         parts.append(_build(name.strip(), args, spec))
+    if sum(isinstance(p, Route) for p in parts) > 1:
+        raise InterventionSpecError(f"intervention {spec!r}: at most one route per intervention")
     return parts[0] if len(parts) == 1 else Compose(parts)
+
+
+def _check_layers(what: str, layers, n_layers: int) -> None:
+    bad = [l for l in layers if not 0 <= l < n_layers]
+    if bad:
+        raise InterventionSpecError(f"{what}: layer {bad[0]} does not exist; this model has layers 0..{n_layers - 1}")
+
+
+def validate_for_model(score_fn: ScoreFunction | None, n_layers: int, n_heads: int) -> None:
+    """Refuse an intervention that names layers or heads the model does not have (it would be a
+    silent no-op under the intervention's label)."""
+    if score_fn is None:
+        return
+    for part in score_fn.parts if isinstance(score_fn, Compose) else [score_fn]:
+        what = f"intervention {part.spec()!r}"
+        if getattr(part, "layers", None) is not None:
+            _check_layers(what, part.layers, n_layers)
+        for name in ("s", "b"):
+            value = getattr(part, name, None)
+            if isinstance(value, dict):
+                _check_layers(what, value, n_layers)
+            elif isinstance(value, (list, tuple)) and len(value) > n_layers:
+                raise InterventionSpecError(f"{what}: {len(value)} per-layer values for a {n_layers}-layer model")
+        if isinstance(part, HeadScale):
+            _check_layers(what, [part.layer], n_layers)
+            bad = [h for h in part.heads if not 0 <= h < n_heads]
+            if bad:
+                raise InterventionSpecError(f"{what}: head {bad[0]} does not exist; layers have heads 0..{n_heads - 1}")
+        # a route's layer is checked by the engine, which says why it must be below the last
 
 
 def _build(name: str, args: dict[str, str], spec: str) -> ScoreFunction:

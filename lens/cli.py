@@ -47,6 +47,27 @@ def models():
     typer.echo("(any local HF checkpoint folder of a llama or qwen3 model also works as --model PATH)")
 
 
+@app.command()
+@_clean_errors
+def info(
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+):
+    """What lens detected on this machine (CPU, features) and what it chose (dtype, kernel path)."""
+    import json
+
+    from lens.backend import describe
+
+    facts = describe(dtype)
+    if json_out:
+        typer.echo(json.dumps(facts, indent=1))
+        return
+    for key, value in facts.items():
+        if key == "features":
+            value = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in value.items())
+        typer.echo(f"{key:<22} {value}")
+
+
 def _parse_n_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -67,10 +88,10 @@ def demo(
     intervention: Annotated[Optional[list[str]], typer.Option(help="score-function spec; repeatable")] = None,
     positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
     code_position: Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")] = None,
-    max_doc_tokens: Annotated[int, typer.Option()] = 256,
+    max_doc_tokens: Annotated[Optional[int], typer.Option(help="longest document in tokens (default: the model's own, else 256)")] = None,
     truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
     drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (auto: bf16 only where the CPU multiplies it natively)")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Run a model on a generated corpus and print the decoded codes per query (a small sweep)."""
@@ -84,9 +105,9 @@ def demo(
 
     sizes = _parse_n_list(n)
     score_fns = [parse_intervention(s) for s in (intervention or ["none"])]
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise LensError(f"--dtype {dtype!r}: choose float32 or bfloat16")
+    from lens.backend import resolve_dtype
+
+    torch_dtype = resolve_dtype(dtype)
     data = load_dataset(dataset, seed=seed, drop_unjudged=drop_unjudged)
     if queries < 1 or queries > len(data.queries):
         raise LensError(f"--queries {queries}: {data.name} has {len(data.queries)} queries")
@@ -101,7 +122,7 @@ def demo(
                                     max_doc_tokens=max_doc_tokens, truncate=truncate)
     runner = BlockSearchRunner(lm, data, layout, seed=seed)
     if runner.pool.truncated:
-        typer.echo(f"note: {runner.pool.truncated} documents truncated to {max_doc_tokens} tokens (--truncate)")
+        typer.echo(f"note: {runner.pool.truncated} documents truncated to {layout.max_doc_tokens} tokens (--truncate)")
     for size in sizes:
         for fn in score_fns:
             hits, t0 = 0, time.time()
@@ -129,10 +150,10 @@ def sweep(
     beam: Annotated[int, typer.Option(help="codes ranked by a beam over the corpus's codes (Recall@k for k <= beam)")] = 2,
     positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
     code_position: Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")] = None,
-    max_doc_tokens: Annotated[int, typer.Option()] = 256,
+    max_doc_tokens: Annotated[Optional[int], typer.Option(help="longest document in tokens (default: the model's own, else 256)")] = None,
     truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
     drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
-    dtype: Annotated[str, typer.Option(help="bfloat16 | float32")] = "bfloat16",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (auto: bf16 only where the CPU multiplies it natively)")] = "auto",
     kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
     batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
 ):
@@ -150,6 +171,9 @@ def sweep(
         ks = " ".join(f"R@{k} {v:.2f}" for k, v in run["recall_at_k"].items() if v is not None)
         typer.echo(f"N={run['n_docs']:<6} {run['intervention']:<28} tokens {run['tokens']:>8}  "
                    f"hit@1 {run['hit_at_k'].get('1', float('nan')):.2f}  {ks}")
+    if summary.get("layout", {}).get("truncated_documents"):
+        typer.echo(f"note: {summary['layout']['truncated_documents']} documents had their text cut to "
+                   f"{summary['layout']['max_doc_tokens']} tokens (--truncate; codes kept)")
     if "baseline" in summary:
         for size, value in summary["baseline"]["recall_at_1"].items():
             typer.echo(f"N={size:<6} {summary['baseline']['model']:<28} R@1 {value:.2f}")

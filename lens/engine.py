@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from kernels.block_prefill import block_prefill
 from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream, iter_chunks, update_shared
-from kernels.score_functions import Route, ScoreFunction, find_route
+from kernels.score_functions import Route, ScoreFunction, find_route, validate_for_model
 from lens.data.datasets import Dataset
 from lens.data.layout import (
     LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, document_start, pool_order, query_start,
@@ -146,6 +146,16 @@ class QueryRun:
     @property
     def correct(self) -> bool:
         return self.decoded in self.gold_codes
+
+
+def model_score_function(model, score_fn: ScoreFunction | None) -> ScoreFunction | None:
+    """The score function a query row runs under: the model's own (a trained length-aware
+    softmax, ``model.builtin_score_fn``) first, then the intervention.  A run with no
+    intervention is the model's plain run."""
+    builtin = getattr(model, "builtin_score_fn", None)
+    if builtin is None:
+        return score_fn
+    return builtin if score_fn is None else builtin + score_fn
 
 
 @dataclass
@@ -470,6 +480,7 @@ class BlockSearchRunner:
         route = find_route(score_fn)
         if route is not None and not 0 <= route.layer < n_layers - 1:
             raise LensError(f"route layer {route.layer}: must be 0..{n_layers - 2} for a {n_layers}-layer model")
+        validate_for_model(score_fn, n_layers, self.model.cfg.n_heads)
         n_inst = len(self.pool.instruction_ids)
         lengths = [len(self.pool.doc_token_ids[d]) for d in corpus]
         q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
@@ -683,7 +694,7 @@ class BlockSearchRunner:
             q[0].transpose(0, 1), s.n_docs,
             n_corpus_keys=self.source.corpus_keys(s, layer), n_self=s.self_k[layer].shape[1],
             n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
-            layer=layer, scale=attn.scale, score_fn=s.score_fn,
+            layer=layer, scale=attn.scale, score_fn=model_score_function(self.model, s.score_fn),
             gold_docs=s.gold_positions if record and s.record else None,
             stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
             stats_rows="last", self_mask=s.self_mask,

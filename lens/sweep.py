@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import pandas as pd
@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from kernels.score_functions import parse_intervention
 from lens.errors import LensError
 from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
+from lens.stats import CONFIDENCE, rate_interval
 
 SWEEP_FORMAT = 1
 
@@ -44,17 +45,29 @@ class SweepConfig:
     beam: int = 2
     positions: str = "shared"
     code_position: str | None = None  # None: the model's own (blocksearch-135m: end)
-    max_doc_tokens: int = 256
+    max_doc_tokens: int | None = None  # None: the model's own (LayoutConfig.for_model), else 256
     truncate: bool = False
     drop_unjudged: bool = False
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: lens.backend decides (bf16 only with native bf16 matmuls)
     kv: str = "memory"
     batch: int = 8  # queries per unit
+    dataset_sha256: str | None = None  # set by run_sweep from the data itself: an edited dataset is not resumed
+
+
+def _finite(value):
+    """NaN and infinities are not JSON: they become null (the metric could not be computed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _write_json_atomic(path: Path, data) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=False))
+    tmp.write_text(json.dumps(_finite(data), indent=1, sort_keys=False, allow_nan=False))
     os.replace(tmp, path)
 
 
@@ -64,12 +77,20 @@ def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
-def _check_out(cfg: SweepConfig, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _check_out(cfg: SweepConfig, out: Path) -> bool:
+    """Refuse an --out that holds something else; True if it already holds this sweep.  Writes
+    nothing (sweep.json is written only once every input has been checked)."""
+    if out.exists() and not out.is_dir():
+        raise LensError(f"--out {out}: is a file, not a folder; choose a folder path")
     meta = out / "sweep.json"
     wanted = {"format": SWEEP_FORMAT, **asdict(cfg)}
     if meta.is_file():
-        have = json.loads(meta.read_text())
+        try:
+            have = json.loads(meta.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise LensError(f"{meta}: unreadable (not JSON); it is not a lens sweep folder, choose another --out") from None
+        if not isinstance(have, dict):
+            raise LensError(f"{meta}: not a lens sweep.json; choose another --out")
         # a key missing on one side reads as None (a field added later, left at its default)
         diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
         if diff:
@@ -77,10 +98,10 @@ def _check_out(cfg: SweepConfig, out: Path) -> None:
                 f"{out} holds a sweep with other arguments ({', '.join(f'{k}: {have.get(k)!r} there, {wanted.get(k)!r} now' for k in diff)}); "
                 "rerun with the same arguments to resume, or choose another --out"
             )
-    elif any(out.iterdir()):
+        return True
+    if out.is_dir() and any(out.iterdir()):
         raise LensError(f"{out} is not empty and holds no sweep; choose an empty or new --out folder")
-    else:
-        _write_json_atomic(meta, wanted)
+    return False
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=None) -> dict:
@@ -97,22 +118,26 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
     specs = [fn.spec() for fn in score_fns]
     if len(set(specs)) != len(specs):
         raise LensError(f"interventions repeat: {specs}")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
-    if dtype is None:
-        raise LensError(f"dtype {cfg.dtype!r}: choose float32 or bfloat16")
+    from lens.backend import dtype_name, resolve_dtype
+
+    dtype = resolve_dtype(cfg.dtype)
+    cfg = replace(cfg, dtype=dtype_name(dtype))  # the records name the dtype that ran, not "auto"
     if cfg.baseline not in (None, "minilm"):
         raise LensError(f"baseline {cfg.baseline!r}: the dense baseline available is 'minilm'")
-    if cfg.beam < 1 or not cfg.n or min(cfg.n) < 1 or cfg.queries < 1:
-        raise LensError("beam, every N and the number of queries must be >= 1")
+    if cfg.beam < 1 or not cfg.n or min(cfg.n) < 1 or cfg.queries < 1 or cfg.batch < 1:
+        raise LensError("--beam, every N, --queries and --batch must be >= 1")
+    repeated = sorted({n for n in cfg.n if cfg.n.count(n) > 1})
+    if repeated:
+        raise LensError(f"--n lists N={repeated[0]} more than once; give each corpus size once")
     data = load_dataset(cfg.dataset, seed=cfg.seed, drop_unjudged=cfg.drop_unjudged)
     too_big = [n for n in cfg.n if n > len(data.documents)]
     if too_big:
         raise LensError(f"N={too_big[0]} is larger than the pool of {len(data.documents)} documents in {data.name}")
     if cfg.queries > len(data.queries):
         raise LensError(f"--queries {cfg.queries}: {data.name} has {len(data.queries)} queries")
-    _check_out(cfg, out)
+    cfg = replace(cfg, dataset_sha256=data.content_hash())
+    resuming = _check_out(cfg, out)
     parts = out / "parts"
-    parts.mkdir(exist_ok=True)
 
     query_ids = [q.id for q in data.queries[: cfg.queries]]
     batches = [query_ids[i : i + cfg.batch] for i in range(0, len(query_ids), cfg.batch)]
@@ -124,6 +149,20 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
         layout = LayoutConfig.for_model(model, positions=cfg.positions, code_position=cfg.code_position,
                                         max_doc_tokens=cfg.max_doc_tokens, truncate=cfg.truncate)
         runner = BlockSearchRunner(model, data, layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
+        for n, b in todo:  # every stream is checked (corpus, route layer, ...) before anything is written
+            for fn in score_fns:
+                for q in batches[b]:
+                    runner.stream(q, n, fn)
+        if not resuming:
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(out / "layout.json", dict(truncated_documents=runner.pool.truncated,
+                                                             max_doc_tokens=layout.max_doc_tokens,
+                                                             code_position=layout.code_position))
+                _write_json_atomic(out / "sweep.json", {"format": SWEEP_FORMAT, **asdict(cfg)})
+            except OSError as err:
+                raise LensError(f"--out {out}: cannot write ({err.strerror}); choose a writable folder") from None
+        parts.mkdir(exist_ok=True)
         with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
                   disable=not progress) as bar:
             for n, b in todo:
@@ -143,7 +182,12 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
         frames.append(pd.read_parquet(parts / "baseline.parquet"))
     records = pd.concat(frames, ignore_index=True)
     _write_parquet_atomic(out / "records.parquet", records)
-    summary = summarize(records, cfg)
+    from lens.backend import describe
+
+    summary = summarize(records, cfg, backend=describe(dtype))
+    layout_facts = out / "layout.json"
+    if layout_facts.is_file():
+        summary["layout"] = json.loads(layout_facts.read_text())
     _write_json_atomic(out / "summary.json", summary)
     return summary
 
@@ -164,12 +208,17 @@ def _mean(series) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
+def _interval(series) -> list[float] | None:
+    ci = rate_interval(pd.to_numeric(series, errors="coerce").astype(float))
+    return None if ci is None else [round(ci[0], 6), round(ci[1], 6)]
+
+
 def _present(values: dict) -> dict:
     """Leave out metrics that no row had (e.g. Recall@5 with a beam of 2, or k > N)."""
     return {k: v for k, v in values.items() if v is not None}
 
 
-def summarize(records: pd.DataFrame, cfg: SweepConfig) -> dict:
+def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = None) -> dict:
     """Aggregate tidy records into summary.json's shape (see the README)."""
     runs = []
     queries = records[records.level == "query"]
@@ -187,6 +236,8 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig) -> dict:
                 recall_at_1=_mean(q["recall@1"]),
                 recall_at_k=_present({str(k): _mean(q[f"recall@{k}"]) for k in ks}),
                 hit_at_k=_present({str(k): _mean(q[f"hit@{k}"]) for k in ks}),
+                recall_at_k_ci=_present({str(k): _interval(q[f"recall@{k}"]) for k in ks}),
+                hit_at_k_ci=_present({str(k): _interval(q[f"hit@{k}"]) for k in ks}),
                 layers=[],
             )
             route_cols = sorted((c for c in lyr.columns if c.startswith("routing_hit_max@")),
@@ -198,13 +249,18 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig) -> dict:
                     gold_mass=_mean(h.gold_mass), gold_maxsim=_mean(h.gold_maxsim), delta=_mean(h.delta),
                     gold_share=_mean(group.gold_share), first_digit_acc=_mean(group.first_digit_hit),
                     pred_gold_mass=_mean(h.pred_mass_maxsim),
+                    r_sum_ci=_interval(group.r_sum_hit), r_any_ci=_interval(group.r_any_hit),
+                    first_digit_acc_ci=_interval(group.first_digit_hit),
                 )
                 routing = {c.split("@")[1]: _mean(group[c]) for c in route_cols if group[c].notna().any()}
                 if routing:
                     item["routing_recall"] = routing
+                    item["routing_recall_ci"] = {c.split("@")[1]: _interval(group[c]) for c in route_cols
+                                                 if group[c].notna().any()}
                 entry["layers"].append(item)
             runs.append(entry)
-    summary = dict(model=cfg.model, dataset=cfg.dataset, runs=runs)
+    summary = dict(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=backend or {},
+                   confidence=CONFIDENCE, runs=runs)
     if cfg.baseline:
         base = records[records.level == "baseline"]
         bks = [k for k in RECALL_K if f"recall@{k}" in base.columns and base[f"recall@{k}"].notna().any()]
@@ -213,5 +269,9 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig) -> dict:
             recall_at_1={str(n): _mean(g["recall@1"]) for n, g in base.groupby("n_docs")},
             recall_at_k={str(n): _present({str(k): _mean(g[f"recall@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
             hit_at_k={str(n): _present({str(k): _mean(g[f"hit@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
+            recall_at_k_ci={str(n): _present({str(k): _interval(g[f"recall@{k}"]) for k in bks})
+                            for n, g in base.groupby("n_docs")},
+            hit_at_k_ci={str(n): _present({str(k): _interval(g[f"hit@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
+            queries={str(n): int(len(g)) for n, g in base.groupby("n_docs")},
         )
     return summary

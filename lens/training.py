@@ -10,12 +10,14 @@ loaded decoder (how ``blocksearch-135m`` is registered).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from kernels.block_prefill import block_prefill
 from kernels.corpus_attention import corpus_attention
 from kernels.score_functions import ScoreFunction
 from lens.engine import prefill_batch, run_instruction
@@ -33,6 +35,8 @@ def layout_digit_logits(
     query_offset: int = 4096,
     score_fn: ScoreFunction | None = None,
     mass_layer: int | None = None,
+    ssmax: "LearnedSSMax | None" = None,
+    checkpoint: bool = False,
 ) -> list[tuple[Tensor, Tensor | None]]:
     """Teacher-forced code digits for several queries over one corpus.
 
@@ -40,11 +44,20 @@ def layout_digit_logits(
     the same corpus shares their states and their gradient); each pass ``(query_ids, code_digits)``
     then runs the query block with the code's first three digits appended.  Returns, per pass, the
     digit logits [4, 10] at the four code positions and, if ``mass_layer`` is given, the readout
-    token's log attention mass per document at that layer [head, N]."""
+    token's log attention mass per document at that layer [head, N].
+
+    ``ssmax`` (a :class:`LearnedSSMax`) scales the query rows' scores by s_L·log N at every layer,
+    differentiably in s_L: the trained length-aware softmax (the same function as
+    ``SSMax(s, n="docs")`` on the query side at inference).  ``checkpoint`` recomputes each
+    prefill layer in the backward pass instead of keeping its activations (corpora of 10K+
+    tokens)."""
     n_inst = len(instruction_ids)
     instruction = run_instruction(model, instruction_ids)
-    keys, values = prefill_batch(model, instruction, docs, [n_inst] * len(docs),
-                                 model.tokenizer.pad_token_id or 0, stack=False)
+    pad_id = model.tokenizer.pad_token_id or 0
+    if checkpoint:
+        keys, values = _prefill_checkpointed(model, instruction, docs, [n_inst] * len(docs), pad_id)
+    else:
+        keys, values = prefill_batch(model, instruction, docs, [n_inst] * len(docs), pad_id, stack=False)
     lengths = [len(d) for d in docs]
     width = max(lengths)
     # one gather per layer (not one slice per document: each slice's backward is a full-size zero fill)
@@ -75,6 +88,8 @@ def layout_digit_logits(
     mask = torch.cat([torch.ones(n_rows, key_doc.shape[0], dtype=torch.bool), self_mask], 1)[None, None]
 
     def attend(layer, q, k, v):
+        if ssmax is not None:
+            q = q * ssmax.factor(layer, len(docs)).to(q.dtype)
         if score_fn is not None or layer == mass_layer:
             return attend_each(layer, q, k, v)
         # every pass's rows in one attention over the corpus: the corpus keys and their gradient are
@@ -109,6 +124,55 @@ def layout_digit_logits(
     return [(logits[b][:, digit_ids], log_mass[b] if log_mass else None) for b in range(len(rows))]
 
 
+class LearnedSSMax(torch.nn.Module):
+    """Scalable softmax with one learned s_L per layer: the query rows' scores are multiplied by
+    s_L·log N (N: documents in the corpus).  Initialised to 1/log(init_n) at every layer, so at
+    N = init_n it starts as the identity."""
+
+    def __init__(self, n_layers: int, init_n: float):
+        super().__init__()
+        self.s = torch.nn.Parameter(torch.full((n_layers,), 1.0 / math.log(init_n)))
+
+    def factor(self, layer: int, n_docs: int) -> Tensor:
+        return self.s[layer] * math.log(n_docs)
+
+    def score_function(self) -> ScoreFunction:
+        from kernels.score_functions import SSMax
+
+        return SSMax(s=tuple(float(x) for x in self.s.detach()), n="docs")
+
+
+def _prefill_checkpointed(model: Decoder, instruction, docs: list[list[int]], starts: list[int], pad_id: int):
+    """``prefill_batch(..., stack=False)`` with each layer under activation checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    width = max(map(len, docs))
+    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
+    positions = torch.zeros(len(docs), width, dtype=torch.long)
+    for row, (toks, start) in enumerate(zip(docs, starts)):
+        ids[row, : len(toks)] = torch.tensor(toks)
+        positions[row] = torch.arange(start, start + width)
+    cos, sin = model.rotary(positions)
+
+    def layer_fn(resid: Tensor, layer: int):
+        kv = []
+
+        def attend(l, q, k, v):
+            kv.append((k, v))
+            return block_prefill(q, k, v, instruction.keys[l], instruction.values[l])
+
+        out = model.blocks[layer](resid, cos, sin, attend)
+        return out, kv[0][0], kv[0][1]
+
+    resid = model.embed(ids)
+    keys, values = [], []
+    for layer in range(model.cfg.n_layers):
+        resid, k, v = checkpoint(layer_fn, resid, layer, use_reentrant=False)
+        keys.append(k)
+        values.append(v)
+    return keys, values
+
+
 def add_lora(model: Decoder, rank: int, alpha: float, targets: list[str] = LORA_TARGETS) -> list[torch.nn.Parameter]:
     """Inject LoRA adapters (peft) into the decoder's linear layers; returns the trainable ones."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -127,11 +191,20 @@ def lora_state(model: Decoder) -> dict[str, Tensor]:
 
 
 def merge_lora(model: Decoder, adapter_dir: str | Path) -> None:
-    """W <- W + (alpha / r) B A for every adapted linear layer (no peft needed at inference)."""
+    """W <- W + (alpha / r) B A for every adapted linear layer (no peft needed at inference).
+
+    An adapter trained with a length-aware softmax (``"ssmax"`` in its config, s_L stored as
+    ``ssmax.s``) sets ``model.builtin_score_fn``: the engine runs every query row under it, before
+    any intervention."""
     adapter_dir = Path(adapter_dir)
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     scale = config["lora_alpha"] / config["r"]
     state = load_file(adapter_dir / "adapter.safetensors")
+    if "ssmax" in config:
+        from kernels.score_functions import SSMax
+
+        s = state.pop("ssmax.s").float().tolist()
+        model.builtin_score_fn = SSMax(s=tuple(s), n=config["ssmax"].get("n", "docs"))
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, a in state.items():

@@ -136,6 +136,9 @@ class _CharTokenizer:
         out.input_ids = [list(map(ord, t)) for t in texts] if isinstance(texts, list) else list(map(ord, texts))
         return out
 
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
 
 def test_long_documents_error_or_truncate_explicitly():
     ds = limit_dataset(n_docs=6, items_per_doc=10, n_queries=2, seed=0)

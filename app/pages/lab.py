@@ -1,10 +1,13 @@
 """Intervention lab: change the softmax live on the cached corpus, before vs after."""
 
+import math
+
 import pandas as pd
 import plotly.express as px
 import streamlit as st
 
 from app.common import model_and_dataset, parse_sizes
+from kernels.score_functions import PARAMETER_BOUNDS, InterventionSpecError
 from lens.errors import LensError
 from lens.workbench import Controls, compare_runs
 
@@ -57,7 +60,7 @@ def _runs(model_name, dataset_name, query_ids, n, spec):
 try:
     before = _runs(model, dataset, tuple(chosen), int(n_docs), "none")
     after = _runs(model, dataset, tuple(chosen), int(n_docs), score_fn.spec() if score_fn else "none")
-except LensError as err:
+except (LensError, InterventionSpecError) as err:
     st.error(str(err))
     st.stop()
 cmp = compare_runs(before, after)
@@ -92,6 +95,13 @@ if st.button("run parameter sweep", key="lab-sweep-run"):
         values = [float(v) for v in grid_text.split(",")]
     except ValueError:
         st.error(f"values {grid_text!r}: expected comma-separated numbers")
+        st.stop()
+    key = {"SSMax s": "s", "temperature t": "t", "sink b": "b"}[param]
+    low, high = PARAMETER_BOUNDS[key]
+    bad = [v for v in values if not (math.isfinite(v) and low <= v <= high) or (key in ("s", "t") and v <= 0)]
+    if bad:
+        st.error(f"{param} = {bad[0]:g}: values must be finite and in {low:g}..{high:g}"
+                 + (" and above 0" if key in ("s", "t") else ""))
         st.stop()
     if sizes:
         bar, rows = st.progress(0.0, text="parameter sweep"), []

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ class Dataset:
     name: str
     documents: list[Document]
     queries: list[Query]
-    qrels: dict[str, dict[str, int]]
+    qrels: dict[str, dict[str, int | float]]  # graded relevance kept as given
     _index: dict[str, int] = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -41,6 +43,16 @@ class Dataset:
         if len(self._index) != len(self.documents):
             dup = next(i for i, n in Counter(d.id for d in self.documents).items() if n > 1)
             raise LensError(f"{self.name}: document id {dup!r} appears more than once")
+
+    def content_hash(self) -> str:
+        """A hash of every document, query and judgement: what a sweep's records depend on."""
+        h = hashlib.sha256()
+        for d in self.documents:
+            h.update(json.dumps([d.id, d.title, d.text]).encode())
+        for q in self.queries:
+            h.update(json.dumps([q.id, q.text]).encode())
+        h.update(json.dumps(sorted((q, sorted(r.items())) for q, r in self.qrels.items())).encode())
+        return h.hexdigest()[:16]
 
     def doc_index(self, doc_id: str) -> int:
         return self._index[doc_id]
@@ -55,21 +67,45 @@ class Dataset:
 
 def _read_jsonl(path: Path, required: tuple[str, ...]) -> list[dict]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise LensError(f"{path}:{line_no}: malformed JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(row, dict):
-                raise LensError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise LensError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise LensError(f"{path}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LensError(f"{path}:{line_no}: malformed JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise LensError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise LensError(f"{path}:{line_no}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
     return rows
+
+
+def _score(value, where: str) -> int | float:
+    """A relevance grade: kept as given (graded qrels stay graded), ints where whole."""
+    try:
+        score = float(value)
+    except (TypeError, ValueError):
+        raise LensError(f"{where}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise LensError(f"{where}: score {value!r} is not a finite number")
+    return int(score) if score.is_integer() else score
+
+
+def _text_field(row: dict, key: str, where: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise LensError(f"{where}: {key!r} of {row.get('_id')!r} is a {type(value).__name__}, not a string; "
+                        "write it as a JSON string")
+    return value
 
 
 def _read_qrels(folder: Path, split: str) -> tuple[Path, list[tuple[str, str, int]]]:
@@ -83,14 +119,11 @@ def _read_qrels(folder: Path, split: str) -> tuple[Path, list[tuple[str, str, in
                     continue
                 if len(row) < 3:
                     raise LensError(f"{tsv}:{line_no}: expected query-id<TAB>corpus-id<TAB>score, got {len(row)} field(s)")
-                try:
-                    out.append((row[0], row[1], int(float(row[2]))))
-                except ValueError:
-                    raise LensError(f"{tsv}:{line_no}: score {row[2]!r} is not a number") from None
+                out.append((row[0], row[1], _score(row[2], f"{tsv}:{line_no}")))
         return tsv, out
     if jsonl.is_file():
         rows = _read_jsonl(jsonl, ("query-id", "corpus-id", "score"))
-        return jsonl, [(str(r["query-id"]), str(r["corpus-id"]), int(r["score"])) for r in rows]
+        return jsonl, [(str(r["query-id"]), str(r["corpus-id"]), _score(r["score"], str(jsonl))) for r in rows]
     raise LensError(f"{folder}: no qrels (looked for qrels/{split}.tsv and qrels.jsonl)")
 
 
@@ -103,11 +136,16 @@ def load_beir(folder: str | Path, split: str = "test", drop_unjudged: bool = Fal
     for name in ("corpus.jsonl", "queries.jsonl"):
         if not (folder / name).is_file():
             raise LensError(f"{folder}: no {name}; not a BEIR-format folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
+    corpus_path, queries_path = folder / "corpus.jsonl", folder / "queries.jsonl"
     docs = [
-        Document(str(r["_id"]), str(r.get("text") or ""), str(r.get("title") or ""))
-        for r in _read_jsonl(folder / "corpus.jsonl", ("_id", "text"))
+        Document(str(r["_id"]), _text_field(r, "text", str(corpus_path)), _text_field(r, "title", str(corpus_path)))
+        for r in _read_jsonl(corpus_path, ("_id", "text"))
     ]
-    queries = [Query(str(r["_id"]), str(r["text"])) for r in _read_jsonl(folder / "queries.jsonl", ("_id", "text"))]
+    queries = [Query(str(r["_id"]), _text_field(r, "text", str(queries_path)))
+               for r in _read_jsonl(queries_path, ("_id", "text"))]
+    repeated = next((i for i, n in Counter(q.id for q in queries).items() if n > 1), None)
+    if repeated is not None:
+        raise LensError(f"{queries_path}: query id {repeated!r} appears more than once; give every query its own _id")
     qrels_path, triples = _read_qrels(folder, split)
     doc_ids, query_ids = {d.id for d in docs}, {q.id for q in queries}
     qrels: dict[str, dict[str, int]] = {}
@@ -173,6 +211,62 @@ def limit_dataset(n_docs: int = 256, items_per_doc: int = 20, n_queries: int = 6
     return Dataset(f"synthetic-limit-{n_docs}x{items_per_doc}-s{seed}", documents, queries, qrels)
 
 
+def limit_pairs_dataset(n_docs: int = 46, core: int | None = None, n_queries: int | None = None,
+                        items_per_doc: int | None = None, split: str = "eval", seed: int = 0) -> Dataset:
+    """LIMIT's design (google-deepmind LIMIT, "LIMIT-small"): over ``core`` documents, every pair
+    of documents shares exactly one item that no other document likes, so each core document
+    carries core-1 items and every other core document is a hard negative; a query "Who likes X?"
+    names the item of one pair (two relevant documents).  ``n_docs - core`` further documents
+    (LIMIT's large corpus) like ``items_per_doc`` items (default core-1) drawn from the rest of
+    the vocabulary, never a query's item.  Items and names come from one half of a vocabulary
+    split in two (``split``: ``eval``, the default, or ``train``; lens.data.limit_words), so
+    evaluation never sees a training item or name.  Queries: ``n_queries`` pairs drawn at random
+    (default: all C(core, 2))."""
+    from lens.data.limit_words import SPLITS, limit_items, limit_names
+
+    core = n_docs if core is None else core
+    if split not in SPLITS:
+        raise LensError(f"limit-pairs: split={split!r}; choose one of {', '.join(SPLITS)}")
+    if not 2 <= core <= n_docs:
+        raise LensError(f"limit-pairs: core must be 2..docs ({n_docs}), got {core}")
+    vocab = list(limit_items(split))
+    n_pairs = core * (core - 1) // 2
+    items = core - 1 if items_per_doc is None else items_per_doc
+    if not 1 <= items <= 200:
+        raise LensError(f"limit-pairs: items per distractor must be 1..200, got {items}")
+    if n_pairs + (items if n_docs > core else 0) > len(vocab):
+        raise LensError(f"limit-pairs: core={core} needs {n_pairs} pair items (+{items} for distractors); the "
+                        f"{split} vocabulary has {len(vocab)}: use core <= 64")
+    n_queries = n_pairs if n_queries is None else n_queries
+    if not 1 <= n_queries <= n_pairs:
+        raise LensError(f"limit-pairs: core={core} gives 1..{n_pairs} queries (one per pair), asked for {n_queries}")
+    names = list(limit_names(split))
+    if n_docs > len(names):  # a middle initial makes more unique names for a large distractor pool
+        names += [f"{n.split()[0]} {c}. {n.split()[1]}" for c in "ABCDEFGHJKLMNPRSTW" for n in limit_names(split)]
+    if n_docs > len(names):
+        raise LensError(f"limit-pairs: at most {len(names)} documents (unique names), asked for {n_docs}")
+    rng = random.Random(f"limit-pairs:{split}:{seed}")
+    people = rng.sample(names, n_docs)
+    rng.shuffle(vocab)
+    pair_items, fillers = vocab[:n_pairs], vocab[n_pairs:]
+    pairs = [(a, b) for a in range(core) for b in range(a + 1, core)]
+    liked: list[list[str]] = [[] for _ in range(n_docs)]
+    for (a, b), item in zip(pairs, pair_items):
+        liked[a].append(item)
+        liked[b].append(item)
+    for d in range(core, n_docs):
+        liked[d] = rng.sample(fillers, items)
+    documents = []
+    for d in range(n_docs):
+        rng.shuffle(liked[d])
+        documents.append(Document(f"d{d}", f"{people[d]} likes {_join_items(liked[d])}."))
+    asked = sorted(rng.sample(range(n_pairs), n_queries))
+    queries = [Query(f"q{p}", f"Who likes {pair_items[p]}?") for p in asked]
+    qrels = {f"q{p}": {f"d{pairs[p][0]}": 1, f"d{pairs[p][1]}": 1} for p in asked}
+    tag = f"limit-pairs-{n_docs}" + (f"c{core}" if core != n_docs else "") + f"-{split}-s{seed}"
+    return Dataset(tag, documents, queries, qrels)
+
+
 def needle_dataset(n_docs: int = 256, n_queries: int = 64, seed: int = 0) -> Dataset:
     """Key-value needles: "The secret word for <key> is <value>."; one relevant document per query."""
     keys = [f"{a} {n}" for a in KEY_ADJECTIVES for n in KEY_NOUNS]
@@ -205,13 +299,19 @@ def _parse_options(spec: str, allowed: dict[str, type]) -> dict:
 
 
 def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False) -> Dataset:
-    """``synthetic-limit[:docs=..,items=..,queries=..]``, ``needle[:docs=..,queries=..]`` or a BEIR folder."""
+    """``synthetic-limit[:docs=..,items=..,queries=..]``,
+    ``limit-pairs[:docs=..,core=..,items=..,queries=..,split=eval|train]``, ``needle[:docs=..,queries=..]``
+    or a BEIR folder."""
     if spec.split(":")[0] == "synthetic-limit":
         o = _parse_options(spec, {"docs": int, "items": int, "queries": int, "seed": int})
         return limit_dataset(o.get("docs", 256), o.get("items", 20), o.get("queries", 64), o.get("seed", seed))
+    if spec.split(":")[0] == "limit-pairs":
+        o = _parse_options(spec, {"docs": int, "core": int, "items": int, "queries": int, "split": str, "seed": int})
+        return limit_pairs_dataset(o.get("docs", 46), o.get("core"), o.get("queries"), o.get("items"),
+                                   o.get("split", "eval"), o.get("seed", seed))
     if spec.split(":")[0] == "needle":
         o = _parse_options(spec, {"docs": int, "queries": int, "seed": int})
         return needle_dataset(o.get("docs", 256), o.get("queries", 64), o.get("seed", seed))
     if Path(spec).expanduser().is_dir():
         return load_beir(spec, drop_unjudged=drop_unjudged)
-    raise LensError(f"dataset {spec!r}: not a folder, 'synthetic-limit[:docs=N,items=K,queries=Q]' or 'needle[:docs=N]'")
+    raise LensError(f"dataset {spec!r}: not a folder, 'synthetic-limit[:docs=N,items=K,queries=Q]', 'limit-pairs[:docs=N,core=C]' or 'needle[:docs=N]'")

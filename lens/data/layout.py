@@ -112,23 +112,39 @@ class PoolLayout:
 
 def build_pool_layout(dataset: Dataset, tokenizer, config: LayoutConfig) -> PoolLayout:
     codes = assign_codes(len(dataset.documents), config.code_seed)
-    texts = [
-        config.document_template.format(code=code, title=f"{d.title}: " if d.title else "", text=d.text)
-        for d, code in zip(dataset.documents, codes)
-    ]
+
+    def render(d: Document, code: str, text: str) -> str:
+        return config.document_template.format(code=code, title=f"{d.title}: " if d.title else "", text=text)
+
+    texts = [render(d, code, d.text) for d, code in zip(dataset.documents, codes)]
     ids = tokenizer(texts, add_special_tokens=False).input_ids
     truncated = 0
     for i, doc in enumerate(ids):
         if len(doc) > config.max_doc_tokens:
+            d = dataset.documents[i]
             if not config.truncate:
                 raise LensError(
-                    f"{dataset.name}: document {dataset.documents[i].id!r} has {len(doc)} tokens, more than "
+                    f"{dataset.name}: document {d.id!r} has {len(doc)} tokens, more than "
                     f"max_doc_tokens={config.max_doc_tokens}; raise --max-doc-tokens or pass --truncate"
                 )
-            ids[i] = doc[: config.max_doc_tokens]
+            ids[i] = _truncate_text(tokenizer, d, codes[i], config, render)
             truncated += 1
     instruction = tokenizer(config.instruction, add_special_tokens=False).input_ids
     return PoolLayout(dataset, config, instruction, ids, codes, truncated)
+
+
+def _truncate_text(tokenizer, doc: Document, code: str, config: LayoutConfig, render) -> list[int]:
+    """The document cut to max_doc_tokens by shortening its text, never its code or title."""
+    text_ids = tokenizer(doc.text, add_special_tokens=False).input_ids
+    overhead = len(tokenizer(render(doc, code, ""), add_special_tokens=False).input_ids)
+    keep = config.max_doc_tokens - overhead
+    while keep > 0:
+        ids = tokenizer(render(doc, code, tokenizer.decode(text_ids[:keep])), add_special_tokens=False).input_ids
+        if len(ids) <= config.max_doc_tokens:
+            return ids
+        keep -= max(1, len(ids) - config.max_doc_tokens)
+    raise LensError(f"document {doc.id!r}: its code and title alone take {overhead} tokens, more than "
+                    f"max_doc_tokens={config.max_doc_tokens}; raise --max-doc-tokens")
 
 
 def pool_order(n_docs: int, seed: int) -> list[int]:

@@ -132,10 +132,25 @@ def _adapter_present(name: str) -> bool:
     return (ADAPTERS / name / "adapter.safetensors").is_file()
 
 
-REGISTRY["blocksearch-135m"] = ModelEntry(
-    "blocksearch-135m", "SmolLM2-135M-Instruct + lens's BlockSearch LoRA (experiments/train_blocksearch.py)",
-    _smollm2_config, lambda: _adapter_present("blocksearch-135m") and _smollm2_present(),
-)
+_ADAPTER_DESCRIPTIONS = {
+    "blocksearch-135m": "SmolLM2-135M-Instruct + lens's BlockSearch LoRA, recipe v2 (LIMIT pairs, N 16-64)",
+    "blocksearch-135m-ssmax": "blocksearch-135m's recipe with a trained length-aware softmax (s_L log N per layer)",
+    "blocksearch-135m-v1": "SmolLM2-135M-Instruct + the first BlockSearch LoRA (N 4-16, 8-20 items)",
+}
+
+
+def adapter_names() -> list[str]:
+    """The adapters shipped in lens/adapters (each a registered model on SmolLM2)."""
+    if not ADAPTERS.is_dir():
+        return []
+    return sorted(p.name for p in ADAPTERS.iterdir() if (p / "adapter_config.json").is_file())
+
+
+for _name in adapter_names():
+    REGISTRY[_name] = ModelEntry(
+        _name, _ADAPTER_DESCRIPTIONS.get(_name, f"SmolLM2-135M-Instruct + the LoRA in lens/adapters/{_name}"),
+        _smollm2_config, lambda n=_name: _adapter_present(n) and _smollm2_present(),
+    )
 
 
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
@@ -152,7 +167,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
         folder = smollm2_folder()
         cfg, state = read_hf_folder(folder)
         fingerprint = f"{name}-{folder_fingerprint(folder)}"
-    elif name == "blocksearch-135m":
+    elif name in adapter_names() or name == "blocksearch-135m":
         if not _adapter_present(name):
             raise LensError(f"{name}: no trained adapter in {ADAPTERS / name}; train it with `make train`")
         folder = smollm2_folder()
@@ -172,7 +187,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     with torch.no_grad():
         load_hf_state_dict(model, state, name)
     model.layout_defaults = {}  # LayoutConfig fields the model was trained with (LayoutConfig.for_model)
-    if name == "blocksearch-135m":
+    if name in adapter_names():
         from lens.training import merge_lora
 
         merge_lora(model, ADAPTERS / name)

@@ -339,7 +339,7 @@ _SPEC_HELP = (
 
 # the largest magnitudes a parameter may take: beyond them scores overflow (exp) or every row is
 # flat or one-hot to the last bit, so a result would be an artefact of the number format
-PARAMETER_BOUNDS = {"t": (1e-3, 1e3), "s": (0.0, 100.0), "b": (-1e4, 1e4), "factor": (-1e3, 1e3)}
+PARAMETER_BOUNDS = {"t": (1e-3, 1e3), "s": (0.0, 100.0), "b": (-1e30, 1e30), "factor": (-1e3, 1e3)}
 
 
 def _parse_number(key: str, text: str, spec: str) -> float:

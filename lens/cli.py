@@ -167,16 +167,24 @@ def sweep(
         truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch,
     )
     summary = run_sweep(cfg, out)
+    from lens.stats import format_rate
+
     for run in summary["runs"]:
-        ks = " ".join(f"R@{k} {v:.2f}" for k, v in run["recall_at_k"].items() if v is not None)
-        typer.echo(f"N={run['n_docs']:<6} {run['intervention']:<28} tokens {run['tokens']:>8}  "
-                   f"hit@1 {run['hit_at_k'].get('1', float('nan')):.2f}  {ks}")
+        cells = [f"hit@1 {format_rate(run['hit_at_k'].get('1'), run['hit_at_k_ci'].get('1'), run['queries'])}"]
+        cells += [f"R@{k} {format_rate(v, run['recall_at_k_ci'].get(k), run['queries'])}"
+                  for k, v in run["recall_at_k"].items() if k != "1"]
+        typer.echo(f"N={run['n_docs']:<6} {run['intervention']:<28} tokens {run['tokens']:>8}  " + "  ".join(cells))
     if summary.get("layout", {}).get("truncated_documents"):
         typer.echo(f"note: {summary['layout']['truncated_documents']} documents had their text cut to "
                    f"{summary['layout']['max_doc_tokens']} tokens (--truncate; codes kept)")
     if "baseline" in summary:
-        for size, value in summary["baseline"]["recall_at_1"].items():
-            typer.echo(f"N={size:<6} {summary['baseline']['model']:<28} R@1 {value:.2f}")
+        base = summary["baseline"]
+        for size, values in base["recall_at_k"].items():
+            count = base["queries"][size]
+            cells = [f"hit@1 {format_rate(base['hit_at_k'][size].get('1'), base['hit_at_k_ci'][size].get('1'), count)}"]
+            cells += [f"R@{k} {format_rate(v, base['recall_at_k_ci'][size].get(k), count)}" for k, v in values.items()
+                      if k in ("1", "2")]
+            typer.echo(f"N={size:<6} {base['model']:<28} " + "  ".join(cells))
     typer.echo(f"records: {out}/records.parquet, summary: {out}/summary.json")
 
 

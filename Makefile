@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test bench train clean-venv chromium
+.PHONY: setup run demo test bench train train-ssmax train-v1 clean-venv chromium
 
 # The compiled decode kernel is built once into the lens cache (~30 s; kernels/native.py), so the
 # app's first rerun does not wait for it; where it cannot be built the PyTorch path is used.
@@ -38,9 +38,18 @@ test: setup chromium
 bench: setup
 	$(VENV)/bin/python experiments/bench_prefill.py
 
-# Train BlockSearch-135M's LoRA adapter (~1 h on 2 CPU cores; resumes from its checkpoints).
+# Train BlockSearch-135M's LoRA adapters (recipe v2 starts from the v1 adapter; each resumes from
+# its checkpoints in $LENS_CACHE/train).  README, "Training BlockSearch-135M", gives wall times and the CPU.
+TRAIN_V2 := --steps 80 --queries 24 --lr 1e-3 --warmup 5 --save-every 10 --init-adapter lens/adapters/blocksearch-135m-v1
 train: setup
-	$(VENV)/bin/python experiments/train_blocksearch.py --out lens/adapters/blocksearch-135m
+	$(VENV)/bin/python experiments/train_blocksearch.py $(TRAIN_V2) --out lens/adapters/blocksearch-135m
+
+train-ssmax: setup
+	$(VENV)/bin/python experiments/train_blocksearch.py $(TRAIN_V2) --ssmax --out lens/adapters/blocksearch-135m-ssmax
+
+train-v1: setup
+	$(VENV)/bin/python experiments/train_blocksearch.py --steps 380 --n-docs 4,8,16,16 --mix limit=0.85,needle=0.15 \
+		--queries 16 --lr 2e-3 --warmup 20 --max-doc-tokens 256 --out lens/adapters/blocksearch-135m-v1
 
 clean-venv:
 	rm -rf $(VENV)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import zlib
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from lens.data.layout import PoolLayout, document_start, pool_order
 from lens.engine import DocumentKV, KVSource, QueryStream, pool_batches, prefill_batch, run_instruction
 from lens.errors import LensError
 from lens.models.decoder import Decoder
-from lens.paths import cache_dir
+from lens.paths import cache_dir, exclusive_lock
 
 FORMAT = 1
 _NUMPY = {torch.bfloat16: np.int16, torch.float16: np.int16, torch.float32: np.float32}
@@ -77,9 +78,15 @@ class DiskKV(KVSource):
         self.root = base / self.key
         self.itemsize = torch.empty((), dtype=model.dtype).element_size()
         if not self._open():
-            self._build()  # checksums are computed from the files as written: no second pass here
-            if not self._open(verify=False):
-                raise LensError(f"{self.root}: the KV cache just built cannot be opened; is the disk full?")
+            with exclusive_lock(base / f".{self.key}.lock", f"the KV cache {self.root}"):
+                if not self._open():  # another process may have finished it while we waited to look
+                    try:
+                        self._build()  # checksums are computed from the files as written: no second pass here
+                    except OSError as err:
+                        raise LensError(f"{self.root}: writing the KV cache failed ({err.strerror}); free disk "
+                                        "space or set LENS_CACHE to a writable disk; a rerun resumes the build") from None
+                    if not self._open(verify=False):
+                        raise LensError(f"{self.root}: the KV cache just built cannot be opened; is the disk full?")
 
     # -------------------------------------------------------------------------- identity
     def _content_key(self) -> str:
@@ -106,7 +113,7 @@ class DiskKV(KVSource):
             return False
         problem = self._verify(manifest_path) if verify else None
         if problem:
-            print(f"lens: KV cache {self.root} is unusable ({problem}); deleting and rebuilding it")
+            print(f"lens: KV cache {self.root} is unusable ({problem}); deleting and rebuilding it", file=sys.stderr)
             shutil.rmtree(self.root, ignore_errors=True)
             return False
         tensors = load_file(self.root / "instruction.safetensors")
@@ -117,8 +124,10 @@ class DiskKV(KVSource):
     def _verify(self, manifest_path: Path) -> str | None:
         try:
             manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return "manifest is not valid JSON"
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("crc32"), dict):
+            return "manifest has the wrong shape"
         if manifest.get("format") != FORMAT or manifest.get("key") != self.key:
             return "manifest does not match this model, layout and corpus"
         files = [self._layer_path(self.root, l) for l in range(self.n_layers)] + [self.root / "instruction.safetensors"]
@@ -141,10 +150,10 @@ class DiskKV(KVSource):
         partial = self.root.with_name(self.root.name + ".partial")
         partial.mkdir(parents=True, exist_ok=True)
         progress_path = partial / "progress.json"
-        done = json.loads(progress_path.read_text())["docs_done"] if progress_path.is_file() else 0
+        committed = self._committed_batches(progress_path)
         free = shutil.disk_usage(partial).free
         need = self._layer_bytes() * self.n_layers
-        if done == 0 and free < need:
+        if not committed and free < need:
             raise LensError(f"{partial}: the KV cache needs {need / 1e9:.1f} GB, only {free / 1e9:.1f} GB free; "
                             "set LENS_CACHE to a bigger disk")
         instruction = run_instruction(self.model, self.pool.instruction_ids)
@@ -157,6 +166,8 @@ class DiskKV(KVSource):
             if os.fstat(fd).st_size != self._layer_bytes():
                 os.ftruncate(fd, self._layer_bytes())
             fds.append(fd)
+        committed = self._verified_prefix(fds, committed)
+        done = committed[-1]["docs_done"] if committed else 0
         n_inst = len(self.pool.instruction_ids)
         docs = [self.pool.doc_token_ids[d] for d in self.order]
         # the fixed batches the memory cache prefills too (so both hold the same bits), in storage
@@ -178,8 +189,13 @@ class DiskKV(KVSource):
                         valid = torch.cat([tensor[row, layer, :n] for row, n in enumerate(lengths)])  # [tok, kv, d]
                         self._write(fds[layer], which, first, valid.transpose(0, 1).contiguous())
                 done = batch[-1] + 1
+                for fd in fds:  # the data is on disk before the progress file says so
+                    os.fsync(fd)
+                n_tok = int(sum(lengths))
+                committed.append(dict(docs_done=done, first_token=first, tokens=n_tok,
+                                      crc32=self._range_crc(fds, first, n_tok)))
                 tmp = progress_path.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"docs_done": done}))
+                tmp.write_text(json.dumps({"format": FORMAT, "key": self.key, "docs_done": done, "batches": committed}))
                 os.replace(tmp, progress_path)
                 bar.update(sum(lengths))
         for fd in fds:
@@ -197,6 +213,43 @@ class DiskKV(KVSource):
         if self.root.exists():
             shutil.rmtree(self.root)
         os.replace(partial, self.root)
+
+    def _committed_batches(self, progress_path: Path) -> list[dict]:
+        """The batches a killed build committed, as its progress file lists them; an unreadable or
+        foreign progress file means starting over (said on stderr), never trusting it."""
+        if not progress_path.is_file():
+            return []
+        try:
+            progress = json.loads(progress_path.read_text())
+            batches = progress["batches"] if progress.get("key") == self.key and progress.get("format") == FORMAT else None
+            if batches is None or not all({"docs_done", "first_token", "tokens", "crc32"} <= set(b) for b in batches):
+                raise ValueError("not this cache's progress")
+            return list(batches)
+        except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+            print(f"lens: {progress_path} is unreadable or from another build; rebuilding the KV cache from the start",
+                  file=sys.stderr)
+            return []
+
+    def _verified_prefix(self, fds: list[int], committed: list[dict]) -> list[dict]:
+        """The committed batches whose bytes still match their checksums, up to the first that does
+        not (bytes torn by a kill are prefilled again)."""
+        for i, batch in enumerate(committed):
+            if self._range_crc(fds, batch["first_token"], batch["tokens"]) != batch["crc32"]:
+                print(f"lens: KV cache batch {i} (documents before {batch['docs_done']}) fails its checksum; "
+                      "prefilling from there again", file=sys.stderr)
+                return committed[:i]
+        return committed
+
+    def _range_crc(self, fds: list[int], first_token: int, n_tokens: int) -> int:
+        """crc32 of storage tokens [first, first + n) in every layer, key and value, KV head."""
+        crc = 0
+        size = n_tokens * self.d_head * self.itemsize
+        for fd in fds:
+            for which in range(2):
+                for head in range(self.n_kv):
+                    offset = ((which * self.n_kv + head) * self.n_tokens + first_token) * self.d_head * self.itemsize
+                    crc = zlib.crc32(os.pread(fd, size, offset), crc)
+        return crc
 
     def _write(self, fd: int, which: int, first_token: int, tensor: torch.Tensor) -> None:
         """tensor [kv_head, tokens, d] -> its place in a layer file."""

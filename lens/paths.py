@@ -28,3 +28,31 @@ def atomic_dir(final: Path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def exclusive_lock(lock_path: Path, what: str):
+    """Hold an exclusive lock on ``lock_path`` for the block; a second process asking for it is
+    refused at once with a LensError naming ``what`` and the holder's pid (never two writers on
+    one folder)."""
+    import fcntl
+
+    from lens.errors import LensError
+
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise LensError(f"{lock_path}: cannot create a lock file ({err.strerror}); choose a writable folder") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise LensError(f"{what} is in use by another lens process (pid {holder}); wait for it to finish "
+                            "or choose another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock

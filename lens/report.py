@@ -42,18 +42,29 @@ def retrieval_layer(summary: dict) -> int:
     return max(first["layers"], key=lambda l: ((l["r_any"] or 0), (l["gold_share"] or 0)))["layer"]
 
 
+def _error_bars(values: list, intervals: list) -> dict:
+    """plotly error_y for rates with their 95% intervals (missing intervals draw no bar)."""
+    plus = [None if v is None or ci is None else ci[1] - v for v, ci in zip(values, intervals)]
+    minus = [None if v is None or ci is None else v - ci[0] for v, ci in zip(values, intervals)]
+    return dict(type="data", array=plus, arrayminus=minus, visible=True, thickness=1)
+
+
 def fig_recall_vs_n(summary: dict) -> go.Figure:
     """fig1: hit@1 and Recall@1 vs N per intervention, with the dense baseline."""
     fig = go.Figure()
     for name in dict.fromkeys(r["intervention"] for r in summary["runs"]):
         runs = sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"])
-        fig.add_scatter(x=[r["n_docs"] for r in runs], y=[r["hit_at_k"].get("1") for r in runs], mode="lines+markers",
-                        name=f"{name} hit@1", customdata=[r["tokens"] for r in runs],
-                        hovertemplate="N=%{x}<br>%{customdata} tokens<br>hit@1 %{y:.2f}")
+        hits = [r["hit_at_k"].get("1") for r in runs]
+        fig.add_scatter(x=[r["n_docs"] for r in runs], y=hits, mode="lines+markers",
+                        error_y=_error_bars(hits, [r.get("hit_at_k_ci", {}).get("1") for r in runs]),
+                        name=f"{name} hit@1", customdata=[[r["tokens"], r["queries"]] for r in runs],
+                        hovertemplate="N=%{x}<br>%{customdata[0]} tokens, %{customdata[1]} queries<br>hit@1 %{y:.2f}")
     if "baseline" in summary:
         base = summary["baseline"]
         sizes = sorted(base["hit_at_k"], key=int)
-        fig.add_scatter(x=[int(n) for n in sizes], y=[base["hit_at_k"][n].get("1") for n in sizes],
+        hits = [base["hit_at_k"][n].get("1") for n in sizes]
+        fig.add_scatter(x=[int(n) for n in sizes], y=hits,
+                        error_y=_error_bars(hits, [base.get("hit_at_k_ci", {}).get(n, {}).get("1") for n in sizes]),
                         mode="lines+markers", line=dict(dash="dash"), name=f"{base['model']} hit@1 (dense)")
     fig.update_layout(title=f"{summary['model']} on {summary['dataset']}: retrieval vs corpus size",
                       xaxis=dict(title="documents N", type="log"), yaxis=dict(title="hit@1", range=[0, 1.02]))
@@ -68,8 +79,10 @@ def fig_layer_profile(summary: dict, n_docs: int | None = None) -> go.Figure:
     layers = [l["layer"] for l in run["layers"]]
     fig = go.Figure()
     for key, label in (("r_sum", "R_sum"), ("r_any", "R_any"), ("first_digit_acc", "logit-lens first-digit acc")):
-        fig.add_scatter(x=layers, y=[l[key] for l in run["layers"]], mode="lines+markers", name=label)
-    fig.update_layout(title=f"per-layer retrieval signal at N={run['n_docs']} ({base})",
+        values = [l[key] for l in run["layers"]]
+        fig.add_scatter(x=layers, y=values, mode="lines+markers", name=label,
+                        error_y=_error_bars(values, [l.get(f"{key}_ci") for l in run["layers"]]))
+    fig.update_layout(title=f"per-layer retrieval signal at N={run['n_docs']} ({base}; {run['queries']} queries, 95% intervals)",
                       xaxis_title="layer", yaxis=dict(range=[0, 1.02]))
     return fig
 
@@ -82,10 +95,11 @@ def fig_rsum_rany_across_n(summary: dict) -> go.Figure:
     for i, run in enumerate(runs):
         layers = [l["layer"] for l in run["layers"]]
         color = f"hsl({int(240 - 240 * i / max(len(runs) - 1, 1))},70%,45%)"
-        fig.add_scatter(x=layers, y=[l["r_sum"] for l in run["layers"]], name=f"N={run['n_docs']}",
-                        line=dict(color=color), row=1, col=1)
-        fig.add_scatter(x=layers, y=[l["r_any"] for l in run["layers"]], name=f"N={run['n_docs']}",
-                        line=dict(color=color), showlegend=False, row=1, col=2)
+        for col, key in ((1, "r_sum"), (2, "r_any")):
+            values = [l[key] for l in run["layers"]]
+            fig.add_scatter(x=layers, y=values, name=f"N={run['n_docs']} ({run['queries']} q)", line=dict(color=color),
+                            error_y=_error_bars(values, [l.get(f"{key}_ci") for l in run["layers"]]),
+                            showlegend=col == 1, row=1, col=col)
     fig.update_yaxes(range=[0, 1.02])
     fig.update_xaxes(title_text="layer")
     fig.update_layout(title=f"{summary['model']}: attention dilution across N ({base})")
@@ -116,7 +130,8 @@ def table_gold_share(summary: dict, layer: int) -> pd.DataFrame:
     for run in sorted((r for r in summary["runs"] if r["intervention"] == base), key=lambda r: r["n_docs"]):
         item = next(l for l in run["layers"] if l["layer"] == layer)
         rows.append(dict(n_docs=run["n_docs"], tokens=run["tokens"], layer=layer, gold_share=item["gold_share"],
-                         gold_mass=item["gold_mass"], r_sum=item["r_sum"], r_any=item["r_any"]))
+                         gold_mass=item["gold_mass"], r_sum=item["r_sum"], r_sum_ci=_ci_text(item.get("r_sum_ci")),
+                         r_any=item["r_any"], r_any_ci=_ci_text(item.get("r_any_ci")), queries=run["queries"]))
     return pd.DataFrame(rows)
 
 
@@ -126,21 +141,30 @@ def table_norms(records: pd.DataFrame, summary: dict, layer: int) -> pd.DataFram
     return rows.groupby("n_docs")[["attn_norm", "gold_attn_norm", "gold_share"]].mean().reset_index()
 
 
+def _ci_text(ci) -> str | None:
+    return None if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def table_interventions(summary: dict) -> pd.DataFrame:
     """The intervention table: hit@1 (and Recall@1) per intervention across N."""
     rows = []
     for name in dict.fromkeys(r["intervention"] for r in summary["runs"]):
         row = {"intervention": name}
         for run in sorted((r for r in summary["runs"] if r["intervention"] == name), key=lambda r: r["n_docs"]):
-            row[f"hit@1 N={run['n_docs']}"] = run["hit_at_k"].get("1")
-            row[f"R@1 N={run['n_docs']}"] = run["recall_at_1"]
+            n = run["n_docs"]
+            row[f"hit@1 N={n}"] = run["hit_at_k"].get("1")
+            row[f"hit@1 N={n} ci"] = _ci_text(run.get("hit_at_k_ci", {}).get("1"))
+            row[f"R@1 N={n}"] = run["recall_at_1"]
+            row[f"queries N={n}"] = run["queries"]
         rows.append(row)
     if "baseline" in summary:
         base = summary["baseline"]
         row = {"intervention": f"{base['model']} (dense)"}
         for n in sorted(base["hit_at_k"], key=int):
             row[f"hit@1 N={n}"] = base["hit_at_k"][n].get("1")
+            row[f"hit@1 N={n} ci"] = _ci_text(base.get("hit_at_k_ci", {}).get(n, {}).get("1"))
             row[f"R@1 N={n}"] = base["recall_at_1"][n]
+            row[f"queries N={n}"] = base.get("queries", {}).get(n)
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -168,7 +192,7 @@ def fig_theory(summary: dict, layer: int, s: float = 0.43) -> go.Figure:
 def save_figure(fig: go.Figure, path_stem: Path) -> list[Path]:
     """HTML always; PNG when kaleido finds a Chromium (Debian's chromium is used if installed)."""
     written = [path_stem.with_suffix(".html")]
-    fig.write_html(written[0], include_plotlyjs="cdn")
+    fig.write_html(written[0], include_plotlyjs=True)  # embedded: the figure renders offline
     if not os.environ.get("BROWSER_PATH") and shutil.which("chromium"):
         os.environ["BROWSER_PATH"] = shutil.which("chromium")
     try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from kernels.score_functions import parse_intervention
 from lens.errors import LensError
+from lens.paths import exclusive_lock
 from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
 from lens.stats import CONFIDENCE, rate_interval
 
@@ -105,13 +107,9 @@ def _check_out(cfg: SweepConfig, out: Path) -> bool:
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=None) -> dict:
-    """Run (or resume) a sweep; returns the summary.  ``on_unit(done, total)`` reports progress."""
-    import torch
-
+    """Run (or resume) a sweep; returns the summary.  ``on_unit(done, total)`` reports progress.
+    Everything is checked before anything is written; one sweep at a time writes into ``out``."""
     from lens.data.datasets import load_dataset
-    from lens.data.layout import LayoutConfig
-    from lens.engine import BlockSearchRunner
-    from lens.models.registry import load_model
 
     out = Path(out).expanduser()
     score_fns = [parse_intervention(s) for s in cfg.interventions]
@@ -136,14 +134,54 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
     if cfg.queries > len(data.queries):
         raise LensError(f"--queries {cfg.queries}: {data.name} has {len(data.queries)} queries")
     cfg = replace(cfg, dataset_sha256=data.content_hash())
+    if out.exists() and not out.is_dir():
+        raise LensError(f"--out {out}: is a file, not a folder; choose a folder path")
+    with exclusive_lock(out.parent / f".{out.name}.lock", f"--out {out}"):
+        try:
+            return _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit)
+        except OSError as err:
+            where = f" ({err.filename})" if err.filename else ""
+            raise LensError(f"--out {out}: {err.strerror or err}{where}; fix the folder (space, permissions) "
+                            "and rerun the same command to resume") from None
+
+
+def _part_ok(path: Path, n: int, query_ids: list[str], specs: list[str]) -> bool:
+    """A part file is this unit's when it reads and holds exactly its (query, intervention) runs."""
+    if not path.is_file():
+        return False
+    frame = _read_part(path)
+    if frame is None or "level" not in frame.columns:
+        print(f"lens: {path} is unreadable; redoing that unit", file=sys.stderr)
+        return False
+    runs = frame[frame.level == "query"]
+    want = {(q, s) for q in query_ids for s in specs}
+    if set(runs.n_docs) != {n} or set(zip(runs.query_id, runs.intervention)) != want or len(runs) != len(want):
+        print(f"lens: {path} holds other runs than its unit (a foreign file?); redoing that unit", file=sys.stderr)
+        return False
+    return True
+
+
+def _read_part(path: Path) -> pd.DataFrame | None:
+    """A committed unit, or None if its file is unreadable (a torn or foreign file is redone)."""
+    try:
+        return pd.read_parquet(path)
+    except Exception:  # pyarrow raises several types for a damaged file
+        return None
+
+
+def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> dict:
+    from lens.data.layout import LayoutConfig
+    from lens.engine import BlockSearchRunner
+    from lens.models.registry import load_model
+
     resuming = _check_out(cfg, out)
     parts = out / "parts"
 
     query_ids = [q.id for q in data.queries[: cfg.queries]]
     batches = [query_ids[i : i + cfg.batch] for i in range(0, len(query_ids), cfg.batch)]
     units = [(n, b) for n in sorted(cfg.n) for b in range(len(batches))]
-    todo = [(n, b) for n, b in units if not (parts / f"n{n}-b{b}.parquet").is_file()]
-    need_baseline = cfg.baseline and not (parts / "baseline.parquet").is_file()
+    todo = [(n, b) for n, b in units if not _part_ok(parts / f"n{n}-b{b}.parquet", n, batches[b], specs)]
+    need_baseline = cfg.baseline and _read_part(parts / "baseline.parquet") is None
     if todo or need_baseline:
         model = load_model(cfg.model, dtype=dtype)
         layout = LayoutConfig.for_model(model, positions=cfg.positions, code_position=cfg.code_position,

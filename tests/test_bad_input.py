@@ -135,3 +135,24 @@ def test_truncation_cuts_the_text_never_the_code():
     text = "".join(map(chr, pool.doc_token_ids[0]))
     assert pool.truncated == 1 and len(pool.doc_token_ids[0]) <= 30
     assert text.endswith(f" [{pool.codes[0]}]\n")
+
+
+def test_torn_and_foreign_parts_are_redone_and_two_writers_are_refused(tmp_path):
+    from lens.paths import exclusive_lock
+
+    args = [*TINY, "--n", "4,8", "--batch", "2"]
+    out, other = tmp_path / "out", tmp_path / "other"
+    assert lens("sweep", *args, "--out", str(out)).returncode == 0
+    expected = pd.read_parquet(out / "records.parquet")
+    other_args = ["--model", "tiny-llama", "--dataset", "synthetic-limit:docs=12,items=4,queries=4,seed=5",
+                  "--queries", "4", "--dtype", "float32", "--n", "4,8", "--batch", "2"]
+    assert lens("sweep", *other_args, "--out", str(other)).returncode == 0
+    (out / "parts" / "n4-b0.parquet").write_bytes(b"")  # torn
+    (out / "parts" / "n8-b1.parquet").write_bytes((other / "parts" / "n4-b1.parquet").read_bytes())  # foreign
+    again = lens("sweep", *args, "--out", str(out))
+    assert again.returncode == 0 and "redoing that unit" in again.stderr
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "records.parquet"), expected)
+    with exclusive_lock(tmp_path / ".out.lock", "held by the test"):  # as a second sweep holds it
+        refused(lens("sweep", *args, "--out", str(out)), "in use by another lens process")
+    (tmp_path / "a-file").write_text("x")
+    refused(lens("sweep", *args, "--out", str(tmp_path / "a-file")), "is a file, not a folder")

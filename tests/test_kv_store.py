@@ -99,14 +99,14 @@ def test_corrupt_and_truncated_caches_are_rebuilt(models, data, tmp_path, capsys
     raw[len(raw) // 2] ^= 0xFF
     layer_file.write_bytes(bytes(raw))
     again = BlockSearchRunner(model, data, progress=False, kv="disk", kv_folder=tmp_path)
-    assert "layer_001.bin fails its checksum (corrupt)" in capsys.readouterr().out
+    assert "layer_001.bin fails its checksum (corrupt)" in capsys.readouterr().err
     _same(_runs(again), expected)
     again.source.close()
 
     with (root / "layer_002.bin").open("r+b") as f:
         f.truncate(100)
     third = BlockSearchRunner(model, data, progress=False, kv="disk", kv_folder=tmp_path)
-    assert "layer_002.bin has 100 bytes" in capsys.readouterr().out
+    assert "layer_002.bin has 100 bytes" in capsys.readouterr().err
     _same(_runs(third), expected)
 
 
@@ -139,3 +139,57 @@ def test_sequential_positions_are_refused_on_disk(models, data, tmp_path):
     with pytest.raises(LensError, match="use positions shared or restart"):
         BlockSearchRunner(models("tiny-llama"), data, LayoutConfig(positions="sequential"), progress=False,
                           kv="disk", kv_folder=tmp_path)
+
+
+def test_torn_or_foreign_partial_state_is_not_trusted(models, data, tmp_path, monkeypatch, capsys):
+    """Bytes corrupted after a batch was committed, and a garbage progress file, are caught on
+    resume: the build redoes them and ends equal to a fresh build."""
+    import json
+
+    model = models("tiny-llama")
+    real = kv_store.prefill_batch
+    calls = {"n": 0}
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kv_store, "prefill_batch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)
+    monkeypatch.setattr(kv_store, "prefill_batch", real)
+    partial = next(tmp_path.glob("*.partial"))
+    layer = partial / "layer_000.bin"
+    raw = bytearray(layer.read_bytes())
+    raw[0] ^= 0xFF  # the first committed batch's first key byte
+    layer.write_bytes(bytes(raw))
+    resumed = BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)
+    assert "fails its checksum; prefilling from there again" in capsys.readouterr().err
+    fresh = BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path / "fresh")
+    _same(_runs(resumed), _runs(fresh))
+    resumed.source.close()
+
+    other = tmp_path / "garbage"
+    monkeypatch.setattr(kv_store, "prefill_batch", dying)
+    calls["n"] = 0
+    with pytest.raises(KeyboardInterrupt):
+        BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=other)
+    monkeypatch.setattr(kv_store, "prefill_batch", real)
+    (next(other.glob("*.partial")) / "progress.json").write_text(json.dumps({"docs_done": "many"}))
+    rebuilt = BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=other)
+    assert "unreadable or from another build" in capsys.readouterr().err
+    _same(_runs(rebuilt), _runs(fresh))
+
+
+def test_two_builds_of_one_cache_one_is_refused(models, data, tmp_path):
+    from lens.paths import exclusive_lock
+
+    probe = BlockSearchRunner(models("tiny-llama"), data, progress=False, kv="disk", kv_folder=tmp_path / "probe")
+    key = probe.source.key
+    probe.source.close()
+    with exclusive_lock(tmp_path / f".{key}.lock", "held by the test"):  # as a concurrent build holds it
+        with pytest.raises(LensError, match="in use by another lens process"):
+            BlockSearchRunner(models("tiny-llama"), data, progress=False, kv="disk", kv_folder=tmp_path)
+    BlockSearchRunner(models("tiny-llama"), data, progress=False, kv="disk", kv_folder=tmp_path).source.close()

@@ -20,11 +20,33 @@ from lens.errors import LensError
 from lens.metrics import ssmax_predicted_gold_mass
 
 
+_RUN_KEYS = ("n_docs", "intervention", "queries", "hit_at_k", "recall_at_k", "layers")
+
+
 def load_records(folder: str | Path) -> tuple[pd.DataFrame, dict]:
+    """A records folder's records and summary, checked: a damaged or foreign folder is a LensError
+    naming what is wrong, never a traceback in a figure."""
     folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise LensError(f"{folder}: is a file; give the records folder a `lens sweep --out` wrote")
     if not (folder / "records.parquet").is_file() or not (folder / "summary.json").is_file():
         raise LensError(f"{folder}: no records.parquet / summary.json; run `lens sweep --out {folder}` first")
-    return pd.read_parquet(folder / "records.parquet"), json.loads((folder / "summary.json").read_text())
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise LensError(f"{folder / 'summary.json'}: not valid JSON; rerun the sweep command to rewrite it") from None
+    runs = summary.get("runs") if isinstance(summary, dict) else None
+    if not isinstance(runs, list) or not runs or not all(isinstance(r, dict) and all(k in r for k in _RUN_KEYS)
+                                                          and isinstance(r["layers"], list) for r in runs):
+        raise LensError(f"{folder / 'summary.json'}: no runs, or runs without {', '.join(_RUN_KEYS)}; "
+                        "rerun the sweep command to rewrite it")
+    try:
+        records = pd.read_parquet(folder / "records.parquet")
+    except Exception:  # pyarrow raises several types for a damaged file
+        raise LensError(f"{folder / 'records.parquet'}: unreadable (damaged?); rerun the sweep command to rewrite it") from None
+    if "level" not in records.columns:
+        raise LensError(f"{folder / 'records.parquet'}: not lens records (no level column)")
+    return records, summary
 
 
 def _base_intervention(summary: dict) -> str:
@@ -239,6 +261,12 @@ def render_report(folder: str | Path, layer: int | None = None, n_docs: int | No
                   items: list[str] | None = None, s: float = 0.43) -> list[Path]:
     """Everything that applies to a records folder (or just ``items``), into ``folder/report``."""
     records, summary = load_records(folder)
+    sizes = sorted({r["n_docs"] for r in summary["runs"]})
+    if n_docs is not None and n_docs not in sizes:
+        raise LensError(f"--n {n_docs}: the records hold N = {', '.join(map(str, sizes))}; choose one of them")
+    n_layers = max((len(r["layers"]) for r in summary["runs"]), default=0)
+    if layer is not None and not 0 <= layer < n_layers:
+        raise LensError(f"--layer {layer}: the records hold layers 0..{n_layers - 1}")
     out = Path(folder).expanduser() / "report"
     out.mkdir(exist_ok=True)
     layer = retrieval_layer(summary) if layer is None else layer

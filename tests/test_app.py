@@ -34,6 +34,9 @@ def _metrics(at):
 def test_dashboard_runs_the_default_sweep_and_shows_its_numbers(tmp_path):
     at = _app(tmp_path).run()
     assert not at.exception and not at.error
+    assert not (tmp_path / "records").exists()  # a typed folder is written only after a click
+    at.button(key="dash-run").click().run()
+    assert not at.exception and not at.error
     summary = json.loads((tmp_path / "records" / "summary.json").read_text())
     run = next(r for r in summary["runs"] if r["n_docs"] == 16 and r["intervention"] == "none")
     assert _metrics(at)["hit@1 at N=16 (none)"] == f"{run['hit_at_k']['1']:.2f}"
@@ -52,11 +55,29 @@ def test_dashboard_bad_input_is_a_message_not_a_traceback(tmp_path):
     assert any("not a BEIR-format folder" in e.value for e in at.error)
 
 
+@pytest.mark.parametrize("damage", ["garbage-json", "empty-runs", "garbage-parquet", "a-file"])
+def test_dashboard_shows_a_bad_records_folder_as_an_error(tmp_path, damage):
+    folder = tmp_path / "records"
+    folder.mkdir()
+    (folder / "records.parquet").write_bytes(b"PAR1 not really")
+    (folder / "summary.json").write_text({"garbage-json": "{nope", "empty-runs": '{"runs": []}'}.get(damage, '{"runs": [{"n_docs": 4}]}'))
+    if damage == "a-file":
+        folder = tmp_path / "a-file"
+        folder.write_text("x")
+    at = _app(tmp_path, **{"dash-folder": str(folder)}).run()
+    assert not at.exception
+    assert at.error or at.info
+    at.button(key="dash-run").click().run() if damage != "a-file" else None
+    assert not at.exception
+
+
 def _runner():
     from lens.models.registry import load_model
     import torch
 
-    return BlockSearchRunner(load_model(MODEL, dtype=torch.bfloat16), load_dataset(DATASET), progress=False)
+    from lens.backend import resolve_dtype
+
+    return BlockSearchRunner(load_model(MODEL, dtype=resolve_dtype("auto")), load_dataset(DATASET), progress=False)
 
 
 def test_inspector_shows_the_lens_run(tmp_path):

@@ -156,3 +156,19 @@ def test_torn_and_foreign_parts_are_redone_and_two_writers_are_refused(tmp_path)
         refused(lens("sweep", *args, "--out", str(out)), "in use by another lens process")
     (tmp_path / "a-file").write_text("x")
     refused(lens("sweep", *args, "--out", str(tmp_path / "a-file")), "is a file, not a folder")
+
+
+def test_report_refuses_bad_records_and_arguments(tmp_path):
+    out = tmp_path / "out"
+    assert lens("sweep", *TINY, "--n", "4", "--out", str(out)).returncode == 0
+    refused(lens("report", str(out), "--n", "12345"), "--n 12345", "N = 4")
+    refused(lens("report", str(out), "--layer", "99"), "--layer 99", "layers 0..2")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "records.parquet").write_bytes(b"garbage")
+    for text, words in [("{nope", "not valid JSON"), ('{"runs": []}', "no runs"), ("[1, 2]", "no runs")]:
+        (bad / "summary.json").write_text(text)
+        refused(lens("report", str(bad)), words)
+    (bad / "summary.json").write_text((out / "summary.json").read_text())
+    refused(lens("report", str(bad)), "records.parquet", "unreadable")
+    refused(lens("report", str(out / "summary.json")), "is a file")

@@ -6,11 +6,13 @@ from pathlib import Path
 import streamlit as st
 
 from app.common import model_and_dataset, parse_sizes
+from kernels.score_functions import InterventionSpecError
 from lens.errors import LensError
 from lens.report import (
     fig_gold_mass_heatmap, fig_head_heatmap, fig_layer_metric_across_n, fig_recall_vs_n, fig_rsum_rany_across_n,
     fig_theory, load_records, retrieval_layer,
 )
+from lens.stats import format_rate
 from lens.sweep import SweepConfig, run_sweep
 from lens.workbench import DEFAULT_N, records_folder
 
@@ -32,21 +34,23 @@ if os.environ.get("LENS_APP_RECORDS"):  # the browser test keeps its records apa
 folder = Path(st.sidebar.text_input("records folder", str(default_folder), key="dash-folder"))
 run_clicked = st.sidebar.button("run / resume sweep", key="dash-run")
 
-if run_clicked or not (folder / "summary.json").is_file():
-    if not (folder / "summary.json").is_file() and not run_clicked and (folder.exists() and any(folder.iterdir())):
-        st.info("this folder holds an unfinished sweep: press 'run / resume sweep'")
-        st.stop()
+# the first visit fills lens's own records folder by itself; a folder the user typed is written only on a click
+auto = folder == default_folder and not (folder.exists() and any(folder.iterdir()))
+if run_clicked or (auto and not (folder / "summary.json").is_file()):
     bar = st.progress(0.0, text="sweep: starting (prefilling documents)")
     cfg = SweepConfig(model=model, dataset=dataset, n=sizes, queries=int(queries),
                       interventions=interventions or ["none"], beam=2, batch=int(queries))
     try:
         run_sweep(cfg, folder, progress=False,
                   on_unit=lambda done, total: bar.progress(done / total, text=f"sweep: {done}/{total} units"))
-    except LensError as err:
+    except (LensError, InterventionSpecError) as err:
         st.error(str(err))
         st.stop()
     bar.empty()
 
+if not run_clicked and not (folder / "summary.json").is_file():
+    st.info(f"{folder} holds no finished sweep: press 'run / resume sweep' to run (or resume) one there")
+    st.stop()
 try:
     records, summary = load_records(folder)
 except LensError as err:
@@ -58,7 +62,9 @@ largest = max(r["n_docs"] for r in summary["runs"])
 cols = st.columns(len(names) + 1)
 for col, name in zip(cols, names):
     run = next(r for r in summary["runs"] if r["intervention"] == name and r["n_docs"] == largest)
-    col.metric(f"hit@1 at N={largest} ({name})", f"{run['hit_at_k'].get('1', float('nan')):.2f}")
+    hit = run["hit_at_k"].get("1")
+    col.metric(f"hit@1 at N={largest} ({name})", "n/a" if hit is None else f"{hit:.2f}")
+    col.caption(format_rate(hit, run.get("hit_at_k_ci", {}).get("1"), run["queries"]) + ", 95% interval")
 layer = retrieval_layer(summary)
 cols[-1].metric("retrieval layer (R_any, then GoldShare)", layer)
 

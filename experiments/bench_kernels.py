@@ -109,7 +109,7 @@ def lens_stats(target_tokens: int, dtype: torch.dtype) -> dict:
     runner = BlockSearchRunner(model, data, progress=False)
     n = _layout_for_tokens(runner, target_tokens)
     run = runner.run_query("q0", n)  # prefill + query pass + decoding, recording every layer
-    mass = [torch.exp(l.doc_lse[:, 0] - l.lse[:, :1])[:, run.gold_positions].sum(-1) for l in run.layers]
+    mass = [l.document_mass(0)[:, run.gold_positions].sum(-1) for l in run.layers]
     t_run = time.perf_counter() - t0
     return {"tokens": run.n_tokens, "n_docs": n, "load_s": t_load, "run_s": t_run,
             "gold_mass_l15": mass[15].tolist()}

@@ -41,6 +41,17 @@ class CorpusAttentionResult:
     gold_output: Tensor | None = None  # [Q, head, d] the part of output contributed by gold_docs' tokens
     route_max: Tensor | None = None  # [head, N] max over query tokens and each document's keys of the raw scaled q.k
 
+    def document_mass(self, row: int = -1) -> Tensor:
+        """Each document's softmax mass at one statistics row (default: the readout), [head, N],
+        in [0, 1] with a sum <= 1: ``exp(doc_lse - lse)`` in fp32, where the denominator is never
+        taken below the documents' own total (in bf16 the statistics' scores are rounded, the
+        flash denominator's are not, so at extreme settings the two can disagree; the sum over
+        documents then is the documents' own).  Documents not attended get 0."""
+        doc_lse = self.doc_lse[:, row].float()
+        lse = self.lse[:, -1:].float() if row == -1 else self.lse[:, row : row + 1].float()
+        denominator = torch.maximum(lse, torch.logsumexp(doc_lse, -1, keepdim=True))
+        return torch.exp(doc_lse - denominator).nan_to_num(0.0)
+
 
 Chunk = tuple[Tensor, Tensor, Tensor]  # keys [kv_head, C, d], values [kv_head, C, d], key_doc [C]
 

@@ -57,7 +57,7 @@ def head_rows(run: QueryRun) -> list[dict]:
         doc_max = res.doc_max[:, 0]  # [head, N]
         doc_lse = res.doc_lse[:, 0]
         attended = torch.isfinite(doc_max)  # routing leaves documents out after its layer
-        mass = torch.exp(doc_lse - res.lse[:, -1:])
+        mass = res.document_mass()
         gold_max = doc_max[:, gold].amax(-1)
         gold_lse = doc_lse[:, gold].amax(-1)
         distractor = attended & ~is_gold
@@ -85,7 +85,7 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
     rows = []
     for layer, res in enumerate(run.layers):
         doc_max = res.doc_max[:, 0]
-        mass = torch.exp(res.doc_lse[:, 0] - res.lse[:, -1:])  # [head, N]; -inf lse -> 0 mass
+        mass = res.document_mass()  # [head, N]
         attn_norm = float(run.attn_out[layer].norm())
         gold_norm = float(run.gold_attn_out[layer].norm())
         row = dict(
@@ -108,15 +108,25 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
     return rows
 
 
+def run_failed(run: QueryRun) -> bool:
+    """A run whose numbers are not numbers (NaN or infinite logits or softmax denominators):
+    recorded as failed, never scored."""
+    tensors = [run.readout_logits, run.digit_logprobs.nan_to_num(neginf=0.0)] + [l.lse for l in run.layers]
+    return not all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
 def query_row(run: QueryRun, recall_k: tuple[int, ...] = RECALL_K) -> dict:
     gold_codes = run.gold_codes
+    failed = run_failed(run)
     row = dict(
         decoded=run.decoded, gold_codes="|".join(gold_codes), ranked_codes="|".join(run.ranked_codes),
-        tokens=run.n_tokens, correct=run.correct,
+        tokens=run.n_tokens, correct=run.correct and not failed, failed=failed,
         routed_gold=None if run.routed is None else bool(set(run.routed) & set(run.gold_positions)),
     )
     for k in recall_k:
-        if k <= len(run.ranked_codes):
+        if failed:  # left out of every rate (NaN), counted in the summary's "failed"
+            row[f"recall@{k}"] = row[f"hit@{k}"] = math.nan
+        elif k <= len(run.ranked_codes):
             row[f"recall@{k}"] = recall_at_k(run.ranked_codes, gold_codes, k)
             row[f"hit@{k}"] = hit_at_k(run.ranked_codes, gold_codes, k)
     return row

@@ -54,6 +54,7 @@ class SweepConfig:
     kv: str = "memory"
     batch: int = 8  # queries per unit
     dataset_sha256: str | None = None  # set by run_sweep from the data itself: an edited dataset is not resumed
+    model_fingerprint: str | None = None  # set by run_sweep from the weights' files: edited weights are not resumed
 
 
 def _finite(value):
@@ -95,6 +96,12 @@ def _check_out(cfg: SweepConfig, out: Path) -> bool:
             raise LensError(f"{meta}: not a lens sweep.json; choose another --out")
         # a key missing on one side reads as None (a field added later, left at its default)
         diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
+        changed = [k for k in ("dataset_sha256", "model_fingerprint") if k in diff]
+        if changed:
+            what = " and ".join({"dataset_sha256": "the dataset's content", "model_fingerprint": "the model's weights"}[k]
+                                for k in changed)
+            raise LensError(f"{out}: {what} changed since its sweep ran ({', '.join(changed)}), so its records are "
+                            f"not this input's; choose another --out, or delete {out} to rerun")
         if diff:
             raise LensError(
                 f"{out} holds a sweep with other arguments ({', '.join(f'{k}: {have.get(k)!r} there, {wanted.get(k)!r} now' for k in diff)}); "
@@ -133,7 +140,9 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
         raise LensError(f"N={too_big[0]} is larger than the pool of {len(data.documents)} documents in {data.name}")
     if cfg.queries > len(data.queries):
         raise LensError(f"--queries {cfg.queries}: {data.name} has {len(data.queries)} queries")
-    cfg = replace(cfg, dataset_sha256=data.content_hash())
+    from lens.models.registry import weights_fingerprint
+
+    cfg = replace(cfg, dataset_sha256=data.content_hash(), model_fingerprint=weights_fingerprint(cfg.model))
     if out.exists() and not out.is_dir():
         raise LensError(f"--out {out}: is a file, not a folder; choose a folder path")
     with exclusive_lock(out.parent / f".{out.name}.lock", f"--out {out}"):
@@ -271,6 +280,7 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
             hd = heads[(heads.n_docs == n) & (heads.intervention == name)]
             entry = dict(
                 n_docs=n, intervention=name, queries=len(q), tokens=int(round(q.tokens.mean())),
+                failed=int(q["failed"].fillna(False).astype(bool).sum()) if "failed" in q.columns else 0,
                 recall_at_1=_mean(q["recall@1"]),
                 recall_at_k=_present({str(k): _mean(q[f"recall@{k}"]) for k in ks}),
                 hit_at_k=_present({str(k): _mean(q[f"hit@{k}"]) for k in ks}),

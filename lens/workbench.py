@@ -82,7 +82,7 @@ def layer_table(run: QueryRun) -> pd.DataFrame:
 def top_documents(runner: BlockSearchRunner, run: QueryRun, layer: int, k: int = 5) -> pd.DataFrame:
     """The k documents with the highest attention mass (summed over heads) at one layer."""
     res = run.layers[layer]
-    mass = torch.exp(res.doc_lse[:, 0] - res.lse[:, -1:]).sum(0)  # [N], summed over heads
+    mass = res.document_mass().sum(0)  # [N], summed over heads
     top = torch.argsort(mass, descending=True)[:k].tolist()
     return pd.DataFrame([
         dict(rank=i + 1, code=run.codes[j], gold=j in run.gold_positions, mass_sum_heads=float(mass[j]),
@@ -95,7 +95,7 @@ def maxsim_distribution(run: QueryRun, layer: int) -> pd.DataFrame:
     """Every document's MaxSim per head at one layer, marked gold or distractor (for the
     'score stays high, mass collapses' picture)."""
     res = run.layers[layer]
-    doc_max, mass = res.doc_max[:, 0], torch.exp(res.doc_lse[:, 0] - res.lse[:, -1:])
+    doc_max, mass = res.doc_max[:, 0], res.document_mass()
     rows = []
     for h in range(doc_max.shape[0]):
         for j in range(run.n_docs):

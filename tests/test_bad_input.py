@@ -172,3 +172,44 @@ def test_report_refuses_bad_records_and_arguments(tmp_path):
     (bad / "summary.json").write_text((out / "summary.json").read_text())
     refused(lens("report", str(bad)), "records.parquet", "unreadable")
     refused(lens("report", str(out / "summary.json")), "is a file")
+
+
+def test_damaged_checkpoints_are_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lens.models.loading import hf_config_dict
+    from lens.models.registry import TINY_CONFIGS, load_model, tiny_state_dict
+
+    cfg = TINY_CONFIGS["tiny-llama"]
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    hf = hf_config_dict(cfg)
+    (folder / "config.json").write_text(json.dumps(hf))
+    state = tiny_state_dict(cfg, 0)
+    state["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(LensError, match="holds NaN or infinite values"):
+        load_model(folder)
+    (folder / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(LensError, match="not a readable safetensors file"):
+        load_model(folder)
+    del hf["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(LensError, match="missing or not a positive integer: hidden_size"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_extreme_but_finite_settings_keep_masses_in_range_and_json_strict(tmp_path, dtype):
+    out = tmp_path / "out"
+    args = ["--model", "tiny-llama", "--dataset", "synthetic-limit:docs=30,items=5,queries=6", "--queries", "6",
+            "--n", "30", "--dtype", dtype, "--out", str(out)]
+    for spec in ["ssmax:s=50", "temperature:t=0.001", "scale-heads:layer=1,heads=0|1,factor=1000", "sink:b=-1e4"]:
+        args += ["--intervention", spec]
+    done = lens("sweep", *args)
+    assert done.returncode == 0, done.stderr[-1500:]
+    json.loads((out / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in summary.json"))
+    records = pd.read_parquet(out / "records.parquet")
+    assert records.query("level == 'head'").gold_mass.between(0, 1).all()
+    assert records.query("level == 'layer'").layer_gold_mass.between(0, 1).all()

@@ -27,6 +27,11 @@ def config_from_hf(hf: dict, where: str = "config.json") -> DecoderConfig:
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", "default") != "default":
         raise LensError(f"{where}: rope_type {rope['rope_type']!r} is not supported; lens implements default RoPE")
+    required = ("num_attention_heads", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+    missing = [k for k in required if not isinstance(hf.get(k), int) or hf[k] < 1]
+    if missing:
+        raise LensError(f"{where}: missing or not a positive integer: {', '.join(missing)}; "
+                        "a transformers config.json for this architecture has them")
     n_heads = hf["num_attention_heads"]
     return DecoderConfig(
         architecture=model_type,
@@ -121,7 +126,15 @@ def read_hf_folder(folder: Path) -> tuple[DecoderConfig, dict[str, torch.Tensor]
         raise LensError(f"{folder}: no *.safetensors weights (lens does not read .bin/.pt pickles)")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(f))
+        try:
+            state.update(load_file(f))
+        except Exception as err:  # safetensors raises its own error types for a damaged header or body
+            raise LensError(f"{f}: not a readable safetensors file ({type(err).__name__}); "
+                            "re-save or re-download the checkpoint") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise LensError(f"{folder}: weight {bad[0]} holds NaN or infinite values ({len(bad)} tensors in all); "
+                        "the checkpoint is corrupt")
     return cfg, state
 
 
@@ -129,8 +142,9 @@ def folder_fingerprint(folder: Path) -> str:
     """Identifies a checkpoint's weights for cache keys (names, sizes, modification times)."""
     h = hashlib.sha256()
     for f in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
 
 

@@ -153,6 +153,22 @@ for _name in adapter_names():
     )
 
 
+def weights_fingerprint(name_or_path: str | Path) -> str | None:
+    """What a model's weights are, without loading them (a sweep keys its records on it): the
+    checkpoint files' names, sizes and times, and an adapter's bytes (SmolLM2 is converted from
+    its GGUF first if it has not been)."""
+    name = str(name_or_path)
+    if name in TINY_CONFIGS:
+        return f"{name}-seed{TINY_SEED}"
+    if name in REGISTRY:
+        parts = [folder_fingerprint(smollm2_folder())]
+        if _adapter_present(name):
+            parts.append(hashlib.sha256((ADAPTERS / name / "adapter.safetensors").read_bytes()).hexdigest()[:16])
+        return "-".join(parts)
+    folder = Path(name).expanduser()
+    return folder_fingerprint(folder.resolve()) if folder.is_dir() else None
+
+
 def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> Decoder:
     """A registry name (``lens models``) or a local HF checkpoint folder of a supported architecture.
 

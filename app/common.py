@@ -30,6 +30,9 @@ def model_and_dataset(key: str):
     names = list(REGISTRY)
     # LENS_APP_MODEL / LENS_APP_DATASET override the defaults (used by the browser test)
     first_model = st.session_state.get("model", os.environ.get("LENS_APP_MODEL") or default_model())
+    if first_model not in names:
+        st.warning(f"model {first_model!r} is not registered (see `lens models`); showing {default_model()} instead")
+        first_model = default_model()
     model = st.sidebar.selectbox("model", names, index=names.index(first_model), key=f"{key}-model")
     dataset = st.sidebar.text_input("dataset (generated spec or BEIR folder)",
                                     st.session_state.get("dataset", os.environ.get("LENS_APP_DATASET") or DEFAULT_DATASET),

@@ -71,6 +71,13 @@ def test_dashboard_shows_a_bad_records_folder_as_an_error(tmp_path, damage):
     assert not at.exception
 
 
+def test_an_unknown_model_name_in_the_state_is_a_warning(tmp_path):
+    at = _app(tmp_path)
+    at.session_state["model"] = "no-such-model"
+    at.run()
+    assert not at.exception and any("no-such-model" in w.value for w in at.warning)
+
+
 def _runner():
     from lens.models.registry import load_model
     import torch

@@ -38,6 +38,8 @@ import time
 
 import torch
 
+from lens.backend import resolve_dtype, stamp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -292,7 +294,7 @@ def part_rerun(args) -> None:
 
     torch.set_grad_enabled(False)
     print(f"== intervention rerun on a cached {args.rerun_docs}-document corpus (SmolLM2 bf16)")
-    model = load_model("smollm2-135m", dtype=torch.bfloat16)
+    model = load_model("smollm2-135m", dtype=resolve_dtype(args.dtype))
     data = limit_dataset(n_docs=args.rerun_docs, items_per_doc=28, n_queries=8, seed=0)
     runner = BlockSearchRunner(model, data, progress=True)
     t0 = time.perf_counter()
@@ -398,7 +400,7 @@ def part_overhead(args) -> None:
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)
-    model = load_model("smollm2-135m", dtype=torch.bfloat16)
+    model = load_model("smollm2-135m", dtype=resolve_dtype(args.dtype))
     data = limit_dataset(n_docs=10, items_per_doc=28, n_queries=8, seed=0)
     runner = BlockSearchRunner(model, data, progress=False)
     fn = parse_intervention("ssmax:s=0.43")
@@ -462,12 +464,14 @@ def main() -> None:
     parser.add_argument("--rerun-docs", type=int, default=1000)
     parser.add_argument("--ablate-tokens", type=int, default=102400)
     parser.add_argument("--ablate-rows", type=lambda s: [int(x) for x in s.split(",")], default=[3, 6, 36])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="the model's dtype in the rerun and overhead parts (auto: lens info)")
     parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tl_worker is not None:
         tl_worker(args.tl_worker)
         return
-    print(f"threads {torch.get_num_threads()}")
+    print(stamp(resolve_dtype(args.dtype)))
     for part in args.part.split(","):
         {"tl": part_tl, "roof": part_roof, "rerun": part_rerun, "ablate": part_ablate,
          "overhead": part_overhead}[part](args)

@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20, help="items per LIMIT-style document")
     parser.add_argument("--batch-tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: bf16 only where the CPU multiplies it natively (lens info)")
     parser.add_argument("--sizes", default=None, help="comma-separated batch sizes (tokens): time lens alone")
     parser.add_argument("--first-n", default="16,64", help="with --sizes: corpus sizes of the first query")
     args = parser.parse_args()
@@ -42,7 +43,10 @@ def main() -> None:
     from lens.engine import BlockSearchRunner
     from lens.models.registry import load_model, smollm2_folder
 
-    dtype = getattr(torch, args.dtype)
+    from lens.backend import resolve_dtype, stamp
+
+    dtype = resolve_dtype(args.dtype)
+    print(stamp(dtype))
     torch.set_grad_enabled(False)
     model = load_model(args.model, dtype=dtype)
     dataset = limit_dataset(n_docs=args.docs, items_per_doc=args.items, n_queries=1, seed=0)
@@ -95,7 +99,10 @@ def batch_sizes(args) -> None:
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)
-    model = load_model(args.model, dtype=getattr(torch, args.dtype))
+    from lens.backend import resolve_dtype, stamp
+
+    print(stamp(resolve_dtype(args.dtype)))
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype))
     dataset = limit_dataset(n_docs=args.docs, items_per_doc=args.items, n_queries=8, seed=0)
     sizes = [int(x) for x in args.sizes.split(",")]
     first_n = [int(x) for x in args.first_n.split(",")]

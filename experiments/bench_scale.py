@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--n", default="1000,10000")
     parser.add_argument("--intervention", action="append", default=None)
     parser.add_argument("--kv-folder", default=None)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="auto: bf16 only where the CPU multiplies it natively (lens info)")
     args = parser.parse_args()
 
     from kernels.score_functions import parse_intervention
@@ -39,7 +41,11 @@ def main() -> None:
 
     torch.set_grad_enabled(False)
     t0 = time.time()
-    model = load_model(args.model, dtype=torch.bfloat16)
+    from lens.backend import resolve_dtype, stamp
+
+    dtype = resolve_dtype(args.dtype)
+    print(stamp(dtype))
+    model = load_model(args.model, dtype=dtype)
     data = limit_dataset(n_docs=args.docs, items_per_doc=args.items, n_queries=max(args.queries, 1), seed=0)
     runner = BlockSearchRunner(model, data, kv="disk", kv_folder=args.kv_folder)
     pool_tokens = runner.source.n_tokens

@@ -6,15 +6,17 @@ inference (block-sparse prefill + corpus attention, lens.training).  The documen
 the query, so one prefill (and its backward) serves all the step's queries.  Loss: minus the log
 probability of decoding a relevant document's four digits (summed over the relevant documents:
 LIMIT queries have two), optionally plus a BlockRank-style InfoNCE on the readout token's
-per-document attention mass at one layer (--aux-layer).  Data: seeded LIMIT-style corpora (the
-other documents are hard negatives: they share many items) and key-value needles, from seeds
->= 1,000,000 (evaluation uses small seeds), or a BEIR folder (--beir).  Mixed N (--n-docs).
-Codes sit at the end of each document by default (--code-position; the README says why).
-bf16 autocast on CPU; progress bar; a checkpoint every --save-every steps; rerunning the same
-command resumes.
+per-document attention mass at one layer (--aux-layer).  Data (--mix): LIMIT's pairs design
+from the training half of the vocabulary (every other document a hard negative), the
+synthetic-limit generator and key-value needles, from seeds >= 1,000,000 (evaluation uses small
+seeds and the evaluation half of the vocabulary), or a BEIR folder (--beir).  Mixed N
+(--n-docs).  --ssmax trains one length-aware softmax scale s_L per layer with the adapter.
+Codes sit at the end of each document by default (--code-position; docs/training.md says why).
+bf16 autocast where the CPU multiplies bf16 natively (--dtype); progress bar; a checkpoint
+every --save-every steps; rerunning the same command resumes.
 
-    .venv/bin/python experiments/train_blocksearch.py --out lens/adapters/blocksearch-135m
-    make train
+    make train         # blocksearch-135m (recipe v2, from the v1 adapter)
+    make train-ssmax   # blocksearch-135m-ssmax
 """
 
 from __future__ import annotations
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="compute dtype (bf16 autocast over fp32 weights); auto: bf16 only with native bf16 matmuls")
     args = parser.parse_args()
 
     from lens.data.layout import LayoutConfig
@@ -173,7 +177,11 @@ def main() -> None:
     tok = model.tokenizer
     digit_ids = torch.tensor([tok.convert_tokens_to_ids(str(d)) for d in range(10)])
     instruction_ids = tok(layout.instruction, add_special_tokens=False).input_ids
-    config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads")}
+    from lens.backend import resolve_dtype, stamp
+
+    compute_dtype = resolve_dtype(args.dtype)
+    print(stamp(compute_dtype))
+    config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads", "dtype")}
     log_path = ckpt_dir / "loss_log.jsonl"
     step = 0
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -199,7 +207,7 @@ def main() -> None:
         rng = random.Random(f"{args.seed}:{step}")
         ex = sample_example(rng, step, args, tok, layout, beir)
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,
                                           query_offset=layout.query_offset, mass_layer=args.aux_layer, ssmax=ssmax,
                                           checkpoint=sum(map(len, ex["docs"])) > 4000)

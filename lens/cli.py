@@ -30,18 +30,43 @@ def _clean_errors(fn):
     return wrapper
 
 
+def _version(value: bool):
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"lens {version('lens')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="print lens's version and exit")] = None,
+):
+    """lens: in-context retrieval at corpus scale."""
+
+
 @app.command()
 @_clean_errors
-def models():
+def models(json_out: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False):
     """List the registered models: architecture, layers, heads, whether weights are present."""
     from lens.models.registry import REGISTRY
 
-    typer.echo(f"{'name':<16} {'arch':<6} {'layers':>6} {'heads':>6} {'kv':>3} {'d_model':>7}  weights  description")
+    if json_out:
+        import json
+        from dataclasses import asdict
+
+        typer.echo(json.dumps([dict(name=e.name, description=e.description, weights_present=e.weights_present(),
+                                    config=asdict(e.config())) for e in REGISTRY.values()], indent=1))
+        return
+
+    width = max(len(name) for name in REGISTRY)
+    typer.echo(f"{'name':<{width}} {'arch':<6} {'layers':>6} {'heads':>6} {'kv':>3} {'d_model':>7}  weights  description")
     for entry in REGISTRY.values():
         cfg = entry.config()
         present = "yes" if entry.weights_present() else "no"
         typer.echo(
-            f"{entry.name:<16} {cfg.architecture:<6} {cfg.n_layers:>6} {cfg.n_heads:>6} {cfg.n_kv_heads:>3} "
+            f"{entry.name:<{width}} {cfg.architecture:<6} {cfg.n_layers:>6} {cfg.n_heads:>6} {cfg.n_kv_heads:>3} "
             f"{cfg.d_model:>7}  {present:<7}  {entry.description}"
         )
     typer.echo("(any local HF checkpoint folder of a llama or qwen3 model also works as --model PATH)")

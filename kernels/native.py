@@ -36,16 +36,21 @@ def decode_kernel():
         return None
 
 
-def build(ablate: int = 0):
-    """Compile (or load the cached build of) the kernel.  ``ablate`` != 0 builds a variant with
-    parts of the work left out, for ``experiments/bench_kernels.py --part ablate`` only."""
-    from torch.utils.cpp_extension import load
+def build_root() -> Path:
+    """Where builds go: ``$LENS_CACHE/build`` (the folder lens keeps its artefacts in, read from
+    the same variable so this layer imports nothing from lens), else ``~/.cache/lens/build``."""
+    return Path(os.environ.get("LENS_CACHE") or Path.home() / ".cache" / "lens").expanduser() / "build"
 
-    from lens.paths import cache_dir
+
+def build(ablate: int = 0, root: Path | None = None):
+    """Compile (or load the cached build of) the kernel into ``root`` (default :func:`build_root`).
+    ``ablate`` != 0 builds a variant with parts of the work left out, for
+    ``experiments/bench_kernels.py --part ablate`` only."""
+    from torch.utils.cpp_extension import load
 
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
     tag = f"{digest}_ablate{ablate}" if ablate else digest
-    folder = cache_dir() / "build" / f"decode_attention-{tag}"
+    folder = (root or build_root()) / f"decode_attention-{tag}"
     folder.mkdir(parents=True, exist_ok=True)
     return load(
         name=f"lens_decode_attention_{tag}", sources=[str(SOURCE)], build_directory=str(folder),

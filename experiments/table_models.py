@@ -1,0 +1,67 @@
+"""Models side by side, one row per (records folder, N, intervention), as a markdown table: hit@1,
+Recall@2 and the dense baseline's Recall@2 with 95% intervals and query counts, and per layer the
+best R_any / R_sum and the logit lens (its best layer against the last layer).
+
+    .venv/bin/python experiments/table_models.py RECORDS [RECORDS ...] [--layers]
+
+``--layers`` adds, per row, the layers where R_any is at least 0.8 (the retrieval band).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from lens.report import load_records
+from lens.stats import format_rate
+
+
+def _best(layers: list[dict], key: str) -> tuple[int, float, list | None]:
+    scored = [l for l in layers if l.get(key) is not None]
+    top = max(scored, key=lambda l: l[key])
+    return top["layer"], top[key], top.get(f"{key}_ci")
+
+
+def rows(folder: str, band: bool) -> list[str]:
+    _, summary = load_records(folder)
+    base = summary.get("baseline", {})
+    out = []
+    for run in sorted(summary["runs"], key=lambda r: (r["intervention"], r["n_docs"])):
+        n, q = str(run["n_docs"]), run["queries"]
+        cells = [summary["model"], run["intervention"], n, str(run["tokens"]), str(q),
+                 format_rate(run["hit_at_k"].get("1"), run.get("hit_at_k_ci", {}).get("1"), q),
+                 format_rate(run["recall_at_k"].get("2"), run.get("recall_at_k_ci", {}).get("2"), q)]
+        if n in base.get("recall_at_k", {}):
+            bq = base.get("queries", {}).get(n, q)
+            cells.append(format_rate(base["recall_at_k"][n].get("2"), base.get("recall_at_k_ci", {}).get(n, {}).get("2"), bq))
+        else:
+            cells.append("")
+        layers = run["layers"]
+        for key in ("r_any", "r_sum"):
+            layer, value, ci = _best(layers, key)
+            cells.append(f"{format_rate(value, ci, q)} @L{layer}")
+        layer, value, ci = _best(layers, "first_digit_acc")
+        last = layers[-1]
+        cells.append(f"{format_rate(value, ci, q)} @L{layer}; last L{last['layer']} "
+                     f"{format_rate(last['first_digit_acc'], last.get('first_digit_acc_ci'), q)}")
+        if band:
+            cells.append(",".join(str(l["layer"]) for l in layers if (l.get("r_any") or 0) >= 0.8) or "none")
+        out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("records", nargs="+")
+    parser.add_argument("--layers", action="store_true", help="add the layers with R_any >= 0.8")
+    args = parser.parse_args()
+    head = ["model", "intervention", "N", "tokens", "queries", "hit@1", "Recall@2", "MiniLM Recall@2",
+            "max R_any", "max R_sum", "logit-lens first digit (best; last layer)"] + (["R_any >= 0.8 at"] if args.layers else [])
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for folder in args.records:
+        for line in rows(folder, args.layers):
+            print(line)
+
+
+if __name__ == "__main__":
+    main()

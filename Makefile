@@ -24,9 +24,9 @@ run: setup
 	$(VENV)/bin/lens models
 	$(VENV)/bin/streamlit run app/main.py --server.headless true --browser.gatherUsageStats false
 
-# The CLI demo: SmolLM2 on a generated corpus of 64 documents, decoded codes printed.
+# The CLI demo: blocksearch-135m on a generated LIMIT-structure corpus, decoded codes printed.
 demo: setup
-	$(VENV)/bin/lens demo --model blocksearch-135m --n 16,64 --queries 4
+	$(VENV)/bin/lens demo --model blocksearch-135m --dataset limit-pairs:docs=256,core=16 --n 16,64 --queries 4
 
 # Debian's chromium serves the browser test and PNG export (never a downloaded browser).
 chromium:

@@ -67,17 +67,23 @@ def run_instruction(model: Decoder, token_ids: list[int]) -> DocumentKV:
     return DocumentKV(torch.stack(keys), torch.stack(values))
 
 
-def prefill_batch(
-    model: Decoder, instruction: DocumentKV, docs: list[list[int]], starts: list[int], pad_id: int, stack: bool = True
-) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
-    """Block-sparse prefill of right-padded documents: keys, values [docs, layer, len, kv_head, d]
-    (``stack=False``: one [docs, len, kv_head, d] tensor per layer, which keeps autograd cheap)."""
+def padded_documents(docs: list[list[int]], starts: list[int], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded token ids and their positions [docs, width] for a batch of documents."""
     width = max(map(len, docs))
     ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
     positions = torch.zeros(len(docs), width, dtype=torch.long)
     for row, (toks, start) in enumerate(zip(docs, starts)):
         ids[row, : len(toks)] = torch.tensor(toks)
         positions[row] = torch.arange(start, start + width)
+    return ids, positions
+
+
+def prefill_batch(
+    model: Decoder, instruction: DocumentKV, docs: list[list[int]], starts: list[int], pad_id: int, stack: bool = True
+) -> tuple[Tensor, Tensor] | tuple[list[Tensor], list[Tensor]]:
+    """Block-sparse prefill of right-padded documents: keys, values [docs, layer, len, kv_head, d]
+    (``stack=False``: one [docs, len, kv_head, d] tensor per layer, which keeps autograd cheap)."""
+    ids, positions = padded_documents(docs, starts, pad_id)
     keys, values = [], []
 
     def attend(layer, q, k, v):

@@ -20,7 +20,7 @@ from torch import Tensor
 from kernels.block_prefill import block_prefill
 from kernels.corpus_attention import corpus_attention
 from kernels.score_functions import ScoreFunction
-from lens.engine import prefill_batch, run_instruction
+from lens.engine import padded_documents, prefill_batch, run_instruction
 from lens.models.decoder import Decoder
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -146,12 +146,7 @@ def _prefill_checkpointed(model: Decoder, instruction, docs: list[list[int]], st
     """``prefill_batch(..., stack=False)`` with each layer under activation checkpointing."""
     from torch.utils.checkpoint import checkpoint
 
-    width = max(map(len, docs))
-    ids = torch.full((len(docs), width), pad_id, dtype=torch.long)
-    positions = torch.zeros(len(docs), width, dtype=torch.long)
-    for row, (toks, start) in enumerate(zip(docs, starts)):
-        ids[row, : len(toks)] = torch.tensor(toks)
-        positions[row] = torch.arange(start, start + width)
+    ids, positions = padded_documents(docs, starts, pad_id)
     cos, sin = model.rotary(positions)
 
     def layer_fn(resid: Tensor, layer: int):

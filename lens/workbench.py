@@ -16,7 +16,7 @@ from lens.engine import BlockSearchRunner, QueryRun
 from lens.metrics import head_rows, layer_rows, query_row
 from lens.paths import cache_dir
 
-DEFAULT_DATASET = "synthetic-limit:docs=256,items=20,queries=32"
+DEFAULT_DATASET = "limit-pairs:docs=256,core=16"  # LIMIT's design over 16 documents among 240 others (docs/datasets.md)
 DEFAULT_N = "16,64,256"
 
 

@@ -110,17 +110,24 @@ def test_corrupt_and_truncated_caches_are_rebuilt(models, data, tmp_path, capsys
     _same(_runs(third), expected)
 
 
+def _dying_prefill(calls: dict, at: int = 4):
+    """kv_store's prefill_batch, raising KeyboardInterrupt (a kill) at its ``at``-th call."""
+    real = kv_store.prefill_batch
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return dying
+
+
 def test_interrupted_build_resumes(models, data, tmp_path, monkeypatch):
     model = models("tiny-llama")
     real = kv_store.prefill_batch
     calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    dying = _dying_prefill(calls)
     monkeypatch.setattr(kv_store, "prefill_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)
@@ -149,13 +156,7 @@ def test_torn_or_foreign_partial_state_is_not_trusted(models, data, tmp_path, mo
     model = models("tiny-llama")
     real = kv_store.prefill_batch
     calls = {"n": 0}
-
-    def dying(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
+    dying = _dying_prefill(calls)
     monkeypatch.setattr(kv_store, "prefill_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)

@@ -90,3 +90,31 @@ def test_aux_mass_is_differentiable(models):
                                             [1, 0, 0, 3])], digit_ids, mass_layer=1)[0]
         (-log_mass[:, 3].mean()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+
+
+def test_learned_ssmax_and_checkpointed_prefill_equal_the_engine_under_the_model_own_ssmax(models):
+    """Training with a learned s_L (and the checkpointed prefill) gives the engine's digits when
+    the model carries the same s_L as its own score function, and s_L gets a gradient."""
+    from lens.training import LearnedSSMax
+
+    model, data, runner = _setup(models)
+    pool = runner.pool
+    ssmax = LearnedSSMax(model.cfg.n_layers, init_n=4.0)
+    with torch.no_grad():
+        ssmax.s.copy_(torch.tensor([0.5, 0.9, 0.7]))
+    q = data.queries[0]
+    model.builtin_score_fn = ssmax.score_function()
+    try:
+        run = runner.run_query(q.id, 8, record=False)
+    finally:
+        del model.builtin_score_fn
+    plain = runner.run_query(q.id, 8, record=False)
+    assert not torch.allclose(run.digit_logprobs, plain.digit_logprobs, atol=1e-3)  # the scale changes the run
+    docs = [pool.doc_token_ids[d] for d in run.corpus]
+    passes = [(pool.query_token_ids(model.tokenizer, q.id), [int(c) for c in run.decoded])]
+    with torch.enable_grad():
+        out = layout_digit_logits(model, pool.instruction_ids, docs, passes, runner.digit_ids,
+                                  query_offset=runner.layout.query_offset, ssmax=ssmax, checkpoint=True)
+        assert torch.allclose(torch.log_softmax(out[0][0], -1), run.digit_logprobs, atol=1e-4)
+        torch.log_softmax(out[0][0], -1)[0, 3].backward()
+    assert ssmax.s.grad is not None and ssmax.s.grad.abs().sum() > 0

@@ -19,7 +19,7 @@ def test_adapter_is_small_and_decodes_gold_codes():
     assert path.stat().st_size <= 20 * 1024 * 1024
     model = load_model("blocksearch-135m", dtype=torch.bfloat16)
     base = load_model("smollm2-135m", dtype=torch.bfloat16)
-    assert model.layout_defaults == {"code_position": "end"}
+    assert model.layout_defaults == {"code_position": "end", "max_doc_tokens": 512}
     assert not torch.equal(model.blocks[10].attn.q_proj.weight, base.blocks[10].attn.q_proj.weight)
     layout = LayoutConfig.for_model(model)
     hits = {}
@@ -29,6 +29,6 @@ def test_adapter_is_small_and_decodes_gold_codes():
             runner = BlockSearchRunner(lm, data, layout, progress=False)
             runs = runner.run_streams([runner.stream(q.id, 16, record=False) for q in data.queries], beam=2)
             hits[name, label] = sum(r.correct for r in runs)
-    # measured: trained 5/8 LIMIT (held-out hit@1 0.67 over 64 queries, README); base ~chance
+    # the trained adapter retrieves on both generators; the base model is near chance
     assert hits["limit", "trained"] >= 4 and hits["needle", "trained"] >= 6, hits
     assert hits["limit", "trained"] > hits["limit", "base"] + 2 and hits["needle", "trained"] > hits["needle", "base"] + 2, hits

@@ -83,8 +83,6 @@ def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
 def _check_out(cfg: SweepConfig, out: Path) -> bool:
     """Refuse an --out that holds something else; True if it already holds this sweep.  Writes
     nothing (sweep.json is written only once every input has been checked)."""
-    if out.exists() and not out.is_dir():
-        raise LensError(f"--out {out}: is a file, not a folder; choose a folder path")
     meta = out / "sweep.json"
     wanted = {"format": SWEEP_FORMAT, **asdict(cfg)}
     if meta.is_file():
@@ -96,7 +94,7 @@ def _check_out(cfg: SweepConfig, out: Path) -> bool:
             raise LensError(f"{meta}: not a lens sweep.json; choose another --out")
         # a key missing on one side reads as None (a field added later, left at its default)
         diff = sorted(k for k in set(have) | set(wanted) if have.get(k) != wanted.get(k))
-        changed = [k for k in ("dataset_sha256", "model_fingerprint") if k in diff]
+        changed = [k for k in ("dataset_sha256", "model_fingerprint") if k in diff and have.get(k) is not None]
         if changed:
             what = " and ".join({"dataset_sha256": "the dataset's content", "model_fingerprint": "the model's weights"}[k]
                                 for k in changed)

@@ -152,20 +152,21 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
                             "and rerun the same command to resume") from None
 
 
-def _part_ok(path: Path, n: int, query_ids: list[str], specs: list[str]) -> bool:
-    """A part file is this unit's when it reads and holds exactly its (query, intervention) runs."""
+def _unit_part(path: Path, n: int, query_ids: list[str], specs: list[str]) -> pd.DataFrame | None:
+    """A unit's committed part, or None when it must be (re)done: missing, unreadable, or holding
+    other runs than exactly the unit's (query, intervention) pairs (a foreign file)."""
     if not path.is_file():
-        return False
+        return None
     frame = _read_part(path)
     if frame is None or "level" not in frame.columns:
         print(f"lens: {path} is unreadable; redoing that unit", file=sys.stderr)
-        return False
+        return None
     runs = frame[frame.level == "query"]
     want = {(q, s) for q in query_ids for s in specs}
     if set(runs.n_docs) != {n} or set(zip(runs.query_id, runs.intervention)) != want or len(runs) != len(want):
         print(f"lens: {path} holds other runs than its unit (a foreign file?); redoing that unit", file=sys.stderr)
-        return False
-    return True
+        return None
+    return frame
 
 
 def _read_part(path: Path) -> pd.DataFrame | None:
@@ -187,17 +188,17 @@ def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> d
     query_ids = [q.id for q in data.queries[: cfg.queries]]
     batches = [query_ids[i : i + cfg.batch] for i in range(0, len(query_ids), cfg.batch)]
     units = [(n, b) for n in sorted(cfg.n) for b in range(len(batches))]
-    todo = [(n, b) for n, b in units if not _part_ok(parts / f"n{n}-b{b}.parquet", n, batches[b], specs)]
-    need_baseline = cfg.baseline and _read_part(parts / "baseline.parquet") is None
+    done = {(n, b): _unit_part(parts / f"n{n}-b{b}.parquet", n, batches[b], specs) for n, b in units}
+    todo = [unit for unit in units if done[unit] is None]
+    baseline = _read_part(parts / "baseline.parquet") if cfg.baseline else None
+    need_baseline = cfg.baseline and baseline is None
     if todo or need_baseline:
         model = load_model(cfg.model, dtype=dtype)
         layout = LayoutConfig.for_model(model, positions=cfg.positions, code_position=cfg.code_position,
                                         max_doc_tokens=cfg.max_doc_tokens, truncate=cfg.truncate)
         runner = BlockSearchRunner(model, data, layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
-        for n, b in todo:  # every stream is checked (corpus, route layer, ...) before anything is written
-            for fn in score_fns:
-                for q in batches[b]:
-                    runner.stream(q, n, fn)
+        # every stream is made (its corpus, route layer, layers and heads checked) before anything is written
+        planned = {(n, b): [runner.stream(q, n, fn) for fn in score_fns for q in batches[b]] for n, b in todo}
         if not resuming:
             try:
                 out.mkdir(parents=True, exist_ok=True)
@@ -211,20 +212,22 @@ def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> d
         with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
                   disable=not progress) as bar:
             for n, b in todo:
-                streams = [runner.stream(q, n, fn) for fn in score_fns for q in batches[b]]
-                runs = runner.run_streams(streams, desc=f"N={n} batch {b}", beam=cfg.beam)
-                _write_parquet_atomic(parts / f"n{n}-b{b}.parquet", _rows(runs, specs, score_fns))
+                runs = runner.run_streams(planned.pop((n, b)), desc=f"N={n} batch {b}", beam=cfg.beam)
+                done[n, b] = _rows(runs, specs, score_fns)
+                _write_parquet_atomic(parts / f"n{n}-b{b}.parquet", done[n, b])
                 bar.update(1)
                 if on_unit:
                     on_unit(bar.n, len(units))
         if need_baseline:
             from lens.baseline import minilm_rows
 
-            _write_parquet_atomic(parts / "baseline.parquet",
-                                  minilm_rows(data, runner, query_ids, sorted(cfg.n), progress=progress))
-    frames = [pd.read_parquet(parts / f"n{n}-b{b}.parquet") for n, b in units]
+            baseline = minilm_rows(data, runner, query_ids, sorted(cfg.n), progress=progress)
+            _write_parquet_atomic(parts / "baseline.parquet", baseline)
+    # each part as read back from disk, so a resumed sweep and an uninterrupted one concatenate the same frames
+    fresh = set(todo)
+    frames = [pd.read_parquet(parts / f"n{n}-b{b}.parquet") if (n, b) in fresh else done[n, b] for n, b in units]
     if cfg.baseline:
-        frames.append(pd.read_parquet(parts / "baseline.parquet"))
+        frames.append(pd.read_parquet(parts / "baseline.parquet") if need_baseline else baseline)
     records = pd.concat(frames, ignore_index=True)
     _write_parquet_atomic(out / "records.parquet", records)
     from lens.backend import describe

@@ -123,6 +123,16 @@ def _dying_prefill(calls: dict, at: int = 4):
     return dying
 
 
+def _killed_build(model, data, folder, monkeypatch):
+    """A disk KV build of ``data`` into ``folder`` killed at its fourth batch; its .partial folder."""
+    real = kv_store.prefill_batch
+    monkeypatch.setattr(kv_store, "prefill_batch", _dying_prefill({"n": 0}))
+    with pytest.raises(KeyboardInterrupt):
+        BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=folder)
+    monkeypatch.setattr(kv_store, "prefill_batch", real)
+    return next(folder.glob("*.partial"))
+
+
 def test_interrupted_build_resumes(models, data, tmp_path, monkeypatch):
     model = models("tiny-llama")
     real = kv_store.prefill_batch
@@ -154,14 +164,7 @@ def test_torn_or_foreign_partial_state_is_not_trusted(models, data, tmp_path, mo
     import json
 
     model = models("tiny-llama")
-    real = kv_store.prefill_batch
-    calls = {"n": 0}
-    dying = _dying_prefill(calls)
-    monkeypatch.setattr(kv_store, "prefill_batch", dying)
-    with pytest.raises(KeyboardInterrupt):
-        BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=tmp_path)
-    monkeypatch.setattr(kv_store, "prefill_batch", real)
-    partial = next(tmp_path.glob("*.partial"))
+    partial = _killed_build(model, data, tmp_path, monkeypatch)
     layer = partial / "layer_000.bin"
     raw = bytearray(layer.read_bytes())
     raw[0] ^= 0xFF  # the first committed batch's first key byte
@@ -173,12 +176,7 @@ def test_torn_or_foreign_partial_state_is_not_trusted(models, data, tmp_path, mo
     resumed.source.close()
 
     other = tmp_path / "garbage"
-    monkeypatch.setattr(kv_store, "prefill_batch", dying)
-    calls["n"] = 0
-    with pytest.raises(KeyboardInterrupt):
-        BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=other)
-    monkeypatch.setattr(kv_store, "prefill_batch", real)
-    (next(other.glob("*.partial")) / "progress.json").write_text(json.dumps({"docs_done": "many"}))
+    (_killed_build(model, data, other, monkeypatch) / "progress.json").write_text(json.dumps({"docs_done": "many"}))
     rebuilt = BlockSearchRunner(model, data, progress=False, batch_tokens=120, kv="disk", kv_folder=other)
     assert "unreadable or from another build" in capsys.readouterr().err
     _same(_runs(rebuilt), _runs(fresh))

@@ -8,7 +8,7 @@ import os
 import streamlit as st
 from lens.backend import resolve_dtype
 from lens.data.datasets import load_dataset
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.errors import LensError
 from lens.models.registry import REGISTRY, load_model
 from lens.workbench import DEFAULT_DATASET, default_model

@@ -99,7 +99,7 @@ def tl_worker(target_tokens: int) -> None:
 
 def lens_stats(target_tokens: int, dtype: torch.dtype) -> dict:
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)
@@ -287,9 +287,9 @@ def _timed(fn) -> float:
 
 # ------------------------------------------------------------------------------------ rerun
 def part_rerun(args) -> None:
-    from kernels.score_functions import parse_intervention
+    from kernels.spec import parse_intervention
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)
@@ -316,7 +316,7 @@ def part_rerun(args) -> None:
         runner.run_query(q, n)
         plain[q] = runner.run_streams([runner.stream(q, n, route_scores=False)], beam=2)[0].ranked_codes
     ways = {
-        "run_query (greedy, full record)": (lambda qs, fn: [runner.run_query(qs[0], n, score_fn=fn)], 1),
+        "run_query (greedy, full record)": (lambda qs, fn: [runner.run_query(qs[0], n, intervention=fn)], 1),
         "lab, 1 query (beam 2)": (lambda qs, fn: runner.run_streams(
             [runner.stream(qs[0], n, fn, route_scores=False)], beam=2), 1),
         "lab, 1 query (beam 2, drafted)": (lambda qs, fn: runner.run_streams(
@@ -394,9 +394,9 @@ def part_rerun(args) -> None:
 def part_overhead(args) -> None:
     """The lab's call where the corpus costs next to nothing: what the dense layers and the
     Python around the kernel take by themselves."""
-    from kernels.score_functions import parse_intervention
+    from kernels.spec import parse_intervention
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)

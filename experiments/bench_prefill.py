@@ -40,7 +40,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model, smollm2_folder
 
     from lens.backend import resolve_dtype, stamp
@@ -95,7 +95,7 @@ def main() -> None:
 
 def batch_sizes(args) -> None:
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)

@@ -34,9 +34,9 @@ def main() -> None:
                         help="auto: bf16 only where the CPU multiplies it natively (lens info)")
     args = parser.parse_args()
 
-    from kernels.score_functions import parse_intervention
+    from kernels.spec import parse_intervention
     from lens.data.datasets import limit_dataset
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)

@@ -67,7 +67,7 @@ def _self_mask(n_q: int, n_self: int, mask: Tensor | None) -> Tensor:
     return mask
 
 
-def _kept_keys(key_doc: Tensor, keep_docs: Tensor | None) -> Tensor | None:
+def kept_keys(key_doc: Tensor, keep_docs: Tensor | None) -> Tensor | None:
     """Boolean [T] of the keys attended under routing (instruction keys always), or None for all."""
     if keep_docs is None:
         return None
@@ -77,7 +77,7 @@ def _kept_keys(key_doc: Tensor, keep_docs: Tensor | None) -> Tensor | None:
 def iter_chunks(
     keys: Tensor, values: Tensor, key_doc: Tensor, chunk_size: int, keep_docs: Tensor | None = None
 ) -> Iterator[Chunk]:
-    kept = _kept_keys(key_doc, keep_docs)
+    kept = kept_keys(key_doc, keep_docs)
     if kept is not None:
         index = kept.nonzero().squeeze(1)
         keys, values, key_doc = keys[:, index], values[:, index], key_doc[index]
@@ -502,7 +502,7 @@ def corpus_attention(
 ) -> CorpusAttentionResult:
     """Streaming corpus attention.  q: [head, Q, d] (rotated); corpus_k/v: [kv_head, T, d];
     key_doc: [T] long; self_k/v: [kv_head, S, d] with S >= Q; keep_docs: bool [N] or None."""
-    kept = _kept_keys(key_doc, keep_docs)
+    kept = kept_keys(key_doc, keep_docs)
     n_keys = int(kept.sum()) if kept is not None else key_doc.shape[0]
     n_attended = int(keep_docs.sum()) if keep_docs is not None else n_docs
     return attend_chunks(
@@ -538,7 +538,7 @@ def dense_corpus_attention(
     values = torch.cat([corpus_v, self_v], dim=1).float().repeat_interleave(n_rep, dim=0)
     raw = (q.float() @ keys.transpose(-1, -2)) * scale  # [head, Q, T+S]
 
-    kept = _kept_keys(key_doc, keep_docs)
+    kept = kept_keys(key_doc, keep_docs)
     kept = kept if kept is not None else torch.ones(t, dtype=torch.bool)
     allowed = torch.ones(n_q, t + s, dtype=torch.bool)
     allowed[:, :t] = kept

@@ -19,7 +19,7 @@ def _clean_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from kernels.score_functions import InterventionSpecError
+        from kernels.spec import InterventionSpecError
 
         try:
             return fn(*args, **kwargs)
@@ -122,10 +122,10 @@ def demo(
     """Run a model on a generated corpus and print the decoded codes per query (a small sweep)."""
     import torch
 
-    from kernels.score_functions import parse_intervention
+    from kernels.spec import parse_intervention
     from lens.data.datasets import load_dataset
     from lens.data.layout import LayoutConfig
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     sizes = _parse_n_list(n)
@@ -152,7 +152,7 @@ def demo(
         for fn in score_fns:
             hits, t0 = 0, time.time()
             for query in data.queries[:queries]:
-                run = runner.run_query(query.id, size, score_fn=fn, record=False)
+                run = runner.run_query(query.id, size, intervention=fn, record=False)
                 hits += run.correct
                 typer.echo(
                     f"N={size:<5} {fn.spec():<24} {query.id:<6} decoded {run.decoded}  gold {','.join(run.gold_codes)}"

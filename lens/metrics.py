@@ -1,5 +1,5 @@
 """The dilution metrics, computed from the kernels' per-document statistics of one
-:class:`~lens.engine.QueryRun` (never from a T x T pattern).  Definitions: ../shared/PAPER.md.
+:class:`~lens.runtime.records.QueryRun` (never from a T x T pattern).  Definitions: docs/records.md.
 
 Choices made here (documented in the README):
 * readout token: the last query-block token (it predicts the first code digit);
@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from lens.engine import QueryRun
+from lens.runtime.records import QueryRun
 
 ROUTING_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RECALL_K = (1, 2, 5, 10)

@@ -10,7 +10,7 @@ disk-backed corpus is read once per layer for all of them).  Each finished unit 
 ``DIR/parts/<unit>.parquet`` (written to a temporary name, then renamed), so a sweep killed at
 any point and restarted with the same arguments redoes only the unit it was in: no lost and no
 duplicated rows, and the same bits as an uninterrupted sweep (a unit's numbers depend only on the
-unit: documents are prefilled in fixed batches, see :mod:`lens.engine`).  ``DIR/sweep.json``
+unit: documents are prefilled in fixed batches, see :mod:`lens.runtime.prefill`).  ``DIR/sweep.json``
 holds the arguments; other arguments into the same DIR are an error.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kernels.score_functions import parse_intervention
+from kernels.spec import parse_intervention
 from lens.errors import LensError
 from lens.paths import exclusive_lock
 from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
@@ -179,7 +179,7 @@ def _read_part(path: Path) -> pd.DataFrame | None:
 
 def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> dict:
     from lens.data.layout import LayoutConfig
-    from lens.engine import BlockSearchRunner
+    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     resuming = _check_out(cfg, out)

@@ -20,7 +20,7 @@ from torch import Tensor
 from kernels.block_prefill import block_prefill
 from kernels.corpus_attention import corpus_attention
 from kernels.score_functions import ScoreFunction
-from lens.engine import padded_documents, prefill_batch, run_instruction
+from lens.runtime.prefill import padded_documents, prefill_batch, run_instruction
 from lens.models.decoder import Decoder
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -137,7 +137,7 @@ class LearnedSSMax(torch.nn.Module):
         return self.s[layer] * math.log(n_docs)
 
     def score_function(self) -> ScoreFunction:
-        from kernels.score_functions import SSMax
+        from kernels.interventions import SSMax
 
         return SSMax(s=tuple(float(x) for x in self.s.detach()), n="docs")
 
@@ -196,7 +196,7 @@ def merge_lora(model: Decoder, adapter_dir: str | Path) -> None:
     scale = config["lora_alpha"] / config["r"]
     state = load_file(adapter_dir / "adapter.safetensors")
     if "ssmax" in config:
-        from kernels.score_functions import SSMax
+        from kernels.interventions import SSMax
 
         s = state.pop("ssmax.s").float().tolist()
         model.builtin_score_fn = SSMax(s=tuple(s), n=config["ssmax"].get("n", "docs"))

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from kernels.score_functions import Compose, HeadScale, Route, ScoreFunction, Sink, SSMax, Temperature
-from lens.engine import BlockSearchRunner, QueryRun
+from kernels.score_functions import INTERVENTIONS, Intervention
+from lens.runtime import BlockSearchRunner, QueryRun
 from lens.metrics import head_rows, layer_rows, query_row
 from lens.paths import cache_dir
 
@@ -33,39 +32,14 @@ def records_folder(model: str, dataset: str, sizes: list[int], queries: int) -> 
     return cache_dir() / "records" / f"app-{key}"
 
 
-@dataclass
-class Controls:
-    """The intervention lab's controls; ``score_function()`` turns them into one composed
-    score function (the same objects the CLI parses from spec strings)."""
-
-    temperature: float = 1.0
-    ssmax_s: float = 0.0  # 0 = off
-    ssmax_layers: tuple[int, int] | None = None  # inclusive range; None = every layer
-    ssmax_n: str = "keys"
-    sink_b: float | None = None
-    route_layer: int | None = None
-    route_b: int = 256
-    route_reduce: str = "max"
-    scale_layer: int | None = None
-    scale_heads: tuple[int, ...] = ()
-    scale_factor: float = 1.0
-
-    def score_function(self) -> ScoreFunction | None:
-        parts: list[ScoreFunction] = []
-        if self.temperature != 1.0:
-            parts.append(Temperature(self.temperature))
-        if self.ssmax_s > 0:
-            layers = None if self.ssmax_layers is None else tuple(range(self.ssmax_layers[0], self.ssmax_layers[1] + 1))
-            parts.append(SSMax(self.ssmax_s, n=self.ssmax_n, layers=layers))
-        if self.sink_b is not None:
-            parts.append(Sink(self.sink_b))
-        if self.scale_layer is not None and self.scale_heads and self.scale_factor != 1.0:
-            parts.append(HeadScale(self.scale_layer, tuple(self.scale_heads), self.scale_factor))
-        if self.route_layer is not None:
-            parts.append(Route(self.route_layer, self.route_b, self.route_reduce))
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else Compose(parts)
+def intervention_from_controls(chosen: dict[str, dict]) -> Intervention:
+    """The lab's controls as one intervention: {registered name: {field: value}} for each one
+    switched on, composed in the registry's order (the same objects the CLI parses from specs)."""
+    out = Intervention()
+    for name, cls in INTERVENTIONS.items():
+        if name in chosen:
+            out = out + cls(**chosen[name])
+    return out
 
 
 def layer_table(run: QueryRun) -> pd.DataFrame:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lens.data.datasets import load_dataset
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.models.registry import adapter_names, load_model
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from kernels.score_functions import SSMax, Temperature
-from lens.engine import BlockSearchRunner
+from kernels.interventions import SSMax, Temperature
+from lens.runtime import BlockSearchRunner
 from lens.data.datasets import load_dataset
 from lens.workbench import compare_runs
 
@@ -106,8 +106,10 @@ def test_lab_controls_change_the_numbers_as_the_api_does(tmp_path):
     at.run()
     assert not at.exception and not at.error
     before = _metrics(at)
-    at.slider(key="lab-t").set_value(0.5).run()
-    at.slider(key="lab-s").set_value(0.43).run()
+    at.checkbox(key="lab-temperature").check()
+    at.checkbox(key="lab-ssmax").check().run()  # a switched-on intervention's controls take input
+    at.slider(key="lab-temperature-t").set_value(0.5)
+    at.slider(key="lab-ssmax-s").set_value(0.43).run()
     after = _metrics(at)
     peak_key = next(k for k in after if k.startswith("gold mass at layer") and k.endswith("after"))
     assert after[peak_key] != before[peak_key]

@@ -8,10 +8,10 @@ import sys
 import pandas as pd
 import pytest
 
-from kernels.score_functions import InterventionSpecError, parse_intervention
+from kernels.spec import InterventionSpecError, parse_intervention
 from lens.data.datasets import Dataset, Document, Query, load_beir
 from lens.data.layout import LayoutConfig, build_pool_layout
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.errors import LensError
 
 TINY = ["--model", "tiny-llama", "--dataset", "synthetic-limit:docs=12,items=4,queries=4", "--queries", "4",

@@ -5,7 +5,7 @@ import torch
 
 from lens.data.datasets import limit_dataset, needle_dataset
 from lens.data.layout import LayoutConfig
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.models.registry import ADAPTERS, load_model
 
 pytestmark = pytest.mark.skipif(

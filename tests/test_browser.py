@@ -83,7 +83,9 @@ def test_dashboard_and_a_live_intervention_in_chromium(server, tmp_path):
         label.wait_for(timeout=300_000)
         metric = page.locator('[data-testid="stMetric"]').filter(has_text=re.compile(r"gold mass at layer \d+ after"))
         before = metric.locator('[data-testid="stMetricValue"]').inner_text()
-        slider = page.get_by_role("slider").first  # temperature, the first lab control
+        page.locator('[data-testid="stCheckbox"]').filter(has_text="temperature").first.click()  # switch it on
+        page.locator('[data-testid="stStatusWidget"]').wait_for(state="hidden", timeout=300_000)
+        slider = page.get_by_role("slider").first  # temperature t, the first lab control
         slider.focus()
         for _ in range(10):
             slider.press("ArrowLeft")  # t: 1.0 -> 0.5

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.corpus_attention import corpus_attention
-from kernels.score_functions import SSMax, Sink, Temperature
+from kernels.interventions import SSMax, Sink, Temperature
 from tests.test_score_functions import _inputs
 
 
@@ -58,7 +58,7 @@ def test_corpus_attention_matches_naive(fn, shape):
 
 
 from kernels.corpus_attention import dense_corpus_attention  # noqa: E402
-from kernels.score_functions import HeadScale  # noqa: E402
+from kernels.interventions import HeadScale  # noqa: E402
 
 
 def _assert_same(a, b, atol=1e-5):

@@ -4,9 +4,9 @@ as without them."""
 import pytest
 import torch
 
-from kernels.score_functions import parse_intervention
+from kernels.spec import parse_intervention
 from lens.data.layout import LayoutConfig
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.errors import LensError
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lens.data.layout import dense_layout
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from tests.conftest import float_mask
 
 HOOKS_PER_BLOCK = [

@@ -4,11 +4,11 @@ interrupted caches are detected, rebuilt or resumed, never silently used."""
 import pytest
 import torch
 
-import lens.kv_store as kv_store
-from kernels.score_functions import parse_intervention
+import lens.runtime.kv.disk as kv_store
+from kernels.spec import parse_intervention
 from lens.data.datasets import limit_dataset
 from lens.data.layout import LayoutConfig
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.errors import LensError
 
 REQUESTS = [("q0", 4, None), ("q1", 17, "ssmax:s=0.4,n=docs"), ("q2", 40, "route:layer=1,B=5"), ("q3", 40, None),

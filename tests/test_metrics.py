@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from kernels.corpus_attention import CorpusAttentionResult
-from kernels.score_functions import parse_intervention
+from kernels.spec import parse_intervention
 from lens.data.layout import dense_layout
-from lens.engine import BlockSearchRunner, QueryRun
+from lens.runtime import BlockSearchRunner, QueryRun
 from lens.metrics import (
     head_rows, hit_at_k, layer_rows, predicted_gold_mass, query_row, recall_at_k, ssmax_predicted_gold_mass,
 )
@@ -72,8 +72,8 @@ def test_metrics_equal_a_dense_computation_from_hook_patterns(models, small_limi
     same quantities computed from the dense model's hook_pattern / hook_attn_scores / hook_v."""
     model = models("tiny-llama")
     runner = BlockSearchRunner(model, small_limit, progress=False)
-    fn = parse_intervention(spec)
-    run = runner.run_query("q2", 7, score_fn=None if spec == "none" else fn)
+    fn = parse_intervention(spec).score  # the score function (the dense model takes it directly)
+    run = runner.run_query("q2", 7, intervention=fn)
     query_ids = runner.pool.query_token_ids(model.tokenizer, "q2")
     layout = dense_layout(runner.pool, run.corpus, query_ids)
     readout = layout.query_slice.stop - 1

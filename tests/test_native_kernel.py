@@ -8,8 +8,8 @@ import torch
 import kernels.corpus_attention as ca
 from kernels.corpus_attention import CorpusAttentionStream, dense_corpus_attention, iter_chunks, update_shared
 from kernels.native import decode_kernel
-from kernels.score_functions import SSMax, Sink, Temperature
-from lens.engine import BlockSearchRunner
+from kernels.interventions import SSMax, Sink, Temperature
+from lens.runtime import BlockSearchRunner
 from lens.models.registry import load_model
 
 kernel = decode_kernel()
@@ -149,10 +149,10 @@ def test_engine_on_the_kernel_matches_the_flash_path(small_limit, monkeypatch):
     calls = []
     real = ca._update_native
     monkeypatch.setattr(ca, "_update_native", lambda *a: calls.append(1) or real(*a))
-    runs = [BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 12, score_fn=SSMax(0.5, n="docs"))]
+    runs = [BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 12, intervention=SSMax(0.5, n="docs"))]
     assert calls
     monkeypatch.setattr(ca, "_native_for", lambda *a: None)
-    runs.append(BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 12, score_fn=SSMax(0.5, n="docs")))
+    runs.append(BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 12, intervention=SSMax(0.5, n="docs")))
     a, b = runs
     assert a.decoded == b.decoded
     for la, lb in zip(a.layers, b.layers):

@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from kernels.score_functions import SSMax, Temperature
+from kernels.interventions import SSMax, Temperature
 from lens.data.layout import dense_layout
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from tests.conftest import float_mask
 
 
@@ -34,7 +34,7 @@ def test_nnsight_interventions_equal_lens_score_functions(name, fn, models, hf_m
     nn_model = TransformersModel(hf_models(name), tokenizer=model.tokenizer)
     runner = BlockSearchRunner(model, small_limit, progress=False)
     n_docs = 7
-    run = runner.run_query("q3", n_docs, score_fn=fn)
+    run = runner.run_query("q3", n_docs, intervention=fn)
     layout = dense_layout(runner.pool, run.corpus, runner.pool.query_token_ids(model.tokenizer, "q3"))
     n_keys = layout.mask.sum(-1)[layout.query_slice].float().view(1, 1, -1, 1)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lens.data.layout import LayoutConfig, dense_layout
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from tests.conftest import float_mask
 
 MODELS = ["tiny-llama", "tiny-qwen3", pytest.param("smollm2-135m", marks=pytest.mark.slow)]

@@ -4,9 +4,9 @@ hooked model, layers up to the route layer are untouched, later layers see only 
 import pytest
 import torch
 
-from kernels.score_functions import InterventionSpecError, parse_intervention
+from kernels.spec import InterventionSpecError, parse_intervention
 from lens.data.layout import dense_layout
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.errors import LensError
 
 
@@ -15,7 +15,7 @@ def test_routed_set_is_dense_qk_maxsim_top_b(models, small_limit, reduce):
     model = models("tiny-qwen3")
     runner = BlockSearchRunner(model, small_limit, progress=False)
     n, layer, b = 12, 1, 4
-    run = runner.run_query("q4", n, score_fn=parse_intervention(f"route:layer={layer},B={b},reduce={reduce}"))
+    run = runner.run_query("q4", n, intervention=parse_intervention(f"route:layer={layer},B={b},reduce={reduce}"))
     query_ids = runner.pool.query_token_ids(model.tokenizer, "q4")
     layout = dense_layout(runner.pool, run.corpus, query_ids)
     _, cache = model.run_with_cache(layout.tokens[None], attention_mask=layout.mask[None, None],
@@ -43,18 +43,18 @@ def test_routed_set_is_dense_qk_maxsim_top_b(models, small_limit, reduce):
 def test_route_keeping_every_document_changes_nothing(models, small_limit):
     model = models("tiny-llama")
     runner = BlockSearchRunner(model, small_limit, progress=False)
-    a = runner.run_query("q0", 8, score_fn=parse_intervention("route:layer=0,B=8"))
+    a = runner.run_query("q0", 8, intervention=parse_intervention("route:layer=0,B=8"))
     b = runner.run_query("q0", 8)
     assert torch.allclose(a.readout_logits, b.readout_logits, atol=1e-5) and a.decoded == b.decoded
-    c = runner.run_query("q0", 8, score_fn=parse_intervention("ssmax:s=0.5,n=docs+route:layer=0,B=8"))
-    d = runner.run_query("q0", 8, score_fn=parse_intervention("ssmax:s=0.5,n=docs"))
+    c = runner.run_query("q0", 8, intervention=parse_intervention("ssmax:s=0.5,n=docs+route:layer=0,B=8"))
+    d = runner.run_query("q0", 8, intervention=parse_intervention("ssmax:s=0.5,n=docs"))
     assert torch.allclose(c.readout_logits, d.readout_logits, atol=1e-5)
 
 
 def test_bad_routes(models, small_limit):
     runner = BlockSearchRunner(models("tiny-llama"), small_limit, progress=False)
     with pytest.raises(LensError, match="route layer 2: must be 0..1"):
-        runner.run_query("q0", 8, score_fn=parse_intervention("route:layer=2,B=3"))
+        runner.run_query("q0", 8, intervention=parse_intervention("route:layer=2,B=3"))
     with pytest.raises(InterventionSpecError, match="route needs"):
         parse_intervention("route:B=3")
     with pytest.raises(InterventionSpecError, match="reduce must be"):

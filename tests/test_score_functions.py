@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from kernels.corpus_attention import corpus_attention
-from kernels.score_functions import (
-    Compose, HeadScale, InterventionSpecError, ScoreContext, ScoreFunction, Sink, SSMax, Temperature,
-    parse_intervention,
-)
+from kernels.interventions import HeadScale, Sink, SSMax, Temperature
+from kernels.score_functions import Compose, ScoreContext, ScoreFunction
+from kernels.spec import InterventionSpecError, parse_intervention
 
 
 def _inputs(seed=0, heads=6, kv=2, q=3, d=8, doc_lens=(4, 7, 1, 5), n_inst=3, s=5):

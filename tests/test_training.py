@@ -4,7 +4,7 @@ equal single ones, gradients reach the adapters through the document prefill."""
 import torch
 
 from lens.data.datasets import limit_dataset
-from lens.engine import BlockSearchRunner
+from lens.runtime import BlockSearchRunner
 from lens.training import add_lora, layout_digit_logits, merge_lora
 
 

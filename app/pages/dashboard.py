@@ -6,7 +6,7 @@ from pathlib import Path
 import streamlit as st
 
 from app.common import model_and_dataset, parse_sizes
-from kernels.score_functions import InterventionSpecError
+from kernels.spec import InterventionSpecError
 from lens.errors import LensError
 from lens.report import (
     fig_gold_mass_heatmap, fig_head_heatmap, fig_layer_metric_across_n, fig_recall_vs_n, fig_rsum_rany_across_n,

@@ -31,10 +31,13 @@ from tqdm.auto import tqdm
 
 from kernels.corpus_attention import update_shared
 from lens.data.layout import PoolLayout, document_start, pool_order
-from lens.engine import DocumentKV, KVSource, QueryStream, pool_batches, prefill_batch, run_instruction
 from lens.errors import LensError
 from lens.models.decoder import Decoder
 from lens.paths import cache_dir, exclusive_lock
+from lens.runtime.kv.source import KVSource
+from lens.runtime.prefill import pool_batches, prefill_batch, run_instruction
+from lens.runtime.records import DocumentKV
+from lens.runtime.stream import QueryStream
 
 FORMAT = 1
 _NUMPY = {torch.bfloat16: np.int16, torch.float16: np.int16, torch.float32: np.float32}
@@ -298,12 +301,7 @@ class DiskKV(KVSource):
             s.attention.update(inst_k, inst_v, inst_doc)
 
         def update(s, keys, values, key_doc):
-            if s.attends_routed(layer):
-                kept = (key_doc >= 0) & s.keep_docs[key_doc.clamp(min=0)]
-                if not kept.any():
-                    return
-                keys, values, key_doc = keys[:, kept], values[:, kept], key_doc[kept]
-            s.attention.update(keys, values, key_doc)
+            self.update(s, layer, keys, values, key_doc)
 
         longest = max(p[0] for p in plans)
         for start in range(0, longest, self.chunk_tokens):  # the shared prefix: read once for all streams

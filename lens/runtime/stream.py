@@ -1,0 +1,83 @@
+"""One (query, N, intervention) moving through the layers, and the score function it runs under."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from torch import Tensor
+
+from kernels.corpus_attention import CorpusAttentionStream
+from kernels.score_functions import Route, ScoreFunction
+
+
+def model_score_function(model, score_fn: ScoreFunction | None) -> ScoreFunction | None:
+    """The score function a query row runs under: the model's own (a trained length-aware
+    softmax, ``model.builtin_score_fn``) first, then the intervention.  A run with no
+    intervention is the model's plain run."""
+    builtin = getattr(model, "builtin_score_fn", None)
+    if builtin is None:
+        return score_fn
+    return builtin if score_fn is None else builtin + score_fn
+
+
+@dataclass
+class QueryStream:
+    """One (query, N, intervention) moving through the layers; grows by each decoded digit."""
+
+    query_id: str
+    corpus: list[int]
+    gold_positions: list[int]
+    query_ids: list[int]
+    score_fn: ScoreFunction | None
+    route: Route | None
+    record: bool
+    next_position: int
+    n_layers: int
+    route_record: bool = True  # record every layer's QK-MaxSim routing scores (routing recall)
+    spec: str = "none"  # the intervention's label
+    first_layer: int = 0  # the intervention's first touched layer (earlier ones are the plain run's)
+    self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
+    self_v: list = field(default_factory=list)
+    keep_docs: Tensor | None = None  # bool [N], set at the route layer
+    recording: dict = field(default_factory=dict)
+    # per step, set by the engine
+    resid: Tensor | None = None
+    rotary: tuple | None = None
+    attention: CorpusAttentionStream | None = None
+    source_plan: tuple | None = None  # a KV source's per-corpus lookup, computed once per stream
+    start_layer: int = 0  # first layer computed at the first step (earlier ones restored from a plain run)
+    # speculative decoding: drafted digit prefixes -> their row in the query pass (rows 0..M-1, the
+    # query's own tokens after them), the digit logits each row gave, and the pass's self mask
+    drafted: dict | None = None
+    draft_logits: dict | None = None
+    self_mask: Tensor | None = None
+    beam_root: int | None = None  # set on a beam's hypotheses at decoding steps: their dense layers run as one batch
+
+    # decoding: the digits so far, their summed log-prob, and the ten-digit distributions seen
+    digits: list = field(default_factory=list)
+    score: float = 0.0
+    step_logprobs: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.self_k:
+            self.self_k, self.self_v = [None] * self.n_layers, [None] * self.n_layers
+
+    def extend(self, digit: int, logprobs: Tensor) -> "QueryStream":
+        """A hypothesis one digit longer, sharing this one's KV so far (the lists are copied)."""
+        return replace(
+            self, self_k=list(self.self_k), self_v=list(self.self_v), digits=self.digits + [digit], start_layer=0,
+            score=self.score + float(logprobs[digit]), step_logprobs=self.step_logprobs + [logprobs],
+        )
+
+    @property
+    def plain(self) -> bool:
+        """No intervention: the model's own run."""
+        return self.score_fn is None and self.route is None
+
+    @property
+    def n_docs(self) -> int:
+        return len(self.corpus)
+
+    def attends_routed(self, layer: int) -> bool:
+        return self.route is not None and layer > self.route.layer and self.keep_docs is not None
+

@@ -9,6 +9,7 @@ import streamlit as st
 from lens.backend import resolve_dtype
 from lens.data.datasets import load_dataset
 from lens.runtime import BlockSearchRunner
+from lens import options
 from lens.errors import LensError
 from lens.models.registry import REGISTRY, load_model
 from lens.workbench import DEFAULT_DATASET, default_model
@@ -45,16 +46,12 @@ def model_and_dataset(key: str):
         return model, dataset, None
 
 
-def parse_sizes(text: str, pool: int) -> list[int] | None:
+def parse_sizes(text: str, data) -> list[int] | None:
+    """The N grid's sizes over ``data`` (sorted, each once), or None with the problem shown in the page."""
     try:
-        sizes = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        st.error(f"N grid {text!r}: expected comma-separated integers, e.g. 16,64,256")
-        return None
-    if not sizes or sizes[0] < 1:
-        st.error("N grid: give at least one positive N")
-        return None
-    if sizes[-1] > pool:
-        st.error(f"N={sizes[-1]} is larger than the pool of {pool} documents; use N <= {pool}")
+        sizes = sorted(set(options.parse_sizes(text, what="N grid")))
+        options.check_sizes(sizes, data)
+    except LensError as err:
+        st.error(str(err))
         return None
     return sizes

@@ -201,7 +201,7 @@ def part_roof(args) -> None:
     # head, times the streams sharing the read).  PyTorch's flash kernel (output and lse only; the
     # readout statistics then need another pass) vs lens's compiled kernel (kernels/native.py),
     # without and with the readout rows' per-document statistics and gold part.
-    from kernels.corpus_attention import _flash
+    from kernels.fused import _flash
     from kernels.native import decode_kernel
 
     native = decode_kernel()

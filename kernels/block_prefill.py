@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kernels.masks import create_mask, prefix_then_causal
+
 
 def block_prefill(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor) -> Tensor:
     """Attention for a batch of right-padded documents behind a shared prefix.
@@ -20,8 +22,7 @@ def block_prefill(q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: T
     n_prefix = prefix_k.shape[1]
     keys = torch.cat([prefix_k.unsqueeze(0).expand(docs, -1, -1, -1), k.transpose(1, 2)], dim=2)
     values = torch.cat([prefix_v.unsqueeze(0).expand(docs, -1, -1, -1), v.transpose(1, 2)], dim=2)
-    mask = torch.ones(length, n_prefix + length, dtype=torch.bool, device=q.device)
-    mask[:, n_prefix:] = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    mask = create_mask(prefix_then_causal(n_prefix), length, n_prefix + length, device=q.device)
     z = F.scaled_dot_product_attention(
         q.transpose(1, 2), keys, values, attn_mask=mask, enable_gqa=q.shape[2] != k.shape[2]
     )

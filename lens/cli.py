@@ -93,16 +93,6 @@ def info(
         typer.echo(f"{key:<22} {value}")
 
 
-def _parse_n_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise LensError(f"--n {text!r}: expected comma-separated integers, e.g. 16,64,256") from None
-    if not values or min(values) < 1:
-        raise LensError(f"--n {text!r}: expected positive integers, e.g. 16,64,256")
-    return values
-
-
 @app.command()
 @_clean_errors
 def demo(
@@ -120,31 +110,24 @@ def demo(
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Run a model on a generated corpus and print the decoded codes per query (a small sweep)."""
-    import torch
-
     from kernels.spec import parse_intervention
-    from lens.data.datasets import load_dataset
-    from lens.data.layout import LayoutConfig
-    from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
+    from lens.options import RunOptions, check_queries, check_sizes, parse_sizes
+    from lens.runtime import BlockSearchRunner
 
-    sizes = _parse_n_list(n)
+    options = RunOptions(dtype=dtype, seed=seed, positions=positions, code_position=code_position,
+                         max_doc_tokens=max_doc_tokens, truncate=truncate, drop_unjudged=drop_unjudged)
+    sizes = parse_sizes(n)
     score_fns = [parse_intervention(s) for s in (intervention or ["none"])]
-    from lens.backend import resolve_dtype
-
-    torch_dtype = resolve_dtype(dtype)
-    data = load_dataset(dataset, seed=seed, drop_unjudged=drop_unjudged)
-    if queries < 1 or queries > len(data.queries):
-        raise LensError(f"--queries {queries}: {data.name} has {len(data.queries)} queries")
-    too_big = [s for s in sizes if s > len(data.documents)]
-    if too_big:
-        raise LensError(f"--n {too_big[0]} is larger than the pool of {len(data.documents)} documents in {data.name}")
+    torch_dtype = options.torch_dtype()
+    data = options.dataset(dataset)
+    check_queries(queries, data)
+    check_sizes(sizes, data, label="--n ")
     t0 = time.time()
     lm = load_model(model, dtype=torch_dtype)
     typer.echo(f"model {model} loaded in {time.time() - t0:.1f}s; dataset {data.name}: "
                f"{len(data.documents)} documents, {len(data.queries)} queries")
-    layout = LayoutConfig.for_model(lm, positions=positions, code_position=code_position,
-                                    max_doc_tokens=max_doc_tokens, truncate=truncate)
+    layout = options.layout(lm)
     runner = BlockSearchRunner(lm, data, layout, seed=seed)
     if runner.pool.truncated:
         typer.echo(f"note: {runner.pool.truncated} documents truncated to {layout.max_doc_tokens} tokens (--truncate)")
@@ -183,10 +166,11 @@ def sweep(
     batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
 ):
     """Run every (N, intervention) for K queries; write DIR/records.parquet and DIR/summary.json."""
+    from lens.options import parse_sizes
     from lens.sweep import SweepConfig, run_sweep
 
     cfg = SweepConfig(
-        model=model, dataset=dataset, n=_parse_n_list(n), queries=queries, interventions=intervention or ["none"],
+        model=model, dataset=dataset, n=parse_sizes(n), queries=queries, interventions=intervention or ["none"],
         baseline=baseline, seed=seed, beam=beam, positions=positions, code_position=code_position,
         max_doc_tokens=max_doc_tokens,
         truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch,

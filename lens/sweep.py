@@ -30,6 +30,7 @@ from kernels.spec import parse_intervention
 from lens.errors import LensError
 from lens.paths import exclusive_lock
 from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
+from lens.options import RunOptions, check_queries, check_sizes
 from lens.stats import CONFIDENCE, rate_interval
 
 SWEEP_FORMAT = 1
@@ -55,6 +56,10 @@ class SweepConfig:
     batch: int = 8  # queries per unit
     dataset_sha256: str | None = None  # set by run_sweep from the data itself: an edited dataset is not resumed
     model_fingerprint: str | None = None  # set by run_sweep from the weights' files: edited weights are not resumed
+
+    def options(self) -> RunOptions:
+        return RunOptions(dtype=self.dtype, seed=self.seed, positions=self.positions, code_position=self.code_position,
+                          max_doc_tokens=self.max_doc_tokens, truncate=self.truncate, drop_unjudged=self.drop_unjudged)
 
 
 def _finite(value):
@@ -114,8 +119,6 @@ def _check_out(cfg: SweepConfig, out: Path) -> bool:
 def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=None) -> dict:
     """Run (or resume) a sweep; returns the summary.  ``on_unit(done, total)`` reports progress.
     Everything is checked before anything is written; one sweep at a time writes into ``out``."""
-    from lens.data.datasets import load_dataset
-
     out = Path(out).expanduser()
     score_fns = [parse_intervention(s) for s in cfg.interventions]
     specs = [fn.spec() for fn in score_fns]
@@ -129,15 +132,9 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
         raise LensError(f"baseline {cfg.baseline!r}: the dense baseline available is 'minilm'")
     if cfg.beam < 1 or not cfg.n or min(cfg.n) < 1 or cfg.queries < 1 or cfg.batch < 1:
         raise LensError("--beam, every N, --queries and --batch must be >= 1")
-    repeated = sorted({n for n in cfg.n if cfg.n.count(n) > 1})
-    if repeated:
-        raise LensError(f"--n lists N={repeated[0]} more than once; give each corpus size once")
-    data = load_dataset(cfg.dataset, seed=cfg.seed, drop_unjudged=cfg.drop_unjudged)
-    too_big = [n for n in cfg.n if n > len(data.documents)]
-    if too_big:
-        raise LensError(f"N={too_big[0]} is larger than the pool of {len(data.documents)} documents in {data.name}")
-    if cfg.queries > len(data.queries):
-        raise LensError(f"--queries {cfg.queries}: {data.name} has {len(data.queries)} queries")
+    data = cfg.options().dataset(cfg.dataset)
+    check_sizes(cfg.n, data)
+    check_queries(cfg.queries, data)
     from lens.models.registry import weights_fingerprint
 
     cfg = replace(cfg, dataset_sha256=data.content_hash(), model_fingerprint=weights_fingerprint(cfg.model))
@@ -178,7 +175,6 @@ def _read_part(path: Path) -> pd.DataFrame | None:
 
 
 def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> dict:
-    from lens.data.layout import LayoutConfig
     from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
@@ -194,8 +190,7 @@ def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> d
     need_baseline = cfg.baseline and baseline is None
     if todo or need_baseline:
         model = load_model(cfg.model, dtype=dtype)
-        layout = LayoutConfig.for_model(model, positions=cfg.positions, code_position=cfg.code_position,
-                                        max_doc_tokens=cfg.max_doc_tokens, truncate=cfg.truncate)
+        layout = cfg.options().layout(model)
         runner = BlockSearchRunner(model, data, layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
         # every stream is made (its corpus, route layer, layers and heads checked) before anything is written
         planned = {(n, b): [runner.stream(q, n, fn) for fn in score_fns for q in batches[b]] for n, b in todo}

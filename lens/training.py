@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from kernels.block_prefill import block_prefill
+from kernels.masks import and_masks, causal, create_mask, same_segment
 from kernels.corpus_attention import corpus_attention
 from kernels.score_functions import ScoreFunction
 from lens.runtime.prefill import padded_documents, prefill_batch, run_instruction
@@ -82,9 +83,8 @@ def layout_digit_logits(
 
     n_rows = len(rows) * width_q
     block = torch.arange(n_rows) // width_q
-    within = torch.arange(n_rows) % width_q
     # corpus keys for every row; the query side block-diagonal (each pass its own) and causal
-    self_mask = (block[:, None] == block[None, :]) & (within[None, :] <= within[:, None])
+    self_mask = create_mask(and_masks(same_segment(block), causal), n_rows, n_rows)
     mask = torch.cat([torch.ones(n_rows, key_doc.shape[0], dtype=torch.bool), self_mask], 1)[None, None]
 
     def attend(layer, q, k, v):

@@ -57,7 +57,7 @@ def test_corpus_attention_matches_naive(fn, shape):
     assert torch.allclose(res.gold_output, gold_out, atol=1e-5)
 
 
-from kernels.corpus_attention import dense_corpus_attention  # noqa: E402
+from kernels.reference import dense_corpus_attention  # noqa: E402
 from kernels.interventions import HeadScale  # noqa: E402
 
 

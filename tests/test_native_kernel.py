@@ -5,8 +5,9 @@ corpus attention and against PyTorch's flash path."""
 import pytest
 import torch
 
-import kernels.corpus_attention as ca
-from kernels.corpus_attention import CorpusAttentionStream, dense_corpus_attention, iter_chunks, update_shared
+import kernels.fused as ca
+from kernels.corpus_attention import CorpusAttentionStream, iter_chunks, update_shared
+from kernels.reference import dense_corpus_attention
 from kernels.native import decode_kernel
 from kernels.interventions import SSMax, Sink, Temperature
 from lens.runtime import BlockSearchRunner

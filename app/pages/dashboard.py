@@ -25,7 +25,7 @@ interventions = st.sidebar.multiselect(
     default=["none"], key="dash-interventions")
 if runner is None:
     st.stop()
-sizes = parse_sizes(sizes_text, len(runner.dataset.documents))
+sizes = parse_sizes(sizes_text, runner.dataset)
 if sizes is None:
     st.stop()
 default_folder = records_folder(model, dataset, sizes, int(queries))

@@ -70,7 +70,7 @@ name, key = param.split(" ")
 grid_text = st.text_input("values", default_grid(fields[name, key]), key="lab-sweep-grid")
 sizes_text = st.text_input("N grid", "16,64", key="lab-sweep-n")
 if st.button("run parameter sweep", key="lab-sweep-run"):
-    sizes = parse_sizes(sizes_text, pool)
+    sizes = parse_sizes(sizes_text, runner.dataset)
     try:  # each value through the spec grammar: its bounds and checks are the CLI's
         grid = [(text.strip(), parse_intervention(f"{name}:{key}={text.strip()}")) for text in grid_text.split(",")]
     except InterventionSpecError as err:

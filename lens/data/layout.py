@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from kernels.masks import and_masks, causal, create_mask, or_masks, same_segment
 from lens.data.datasets import Dataset
 from lens.errors import LensError
 
@@ -210,12 +211,11 @@ class DenseLayout:
 
 def dense_layout(pool: PoolLayout, corpus: list[int], query_ids: list[int]) -> DenseLayout:
     cfg, inst = pool.config, pool.instruction_ids
-    tokens, positions, key_doc, segments = list(inst), list(range(len(inst))), [-1] * len(inst), []
+    tokens, positions, key_doc = list(inst), list(range(len(inst))), [-1] * len(inst)
     offset = 0
     for j, d in enumerate(corpus):
         doc = pool.doc_token_ids[d]
         start = document_start(cfg, len(inst), offset)
-        segments.append((len(tokens), len(tokens) + len(doc)))
         tokens += doc
         positions += range(start, start + len(doc))
         key_doc += [j] * len(doc)
@@ -227,13 +227,11 @@ def dense_layout(pool: PoolLayout, corpus: list[int], query_ids: list[int]) -> D
     positions += range(q0, q0 + len(query_ids))
     key_doc += [-1] * len(query_ids)
     t = len(tokens)
-    mask = torch.zeros(t, t, dtype=torch.bool)
-    mask[: len(inst), : len(inst)] = torch.ones(len(inst), len(inst), dtype=torch.bool).tril()
-    for a, b in segments:
-        mask[a:b, : len(inst)] = True
-        mask[a:b, a:b] = torch.ones(b - a, b - a, dtype=torch.bool).tril()
-    mask[q_begin:, :q_begin] = True
-    mask[q_begin:, q_begin:] = torch.ones(t - q_begin, t - q_begin, dtype=torch.bool).tril()
+    # causal, and: the instruction for everyone, a document's own tokens, everything for the query
+    segment = torch.tensor(key_doc[:q_begin] + [-2] * (t - q_begin))
+    instruction = lambda q_idx, kv_idx: segment[kv_idx] == -1  # noqa: E731
+    query = lambda q_idx, kv_idx: segment[q_idx] == -2  # noqa: E731
+    mask = create_mask(and_masks(causal, or_masks(instruction, same_segment(segment), query)), t, t)
     return DenseLayout(
         torch.tensor(tokens), torch.tensor(positions), mask, torch.tensor(key_doc), slice(q_begin, t)
     )

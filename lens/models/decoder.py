@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from kernels.masks import causal, create_mask
 from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_function
 
 
@@ -243,7 +244,7 @@ class Decoder(HookedRootModule):
         if position_ids is None:
             position_ids = torch.arange(t, device=tokens.device).expand(b, t)
         if attention_mask is None:
-            attention_mask = torch.ones(t, t, dtype=torch.bool, device=tokens.device).tril()[None, None]
+            attention_mask = create_mask(causal, t, t, device=tokens.device)[None, None]
         elif attention_mask.dtype != torch.bool:
             raise TypeError("attention_mask must be boolean (True = attend); lens never adds float masks")
         n_docs = int(key_doc.max()) + 1 if key_doc is not None and key_doc.numel() else 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels.masks import causal, create_mask
 from lens.errors import LensError
 from lens.runtime.records import CODE_DIGITS
 from lens.runtime.stream import QueryStream
@@ -38,7 +39,7 @@ def draft_rows(s: QueryStream, digit_ids: Tensor) -> tuple[Tensor, Tensor]:
     tokens = torch.cat([digit_ids[[p[-1] for p in nodes]], torch.tensor(s.query_ids)])
     positions = torch.cat([torch.tensor([start + n_q + len(p) - 1 for p in nodes]), torch.arange(start, start + n_q)])
     mask = torch.zeros(m + n_q, m + n_q, dtype=torch.bool)
-    mask[m:, m:] = torch.ones(n_q, n_q, dtype=torch.bool).tril()
+    mask[m:, m:] = create_mask(causal, n_q, n_q)
     mask[:m, m:] = True
     for i, p in enumerate(nodes):
         mask[i, [s.drafted[p[:j]] for j in range(1, len(p) + 1)]] = True

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from kernels.block_prefill import block_prefill
+from kernels.masks import causal, create_mask
 from lens.data.layout import PoolLayout, pool_order
 from lens.models.decoder import Decoder
 from lens.runtime.records import DocumentKV
@@ -25,7 +26,7 @@ def run_instruction(model: Decoder, token_ids: list[int]) -> DocumentKV:
     def attend(layer, q, k, v):
         keys.append(k[0].transpose(0, 1))
         values.append(v[0].transpose(0, 1))
-        mask = torch.ones(q.shape[1], q.shape[1], dtype=torch.bool).tril()[None, None]
+        mask = create_mask(causal, q.shape[1], q.shape[1])[None, None]
         return model.blocks[layer].attn.dense(q, k, v, mask)
 
     model.run_blocks(model.embed(ids), torch.arange(ids.shape[1])[None], attend)

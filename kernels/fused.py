@@ -1,0 +1,147 @@
+"""The fused path of corpus attention: streams whose score function only scales each query row
+fold it into q, stack their rows, and go through one kernel call per chunk: the compiled kernel
+(:mod:`kernels.native`, which also gives the readout rows' per-document statistics in the same
+pass) or PyTorch's flash kernel (statistics in a second, shared pass)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.native import decode_kernel
+from kernels.online_softmax import grouped_scores
+
+
+# Up to this many query rows per KV head in a stream (and whenever its readout statistics are
+# kept) the compiled kernel beats PyTorch's flash kernel on this box (bench_kernels --part roof:
+# with AMX tiles for q.k up to ~150 rows; with AVX-512 dot products only, up to ~16).  The choice
+# is made per stream, never by how many streams share a chunk: a stream's numbers do not depend
+# on its companions (a resumed sweep batches differently).
+NATIVE_MAX_ROWS = {True: 160, False: 16}  # keyed by kernel.uses_amx()
+
+
+def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> None:
+    """One chunk for streams on the fused path (same scale): their rows stacked into one call of
+    the compiled kernel (:mod:`kernels.native`), which also computes the readout rows'
+    per-document statistics and gold output in the same pass, and of PyTorch's flash kernel for
+    the streams the compiled kernel does not take (its statistics then need a second pass)."""
+    kv = keys.shape[0]
+    rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
+    kernel = _native_for(rows[0], keys, values)
+    if kernel is not None:
+        limit = NATIVE_MAX_ROWS[kernel.uses_amx()]
+        mine = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores or rows[i].shape[1] <= limit]
+        if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values):
+            fused = [f for i, f in enumerate(fused) if i not in mine]
+            rows = [r for i, r in enumerate(rows) if i not in mine]
+    if not fused:
+        return
+    q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+    sizes = [r.shape[1] for r in rows]
+    scale = fused[0][0].scale
+    out, lse = _flash(q, keys, values, scale)
+    # the readout rows of the streams that keep statistics: one more shared pass over the keys
+    lasts = [None] * len(fused)
+    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
+    if asking:
+        readout = torch.cat([fused[i][0].folded_q[:, -1:] for i in asking], 1)  # [head, streams, d]
+        scores = grouped_scores(readout, keys, scale)  # [head, streams, C]
+        for j, i in enumerate(asking):
+            lasts[i] = scores[:, j : j + 1]
+    for (s, kd), o, l, last in zip(fused, out.split(sizes, 1), lse.split(sizes, 1), lasts):
+        s._merge_flash(o, l, keys, values, kd, last)
+
+
+def _native_for(q: Tensor, keys: Tensor, values: Tensor):
+    """The compiled decode kernel when it applies here (bf16, no autograd, a built head size,
+    the kernel available), else None."""
+    if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16) or keys.shape[-1] not in (32, 64, 128):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
+        return None
+    return decode_kernel()
+
+
+def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:
+    """The compiled kernel's pass over the streams' stacked rows: statistics in the first asking
+    stream's document numbering, handed to each stream in its own.  False (nothing done) when a
+    document's keys are not one run in the chunk, which the kernel's per-document statistics need."""
+    kv = keys.shape[0]
+    q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+    sizes = [r.shape[1] for r in rows]
+    asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    empty = torch.empty(0, dtype=torch.long)
+    # the document ids always go in: they place the kernel's parts, so a row's summation order is
+    # the same whether or not other rows keep statistics
+    base = fused[asking[0] if asking else 0][1].long().contiguous()
+    n_docs = fused[asking[0]][0].n_docs if asking else 0
+    stat_rows, gold_rows, to_base = [], [], {}
+    for i in asking:
+        s, kd = fused[i]
+        n_heads, n_q, _ = s.q.shape
+        rep = n_heads // kv
+        stat_rows += [offsets[i] + e * n_q + n_q - 1 for e in range(rep)]  # head g*rep+e's readout row
+        to_base[i] = None if kd is fused[asking[0]][1] else _to_base(base, kd, n_docs)
+        gold = torch.zeros(n_docs, dtype=torch.bool)
+        if s.keeps_gold:
+            own = torch.zeros(n_docs, dtype=torch.bool)
+            own[s.gold] = True
+            gold = own if to_base[i] is None else torch.cat([own, torch.zeros(1, dtype=torch.bool)])[_inverse(to_base[i], n_docs)]
+        gold_rows += [gold] * rep
+    gold_mask = torch.stack(gold_rows) if asking and any(bool(g.any()) for g in gold_rows) else empty
+    try:
+        out, lse, doc_max, doc_lse, gold_out = kernel.decode_attention(
+            q.contiguous(), _rows_contiguous(keys), _rows_contiguous(values), float(fused[0][0].scale), base, n_docs,
+            torch.tensor(stat_rows, dtype=torch.long), gold_mask)
+    except RuntimeError as e:  # checked before any work: scattered documents -> the flash path
+        if "not one run" in str(e):
+            return False
+        raise
+    stats = {}
+    start = 0
+    for i in asking:
+        s = fused[i][0]
+        rep = s.q.shape[0] // kv
+        part = slice(start, start + rep)
+        start += rep
+        shape = (kv * rep, 1, -1)
+        m, l, g = doc_max[:, part].reshape(shape), doc_lse[:, part].reshape(shape), gold_out[:, part].reshape(shape)
+        if to_base[i] is not None:  # base numbering -> this stream's (absent documents: -inf)
+            pad = torch.full((kv * rep, 1, 1), float("-inf"))
+            m, l = torch.cat([m, pad], -1)[..., to_base[i]], torch.cat([l, pad], -1)[..., to_base[i]]
+        stats[i] = (m, l, g)
+    for i, ((s, kd), o, ls) in enumerate(zip(fused, out.split(sizes, 1), lse.split(sizes, 1))):
+        s._merge_flash(o, ls, keys, values, kd, chunk_stats=stats.get(i))
+    return True
+
+
+def _to_base(base: Tensor, own: Tensor, n_docs: int) -> Tensor:
+    """For each of a stream's documents, its index in the base numbering (``n_docs`` when the
+    chunk does not hold it): the two numberings label the same keys."""
+    index = torch.full((n_docs,), n_docs, dtype=torch.long)
+    mask = base >= 0
+    index[own[mask]] = base[mask]
+    return index
+
+
+def _inverse(to_base: Tensor, n_docs: int) -> Tensor:
+    """For each base document, the stream's own index (``n_docs`` when not in the chunk)."""
+    inverse = torch.full((n_docs + 1,), n_docs, dtype=torch.long)
+    inverse[to_base] = torch.arange(n_docs)
+    return inverse[:n_docs]
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    """[kv_head, C, d] with each key's d values contiguous and rows adjacent (a chunk slice is)."""
+    return x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous()
+
+
+def _flash(q: Tensor, keys: Tensor, values: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """PyTorch's fused CPU flash attention, no mask: q [kv_head, rows, d] over keys/values
+    [kv_head, C, d] -> (out [kv_head, rows, d], lse [kv_head, rows])."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q[None], keys[None], values[None], 0.0, False, scale=scale)[:2]
+    return out[0], lse[0]
+
+

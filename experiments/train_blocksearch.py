@@ -148,7 +148,8 @@ def main() -> None:
     from lens.data.layout import LayoutConfig
     from lens.models.registry import load_model
     from lens.paths import cache_dir
-    from lens.training import LORA_TARGETS, LearnedSSMax, add_lora, layout_digit_logits, lora_state
+    from lens.models.lora import LORA_TARGETS, add_lora, lora_state
+    from lens.training import LearnedSSMax, layout_digit_logits
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,22 +13,9 @@ from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_fun
 
 
 def dense_corpus_attention(
-    q: Tensor,
-    corpus_k: Tensor,
-    corpus_v: Tensor,
-    key_doc: Tensor,
-    n_docs: int,
-    self_k: Tensor,
-    self_v: Tensor,
-    *,
-    layer: int,
-    scale: float,
-    score_fn: ScoreFunction | None = None,
-    gold_docs: list[int] | None = None,
-    stats: bool = True,
-    keep_docs: Tensor | None = None,
-    route_stats: bool = False,
-    self_mask: Tensor | None = None,
+    q: Tensor, corpus_k: Tensor, corpus_v: Tensor, key_doc: Tensor, n_docs: int, self_k: Tensor, self_v: Tensor, *,
+    layer: int, scale: float, score_fn: ScoreFunction | None = None, gold_docs: list[int] | None = None,
+    stats: bool = True, keep_docs: Tensor | None = None, route_stats: bool = False, self_mask: Tensor | None = None,
 ) -> CorpusAttentionResult:
     """The materialised reference (all [head, Q, T+S] scores at once), fp32 throughout."""
     n_heads, n_q, _ = q.shape

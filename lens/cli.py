@@ -93,6 +93,16 @@ def info(
         typer.echo(f"{key:<22} {value}")
 
 
+# the options demo and sweep share (lens.options.RunOptions)
+Positions = Annotated[str, typer.Option(help="shared | restart | sequential")]
+CodePosition = Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")]
+MaxDocTokens = Annotated[Optional[int], typer.Option(help="longest document in tokens (default: the model's own, else 256)")]
+Truncate = Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")]
+DropUnjudged = Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")]
+Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (auto: bf16 only where the CPU multiplies it natively)")]
+Interventions = Annotated[Optional[list[str]], typer.Option(help="intervention spec (docs/interventions.md); repeatable")]
+
+
 @app.command()
 @_clean_errors
 def demo(
@@ -100,13 +110,9 @@ def demo(
     dataset: Annotated[str, typer.Option(help="synthetic-limit[:docs=..,items=..], needle, or a BEIR folder")] = "synthetic-limit:docs=64,items=10,queries=8",
     n: Annotated[str, typer.Option(help="corpus sizes N, comma-separated")] = "64",
     queries: Annotated[int, typer.Option(help="number of queries")] = 4,
-    intervention: Annotated[Optional[list[str]], typer.Option(help="score-function spec; repeatable")] = None,
-    positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
-    code_position: Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")] = None,
-    max_doc_tokens: Annotated[Optional[int], typer.Option(help="longest document in tokens (default: the model's own, else 256)")] = None,
-    truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
-    drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (auto: bf16 only where the CPU multiplies it natively)")] = "auto",
+    intervention: Interventions = None,
+    positions: Positions = "shared", code_position: CodePosition = None, max_doc_tokens: MaxDocTokens = None,
+    truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto",
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Run a model on a generated corpus and print the decoded codes per query (a small sweep)."""
@@ -152,16 +158,12 @@ def sweep(
     n: Annotated[str, typer.Option(help="corpus sizes N, comma-separated, e.g. 16,64,256")],
     out: Annotated[str, typer.Option(help="records folder (resumable)")],
     queries: Annotated[int, typer.Option(help="number of queries")] = 16,
-    intervention: Annotated[Optional[list[str]], typer.Option(help="score-function spec; repeatable")] = None,
+    intervention: Interventions = None,
     baseline: Annotated[Optional[str], typer.Option(help="dense baseline: minilm")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     beam: Annotated[int, typer.Option(help="codes ranked by a beam over the corpus's codes (Recall@k for k <= beam)")] = 2,
-    positions: Annotated[str, typer.Option(help="shared | restart | sequential")] = "shared",
-    code_position: Annotated[Optional[str], typer.Option(help="start | end (default: the model's own)")] = None,
-    max_doc_tokens: Annotated[Optional[int], typer.Option(help="longest document in tokens (default: the model's own, else 256)")] = None,
-    truncate: Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")] = False,
-    drop_unjudged: Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")] = False,
-    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 (auto: bf16 only where the CPU multiplies it natively)")] = "auto",
+    positions: Positions = "shared", code_position: CodePosition = None, max_doc_tokens: MaxDocTokens = None,
+    truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto",
     kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
     batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
 ):

@@ -204,7 +204,7 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
         load_hf_state_dict(model, state, name)
     model.layout_defaults = {}  # LayoutConfig fields the model was trained with (LayoutConfig.for_model)
     if name in adapter_names():
-        from lens.training import merge_lora
+        from lens.models.lora import merge_lora
 
         merge_lora(model, ADAPTERS / name)
         model.layout_defaults = json.loads((ADAPTERS / name / "adapter_config.json").read_text()).get("layout", {})

@@ -1,13 +1,16 @@
 """Each intervention changes what it should and nothing else; identities are identities."""
 
+import dataclasses
 import math
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from kernels.corpus_attention import corpus_attention
-from kernels.interventions import HeadScale, Sink, SSMax, Temperature
-from kernels.score_functions import Compose, ScoreContext, ScoreFunction
+from kernels.interventions import HeadScale, LogN, Sink, SSMax, Temperature
+from kernels.score_functions import INTERVENTIONS, Compose, ScoreContext, ScoreFunction
 from kernels.spec import InterventionSpecError, parse_intervention
 
 
@@ -124,3 +127,45 @@ def test_bad_specs_give_one_line_errors(spec, message):
     with pytest.raises(InterventionSpecError) as err:
         parse_intervention(spec)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_log_n_scaling_is_the_identity_up_to_its_training_length_then_sharpens():
+    """log-n (Qwen): factor max(1, log n / log train); the rows here attend 23..25 keys."""
+    base = _run(None)
+    assert _close(_run(LogN(train=25.0)), base)  # every row attends <= 25 keys: identity
+    assert _close(_run(LogN(train=100.0, layers=(2,))), base)
+    longer = _run(LogN(train=4.0))
+    args = _inputs()
+    n_keys = (args["key_doc"].shape[0] + torch.arange(3, 6)).float()  # corpus + causal self keys per row
+    expected = _run(Temperature(1.0))  # same inputs; check against the closed-form factor below
+    factor = torch.log(n_keys) / math.log(4.0)
+    scaled = corpus_attention(**{**args, "q": args["q"] * factor.view(1, -1, 1)}, gold_docs=[1])
+    assert torch.allclose(longer.output, scaled.output, atol=1e-5) and not _close(longer, expected)
+    assert LogN(train=4.0).first_layer() == 0 and LogN(layers=(5, 7)).first_layer() == 5
+
+
+@pytest.mark.parametrize("name", sorted(INTERVENTIONS))
+def test_every_registered_intervention_parses_labels_and_hashes(name):
+    """The registry is the grammar: each type's example parses, its label round-trips, equal specs
+    give equal, hashable objects (the app caches on them), and each field names its kind and help."""
+    cls = INTERVENTIONS[name]
+    made = parse_intervention(cls.example)
+    again = parse_intervention(made.spec())
+    assert again == made and hash(again) == hash(made) and again.spec() == made.spec()
+    for f in dataclasses.fields(cls):
+        assert f.metadata["help"] and f.metadata["kind"] in ("number", "per_layer", "int", "ints", "choice", "layers")
+    assert {made: 1}[again] == 1
+
+
+def test_score_functions_are_frozen_and_per_layer_values_immutable():
+    fn = SSMax({16: 0.5})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fn.s = 0.1
+    with pytest.raises(TypeError):
+        fn.s[16] = 0.9
+    assert SSMax([0.1, 0.2]).s == (0.1, 0.2) and hash(SSMax([0.1, 0.2])) == hash(SSMax((0.1, 0.2)))
+
+
+def test_the_interventions_page_lists_every_registered_intervention():
+    page = (Path(__file__).resolve().parents[2] / "docs" / "interventions.md").read_text()
+    assert all(f"`{name}:" in page for name in INTERVENTIONS)

@@ -5,7 +5,7 @@ import torch
 
 from kernels.corpus_attention import corpus_attention
 from kernels.interventions import SSMax, Sink, Temperature
-from tests.test_score_functions import _inputs
+from tests.unit.test_score_functions import _inputs
 
 
 def _naive(args, fn, gold):

@@ -190,14 +190,14 @@ def test_kernel_without_amx_tiles_equals_dense_reference():
     import sys
 
     script = (
-        "import torch, tests.test_native_kernel as t\n"
+        "import torch, tests.integration.test_native_kernel as t\n"
         "assert not t.kernel.uses_amx()\n"
         "for shape in [(3, 3, 5000, 64), (8, 2, 3001, 128), (2, 5, 700, 32), (1, 1, 17, 64), (3, 24, 9000, 64)]:\n"
         "    t.test_kernel_equals_dense_reference(*shape)\n"
         "t.test_kernel_with_wide_score_gaps()\n"
         "print('ok')\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
                           env={**os.environ, "LENS_NATIVE_AMX": "0"}, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -5,7 +5,8 @@ import torch
 
 from lens.data.datasets import limit_dataset
 from lens.runtime import BlockSearchRunner
-from lens.training import add_lora, layout_digit_logits, merge_lora
+from lens.models.lora import add_lora, merge_lora
+from lens.training import layout_digit_logits
 
 
 def _setup(models):
@@ -38,7 +39,7 @@ def test_gradients_reach_the_document_side_and_merge_matches(models, tmp_path):
     from safetensors.torch import save_file
 
     from lens.models.registry import load_model
-    from lens.training import lora_state
+    from lens.models.lora import lora_state
 
     model = load_model("tiny-llama", dtype=torch.float32)
     data = limit_dataset(n_docs=6, items_per_doc=4, n_queries=2, seed=5)

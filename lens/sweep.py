@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 from kernels.spec import parse_intervention
 from lens.errors import LensError
 from lens.paths import exclusive_lock
-from lens.metrics import RECALL_K, head_rows, layer_rows, query_row
+from lens.metrics import RECALL_K
 from lens.options import RunOptions, check_queries, check_sizes
 from lens.stats import CONFIDENCE, rate_interval
+from lens.sweep_worker import LocalUnits
 
 SWEEP_FORMAT = 1
 
@@ -116,9 +117,11 @@ def _check_out(cfg: SweepConfig, out: Path) -> bool:
     return False
 
 
-def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=None) -> dict:
+def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=None, ray: dict | None = None) -> dict:
     """Run (or resume) a sweep; returns the summary.  ``on_unit(done, total)`` reports progress.
-    Everything is checked before anything is written; one sweep at a time writes into ``out``."""
+    Everything is checked before anything is written; one sweep at a time writes into ``out``.
+    ``ray``: run the units on a Ray cluster, ``dict(address=..., workers=None, threads=None)``
+    (:class:`lens.ray_sweep.RayUnits`); the records are the same bits as without it."""
     out = Path(out).expanduser()
     score_fns = [parse_intervention(s) for s in cfg.interventions]
     specs = [fn.spec() for fn in score_fns]
@@ -142,7 +145,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
         raise LensError(f"--out {out}: is a file, not a folder; choose a folder path")
     with exclusive_lock(out.parent / f".{out.name}.lock", f"--out {out}"):
         try:
-            return _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit)
+            return _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray)
         except OSError as err:
             where = f" ({err.filename})" if err.filename else ""
             raise LensError(f"--out {out}: {err.strerror or err}{where}; fix the folder (space, permissions) "
@@ -174,10 +177,7 @@ def _read_part(path: Path) -> pd.DataFrame | None:
         return None
 
 
-def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> dict:
-    from lens.runtime import BlockSearchRunner
-    from lens.models.registry import load_model
-
+def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
     resuming = _check_out(cfg, out)
     parts = out / "parts"
 
@@ -189,35 +189,37 @@ def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> d
     baseline = _read_part(parts / "baseline.parquet") if cfg.baseline else None
     need_baseline = cfg.baseline and baseline is None
     if todo or need_baseline:
-        model = load_model(cfg.model, dtype=dtype)
-        layout = cfg.options().layout(model)
-        runner = BlockSearchRunner(model, data, layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
-        # every stream is made (its corpus, route layer, layers and heads checked) before anything is written
-        planned = {(n, b): [runner.stream(q, n, fn) for fn in score_fns for q in batches[b]] for n, b in todo}
-        if not resuming:
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-                _write_json_atomic(out / "layout.json", dict(truncated_documents=runner.pool.truncated,
-                                                             max_doc_tokens=layout.max_doc_tokens,
-                                                             code_position=layout.code_position))
-                _write_json_atomic(out / "sweep.json", {"format": SWEEP_FORMAT, **asdict(cfg)})
-            except OSError as err:
-                raise LensError(f"--out {out}: cannot write ({err.strerror}); choose a writable folder") from None
-        parts.mkdir(exist_ok=True)
-        with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
-                  disable=not progress) as bar:
-            for n, b in todo:
-                runs = runner.run_streams(planned.pop((n, b)), desc=f"N={n} batch {b}", beam=cfg.beam)
-                done[n, b] = _rows(runs, specs, score_fns)
-                _write_parquet_atomic(parts / f"n{n}-b{b}.parquet", done[n, b])
-                bar.update(1)
-                if on_unit:
-                    on_unit(bar.n, len(units))
-        if need_baseline:
-            from lens.baseline import minilm_rows
+        if ray is None:
+            executor = LocalUnits(cfg, data, progress)
+        else:
+            from lens.ray_sweep import RayUnits
 
-            baseline = minilm_rows(data, runner, query_ids, sorted(cfg.n), progress=progress)
-            _write_parquet_atomic(parts / "baseline.parquet", baseline)
+            executor = RayUnits(cfg, **ray)
+        try:
+            # every stream is made (its corpus, route layer, layers and heads checked) before anything is written
+            facts = executor.check([(n, batches[b]) for n, b in todo])
+            if not resuming:
+                try:
+                    out.mkdir(parents=True, exist_ok=True)
+                    _write_json_atomic(out / "layout.json", facts)
+                    _write_json_atomic(out / "sweep.json", {"format": SWEEP_FORMAT, **asdict(cfg)})
+                except OSError as err:
+                    raise LensError(f"--out {out}: cannot write ({err.strerror}); choose a writable folder") from None
+            parts.mkdir(exist_ok=True)
+            with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
+                      disable=not progress) as bar:
+                finished = len(units) - len(todo)
+                for (n, b), frame in executor.run([(n, b, batches[b]) for n, b in todo]):
+                    _write_parquet_atomic(parts / f"n{n}-b{b}.parquet", frame)
+                    finished += 1
+                    bar.update(1)
+                    if on_unit:
+                        on_unit(finished, len(units))
+            if need_baseline:
+                baseline = executor.baseline(query_ids, sorted(cfg.n))
+                _write_parquet_atomic(parts / "baseline.parquet", baseline)
+        finally:
+            executor.close()
     # each part as read back from disk, so a resumed sweep and an uninterrupted one concatenate the same frames
     fresh = set(todo)
     frames = [pd.read_parquet(parts / f"n{n}-b{b}.parquet") if (n, b) in fresh else done[n, b] for n, b in units]
@@ -233,17 +235,6 @@ def _run_locked(cfg, out, data, score_fns, specs, dtype, progress, on_unit) -> d
         summary["layout"] = json.loads(layout_facts.read_text())
     _write_json_atomic(out / "summary.json", summary)
     return summary
-
-
-def _rows(runs, specs, score_fns) -> pd.DataFrame:
-    rows = []
-    for run in runs:
-        spec = next(s for s, fn in zip(specs, score_fns) if fn.spec() == run.intervention)
-        key = dict(query_id=run.query_id, n_docs=run.n_docs, intervention=spec)
-        rows.append(dict(level="query", **key, layer=-1, head=-1, **query_row(run)))
-        rows += [dict(level="layer", **key, head=-1, **r) for r in layer_rows(run)]
-        rows += [dict(level="head", **key, **r) for r in head_rows(run)]
-    return pd.DataFrame(rows)
 
 
 def _mean(series) -> float | None:

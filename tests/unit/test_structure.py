@@ -15,7 +15,7 @@ LAYERS = [
     ("lens.models",),
     ("lens.runtime",),
     ("lens.metrics", "lens.training", "lens.baseline", "lens.options"),
-    ("lens.sweep", "lens.report", "lens.workbench"),
+    ("lens.sweep", "lens.sweep_worker", "lens.ray_sweep", "lens.report", "lens.workbench"),
     ("lens.cli", "lens"),
     ("app",),
 ]

@@ -49,6 +49,15 @@ class OnlineSoftmax:
         self.acc = self.acc * alpha[..., None] + out * beta[..., None]
         return safe, alpha, beta
 
+    def add_state(self, m: Tensor, l: Tensor, acc: Tensor) -> tuple[Tensor, Tensor]:
+        """Another state's sums (e.g. a shard's, over other keys): returns (alpha, beta), the
+        factors this state's and the other's sums were scaled by."""
+        safe, alpha = self.rescale(m)
+        beta = torch.exp(m - safe)
+        self.l = self.l * alpha + l * beta
+        self.acc = self.acc * alpha[..., None] + acc * beta[..., None]
+        return alpha, beta
+
     def add_gold(self, alpha: Tensor, part: Tensor | None = None) -> None:
         """The gold output: rescaled by ``alpha`` [head, rows], plus the part's gold output
         [head, rows, d] (in the running max's units) when it holds gold keys."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +32,10 @@ def atomic_dir(final: Path):
 
 
 @contextmanager
-def exclusive_lock(lock_path: Path, what: str):
+def exclusive_lock(lock_path: Path, what: str, wait: bool = False):
     """Hold an exclusive lock on ``lock_path`` for the block; a second process asking for it is
     refused at once with a LensError naming ``what`` and the holder's pid (never two writers on
-    one folder)."""
+    one folder), or, with ``wait``, waits for it (a line on stderr says so)."""
     import fcntl
 
     from lens.errors import LensError
@@ -49,8 +50,12 @@ def exclusive_lock(lock_path: Path, what: str):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise LensError(f"{what} is in use by another lens process (pid {holder}); wait for it to finish "
-                            "or choose another folder") from None
+            if wait:
+                print(f"lens: {what} is in use by lens process {holder}; waiting for it", file=sys.stderr)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                raise LensError(f"{what} is in use by another lens process (pid {holder}); wait for it to finish "
+                                "or choose another folder") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         yield

@@ -10,6 +10,7 @@ Imported only by ``lens sweep --ray``: without it nothing here (and not Ray) is 
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import torch
@@ -50,6 +51,7 @@ class RayUnits:
     anything else is passed to ``ray.init`` (``auto``, ``HOST:6379``, ``ray://HOST:10001``)."""
 
     def __init__(self, cfg, address: str, workers: int | None = None, threads: int | None = None):
+        os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: no accelerator variables to keep
         ray = self.ray = _ray()
         if not ray.is_initialized():
             try:
@@ -66,7 +68,7 @@ class RayUnits:
         count = min(workers or max(1, cpus // self.threads), cpus)
         # one logical CPU each, so `workers` actors always fit the cluster (a pending actor would hold its unit)
         actor = ray.remote(num_cpus=1, max_restarts=RESTARTS, max_task_retries=RESTARTS)(SweepActor)
-        self.actors = [actor.remote(cfg, None, False, self.threads) for _ in range(count)]
+        self.actors = [actor.remote(cfg, None, False, self.threads, True) for _ in range(count)]
 
     def _get(self, ref):
         ray = self.ray

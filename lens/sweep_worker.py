@@ -14,9 +14,10 @@ from lens.metrics import head_rows, layer_rows, query_row
 
 
 class SweepWorker:
-    def __init__(self, cfg, data=None, progress: bool = True, threads: int | None = None):
+    def __init__(self, cfg, data=None, progress: bool = True, threads: int | None = None, shared_kv: bool = False):
         """``cfg``: a :class:`lens.sweep.SweepConfig` with its content keys set; ``data``: the
-        dataset when the caller holds it (else loaded from ``cfg`` and checked against its key)."""
+        dataset when the caller holds it (else loaded from ``cfg`` and checked against its key);
+        ``shared_kv``: other workers may be building the same disk KV cache (wait for them)."""
         from lens.models.registry import load_model, weights_fingerprint
         from lens.runtime import BlockSearchRunner
 
@@ -36,7 +37,8 @@ class SweepWorker:
         self.specs = [fn.spec() for fn in self.score_fns]
         model = load_model(cfg.model, dtype=options.torch_dtype())
         self.layout = options.layout(model)
-        self.runner = BlockSearchRunner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv)
+        self.runner = BlockSearchRunner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv,
+                                        kv_wait=shared_kv)
 
     def streams(self, n: int, query_ids: list[str]):
         """A unit's streams (every intervention over every query), each checked as it is made."""

@@ -37,11 +37,13 @@ class BlockSearchRunner:
     def __init__(
         self, model: Decoder, dataset: Dataset, layout: LayoutConfig | None = None, seed: int = 0,
         batch_tokens: int | None = None, progress: bool = True, kv: str = "memory", kv_folder=None,
+        kv_wait: bool = False,
     ):
         """``kv="memory"`` prefills documents on demand into RAM; ``kv="disk"`` prefills the whole
         pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``).
         ``batch_tokens``: the prefill batches' size, by default each source's own (memory 2048,
-        disk 8192); the two hold the same KV bits when it is the same."""
+        disk 8192); the two hold the same KV bits when it is the same.  ``kv_wait``: a disk cache
+        another process is building is waited for, not refused."""
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
@@ -53,7 +55,7 @@ class BlockSearchRunner:
         elif kv == "disk":
             from lens.runtime.kv.disk import DiskKV
 
-            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens or 8192, progress=progress)
+            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens or 8192, progress=progress, wait=kv_wait)
         else:
             raise LensError(f"kv={kv!r}: choose memory or disk")
         self.digit_ids = torch.tensor(

@@ -23,10 +23,18 @@ RAY = dict(address="auto", workers=2)
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
+    """A local cluster whose actors (and this process) use a fresh lens cache."""
+    old = os.environ.get("LENS_CACHE")
+    os.environ["LENS_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield
+    yield Path(os.environ["LENS_CACHE"])
     ray.shutdown()
+    if old is None:
+        del os.environ["LENS_CACHE"]
+    else:
+        os.environ["LENS_CACHE"] = old
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +126,18 @@ def test_the_cli_sweeps_on_a_local_ray_cluster(local, tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     _same(local, tmp_path / "cli")
+
+
+def test_workers_share_one_disk_kv_cache(cluster, tmp_path):
+    """--kv disk on a shared cache folder: both actors start on an empty cache, one builds it while
+    the other waits and reads it; a single-process sweep then reads the same cache and writes the
+    same records."""
+    cfg = dict(CFG, kv="disk", n=[12, 30])
+    kv = cluster / "kv"
+    assert not kv.exists()
+    run_sweep(SweepConfig(**cfg), tmp_path / "ray", progress=False, ray=RAY)
+    built = sorted(p.name for p in kv.iterdir() if not p.name.startswith("."))
+    assert len(built) == 1 and not built[0].endswith(".partial")
+    run_sweep(SweepConfig(**cfg), tmp_path / "local", progress=False)
+    assert sorted(p.name for p in kv.iterdir() if not p.name.startswith(".")) == built
+    _same(tmp_path / "local", tmp_path / "ray")

@@ -56,8 +56,10 @@ def _crc32_file(path: Path, bar: tqdm | None = None, block: int = 64 << 20) -> i
 class DiskKV(KVSource):
     def __init__(
         self, model: Decoder, pool: PoolLayout, seed: int = 0, folder: str | Path | None = None,
-        batch_tokens: int = 8192, chunk_tokens: int = 65536, progress: bool = True,
+        batch_tokens: int = 8192, chunk_tokens: int = 65536, progress: bool = True, wait: bool = False,
     ):
+        """``wait``: when another process is building this cache, wait for it and open its result
+        (sweep workers sharing a KV folder) instead of refusing."""
         if pool.config.positions == "sequential":
             raise LensError(
                 "the disk KV cache needs position-independent documents: under `sequential` positions a "
@@ -81,7 +83,7 @@ class DiskKV(KVSource):
         self.root = base / self.key
         self.itemsize = torch.empty((), dtype=model.dtype).element_size()
         if not self._open():
-            with exclusive_lock(base / f".{self.key}.lock", f"the KV cache {self.root}"):
+            with exclusive_lock(base / f".{self.key}.lock", f"the KV cache {self.root}", wait=wait):
                 if not self._open():  # another process may have finished it while we waited to look
                     try:
                         self._build()  # checksums are computed from the files as written: no second pass here

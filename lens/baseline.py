@@ -10,7 +10,9 @@ import pandas as pd
 import torch
 
 from lens.errors import LensError
-from lens.metrics import RECALL_K, hit_at_k, recall_at_k
+from lens.metrics import RECALL_K, hit_at_k, mrr_at_k, ndcg_at_k, recall_at_k
+
+RANKED = 100  # the baseline's ranked codes kept per query (TREC export, nDCG@10, MRR@10)
 
 MINILM = "all-MiniLM-L6-v2"
 
@@ -50,7 +52,9 @@ def minilm_rows(data, runner, query_ids: list[str], sizes: list[int], progress: 
             ranked = [codes[j] for j in order]
             gold = [codes[p] for p in gold_positions]
             row = dict(level="baseline", query_id=q, n_docs=n, intervention=MINILM, layer=-1, head=-1,
-                       decoded=ranked[0], gold_codes="|".join(gold), correct=ranked[0] in gold)
+                       decoded=ranked[0], gold_codes="|".join(gold), correct=ranked[0] in gold,
+                       ranked_codes="|".join(ranked[:RANKED]), **{"ndcg@10": ndcg_at_k(ranked, gold, 10),
+                                                                   "mrr@10": mrr_at_k(ranked, gold, 10)})
             for k in RECALL_K:
                 if k <= n:
                     row[f"recall@{k}"] = recall_at_k(ranked, gold, k)

@@ -216,6 +216,34 @@ def report(
         typer.echo(str(path))
 
 
+@app.command()
+@_clean_errors
+def export(
+    model: Annotated[str, typer.Argument(help="registry name (an adapter for --format peft) or HF folder")],
+    out: Annotated[str, typer.Argument(help="a new folder")],
+    format: Annotated[str, typer.Option(help="merged: a transformers checkpoint; peft: the adapter in peft's format")] = "merged",
+):
+    """Write MODEL for other tools: a merged checkpoint AutoModelForCausalLM loads, or a peft adapter."""
+    from lens.models.export import export as write
+
+    folder = write(model, out, format)
+    typer.echo(f"wrote {folder}" + (" (with lens_ssmax.json: the model's own softmax, see its 'how')"
+                                    if (folder / "lens_ssmax.json").is_file() else ""))
+
+
+@app.command()
+@_clean_errors
+def trec(
+    folder: Annotated[str, typer.Argument(help="a records folder written by `lens sweep`")],
+    out: Annotated[str, typer.Argument(help="folder for qrels.txt and one .run file per (intervention, N)")],
+):
+    """Write a sweep's rankings as TREC run files and qrels (for trec_eval / ir-measures)."""
+    from lens.trec import write_trec
+
+    for path in write_trec(folder, out):
+        typer.echo(str(path))
+
+
 def main():  # pragma: no cover
     sys.exit(app())
 

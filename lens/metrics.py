@@ -47,6 +47,20 @@ def hit_at_k(ranked_codes: list[str], gold_codes: list[str], k: int) -> bool:
     return bool(set(ranked_codes[:k]) & set(gold_codes))
 
 
+def ndcg_at_k(ranked_codes: list[str], gold_codes: list[str], k: int = 10) -> float:
+    """nDCG@k with binary gains (every judged document relevant 1), log2 discounts."""
+    gold = set(gold_codes)
+    dcg = sum(1.0 / math.log2(i + 2) for i, c in enumerate(ranked_codes[:k]) if c in gold)
+    ideal = sum(1.0 / math.log2(i + 2) for i in range(min(k, len(gold))))
+    return dcg / ideal
+
+
+def mrr_at_k(ranked_codes: list[str], gold_codes: list[str], k: int = 10) -> float:
+    """1 / rank of the first relevant code within the top k, else 0."""
+    gold = set(gold_codes)
+    return next((1.0 / (i + 1) for i, c in enumerate(ranked_codes[:k]) if c in gold), 0.0)
+
+
 def head_rows(run: QueryRun) -> list[dict]:
     """One row per layer x head: gold MaxSim, its rank, Delta, gold mass and the theory."""
     gold = torch.tensor(run.gold_positions)

@@ -309,4 +309,8 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
             hit_at_k_ci={str(n): _present({str(k): _interval(g[f"hit@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
             queries={str(n): int(len(g)) for n, g in base.groupby("n_docs")},
         )
+        for col, key in (("ndcg@10", "ndcg_at_10"), ("mrr@10", "mrr_at_10")):  # graded-ranking measures, BEIR's
+            if col in base.columns:
+                summary["baseline"][key] = {str(n): _mean(g[col]) for n, g in base.groupby("n_docs")}
+                summary["baseline"][key + "_ci"] = {str(n): _interval(g[col]) for n, g in base.groupby("n_docs")}
     return summary

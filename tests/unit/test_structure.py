@@ -14,7 +14,7 @@ LAYERS = [
     ("lens.data",),
     ("lens.models",),
     ("lens.runtime",),
-    ("lens.metrics", "lens.training", "lens.baseline", "lens.options"),
+    ("lens.metrics", "lens.training", "lens.baseline", "lens.options", "lens.trec"),
     ("lens.sweep", "lens.sweep_worker", "lens.ray_sweep", "lens.report", "lens.workbench"),
     ("lens.cli", "lens"),
     ("app",),

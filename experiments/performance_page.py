@@ -1,0 +1,71 @@
+"""Write docs/performance.md from benchmark runs on this machine (never typed in).
+
+Runs each benchmark below as a subprocess, keeps its printed output, and replaces this CPU class's
+section of the page (keyed by the first line every benchmark prints: CPU model, features, dtype,
+kernel path), leaving other CPU classes' sections as they were measured.
+
+    .venv/bin/python experiments/performance_page.py            # all benchmarks (~10 min on 2 cores)
+    .venv/bin/python experiments/performance_page.py --only shard_merge
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "performance.md"
+PY = sys.executable
+BENCHMARKS = {  # name -> (what it measures, command)
+    "prefill": ("block-sparse document prefill against a plain transformers forward of the same documents",
+                [PY, "experiments/bench_prefill.py", "--docs", "64", "--repeats", "2"]),
+    "rerun": ("intervention reruns on a cached 1,000-document corpus (the lab's call), against the roof",
+              [PY, "experiments/bench_kernels.py", "--part", "rerun"]),
+    "overhead": ("the lab's call on 10 documents: the dense layers and Python by themselves",
+                 [PY, "experiments/bench_kernels.py", "--part", "overhead"]),
+    "shard_merge": ("sharded corpus attention: the merge's cost beside one stream",
+                    [PY, "experiments/bench_shard_merge.py"]),
+}
+BEGIN, END = "<!-- measured: {} -->", "<!-- end measured -->"
+
+
+def run(names: list[str], dtype: str) -> tuple[str, str]:
+    """(the stamp line, the section's markdown)."""
+    stamp, blocks = None, []
+    for name in names:
+        what, cmd = BENCHMARKS[name]
+        cmd = cmd + ["--dtype", dtype]
+        print(f"running {name}: {' '.join(cmd[1:])}", file=sys.stderr)
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-2000:]}")
+        lines = done.stdout.strip().splitlines()
+        stamp = stamp or lines[0]
+        shown = " ".join(["python"] + [c for c in cmd[1:]])
+        blocks.append(f"### {name}: {what}\n\n`{shown}`\n\n```\n" + "\n".join(lines) + "\n```\n")
+    when = datetime.date.today().isoformat()
+    key = re.sub(r" threads=\d+", "", stamp)
+    section = BEGIN.format(key) + f"\n## {stamp}\n\nMeasured {when} by `experiments/performance_page.py`.\n\n" \
+        + "\n".join(blocks) + END
+    return key, section
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    args = parser.parse_args()
+    key, section = run([n.strip() for n in args.only.split(",")], args.dtype)
+    page = PAGE.read_text()
+    pattern = re.compile(re.escape(BEGIN.format(key)) + r".*?" + re.escape(END), re.S)
+    page = pattern.sub(lambda _: section, page) if pattern.search(page) else page.rstrip() + "\n\n" + section + "\n"
+    PAGE.write_text(page)
+    print(f"wrote {PAGE.relative_to(ROOT)}: {key}")
+
+
+if __name__ == "__main__":
+    main()

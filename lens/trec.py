@@ -1,0 +1,44 @@
+"""A sweep's rankings as TREC files, the format trec_eval, pytrec_eval and ir-measures read.
+
+``qrels.txt``: ``query_id 0 code 1`` for each query's gold documents (codes identify documents
+within a corpus).  ``{intervention}.n{N}.run`` per (intervention, N), and ``all-MiniLM-L6-v2.n{N}.run`` for
+the dense baseline: ``query_id Q0 code rank score lens``, the model's ranked codes (a beam's
+width of them) with score = minus the rank.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from lens.errors import LensError
+
+
+def _name(intervention: str, n: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", intervention) + f".n{n}.run"
+
+
+def write_trec(folder: str | Path, out: str | Path) -> list[Path]:
+    folder, out = Path(folder).expanduser(), Path(out).expanduser()
+    records = folder / "records.parquet"
+    if not records.is_file():
+        raise LensError(f"{folder}: no records.parquet; give a folder written by `lens sweep`")
+    frame = pd.read_parquet(records, columns=None)
+    rows = frame[frame.level.isin(["query", "baseline"])]
+    if "ranked_codes" not in rows.columns:
+        raise LensError(f"{records}: no ranked codes (written by an older lens); rerun the sweep")
+    out.mkdir(parents=True, exist_ok=True)
+    qrels = {(r.query_id, code) for r in rows.itertuples() for code in str(r.gold_codes).split("|") if code}
+    paths = [out / "qrels.txt"]
+    paths[0].write_text("".join(f"{q} 0 {c} 1\n" for q, c in sorted(qrels)))
+    for (intervention, n), group in rows.groupby(["intervention", "n_docs"], sort=True):
+        lines = []
+        for r in group.itertuples():
+            ranked = [c for c in str(r.ranked_codes).split("|") if c] if isinstance(r.ranked_codes, str) else []
+            lines += [f"{r.query_id} Q0 {code} {rank} {-rank} lens\n" for rank, code in enumerate(ranked, 1)]
+        path = out / _name(intervention, int(n))
+        path.write_text("".join(lines))
+        paths.append(path)
+    return paths

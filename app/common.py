@@ -55,3 +55,16 @@ def parse_sizes(text: str, data) -> list[int] | None:
         st.error(str(err))
         return None
     return sizes
+
+
+def chart(fig, key: str, where=st) -> None:
+    """A plotly figure and a button that downloads it as a self-contained HTML file."""
+    where.plotly_chart(fig, key=key)
+    where.download_button("figure (HTML)", fig.to_html(include_plotlyjs=True), file_name=f"{key}.html",
+                          mime="text/html", key=f"{key}-download")
+
+
+def table_download(frame, name: str, key: str, where=st) -> None:
+    """A button that downloads a table as CSV."""
+    where.download_button(f"{name} (CSV)", frame.to_csv(index=False), file_name=f"{name}.csv", mime="text/csv",
+                          key=key)

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.common import model_and_dataset, parse_sizes
+from app.common import chart, model_and_dataset, parse_sizes
+from kernels.score_functions import INTERVENTIONS
 from kernels.spec import InterventionSpecError
 from lens.errors import LensError
 from lens.report import (
@@ -21,7 +22,8 @@ model, dataset, runner = model_and_dataset("dash")
 sizes_text = st.sidebar.text_input("N grid", os.environ.get("LENS_APP_N", DEFAULT_N), key="dash-n")
 queries = st.sidebar.number_input("queries", 1, 256, int(os.environ.get("LENS_APP_QUERIES", 4)), key="dash-q")
 interventions = st.sidebar.multiselect(
-    "interventions", ["none", "ssmax:s=0.43", "sink:b=4", "route:layer=16,B=256", "ssmax:s=0.43+route:layer=16,B=256"],
+    "interventions", ["none", *(cls.example for cls in INTERVENTIONS.values()),
+                      f"{INTERVENTIONS['ssmax'].example}+{INTERVENTIONS['route'].example}"],
     default=["none"], key="dash-interventions")
 if runner is None:
     st.stop()
@@ -68,17 +70,21 @@ for col, name in zip(cols, names):
 layer = retrieval_layer(summary)
 cols[-1].metric("retrieval layer (R_any, then GoldShare)", layer)
 
-st.plotly_chart(fig_rsum_rany_across_n(summary), key="fig-rsum")
+chart(fig_rsum_rany_across_n(summary), "fig-rsum")
 left, right = st.columns(2)
-left.plotly_chart(fig_gold_mass_heatmap(summary), key="fig-heat")
-right.plotly_chart(fig_recall_vs_n(summary), key="fig-recall")
+chart(fig_gold_mass_heatmap(summary), "fig-heat", left)
+chart(fig_recall_vs_n(summary), "fig-recall", right)
 n_pick = st.select_slider("N for the layer x head heatmap", options=sorted({r["n_docs"] for r in summary["runs"]}),
                           key="dash-npick")
 metric = st.radio("head metric", ["gold_mass", "gold_rank", "gold_maxsim", "delta"], horizontal=True, key="dash-metric")
-st.plotly_chart(fig_head_heatmap(records, n_pick, metric, names[0]), key="fig-heads")
+chart(fig_head_heatmap(records, n_pick, metric, names[0]), "fig-heads")
 left, right = st.columns(2)
-left.plotly_chart(fig_layer_metric_across_n(summary, "gold_share", "GoldShare per layer"), key="fig-share")
-right.plotly_chart(fig_layer_metric_across_n(summary, "first_digit_acc", "logit-lens first-digit accuracy"),
-                   key="fig-digit")
-st.plotly_chart(fig_theory(summary, layer), key="fig-theory")
+chart(fig_layer_metric_across_n(summary, "gold_share", "GoldShare per layer"), "fig-share", left)
+chart(fig_layer_metric_across_n(summary, "first_digit_acc", "logit-lens first-digit accuracy"), "fig-digit", right)
+chart(fig_theory(summary, layer), "fig-theory")
 st.caption(f"records: {folder}")
+left, right = st.columns(2)
+left.download_button("records.parquet", (folder / "records.parquet").read_bytes(), file_name="records.parquet",
+                     key="dash-records-download")
+right.download_button("summary.json", (folder / "summary.json").read_text(), file_name="summary.json",
+                      mime="application/json", key="dash-summary-download")

@@ -3,7 +3,7 @@
 import plotly.express as px
 import streamlit as st
 
-from app.common import model_and_dataset
+from app.common import chart, model_and_dataset, table_download
 from lens.errors import LensError
 from lens.workbench import layer_table, maxsim_distribution, top_documents
 
@@ -15,8 +15,15 @@ queries = runner.dataset.queries
 query = st.selectbox("query", [q.id for q in queries], format_func=lambda q: f"{q}: {runner.dataset.queries[[x.id for x in queries].index(q)].text}",
                      key="insp-query")
 n_docs = st.number_input("N (documents in the corpus)", 1, 100_000, min(64, len(runner.dataset.documents)), key="insp-n")
+
+
+@st.cache_data(show_spinner="running the query", max_entries=32)
+def _run(model_name, dataset_name, query_id, n):  # the runner is this (model, dataset)'s
+    return runner.run_query(query_id, n, beam=2)
+
+
 try:
-    run = runner.run_query(query, int(n_docs), beam=2)
+    run = _run(model, dataset, query, int(n_docs))
 except LensError as err:
     st.error(str(err))
     st.stop()
@@ -30,15 +37,18 @@ c4.metric("context tokens", run.n_tokens)
 band = table[table.r_any_hit]
 st.markdown(f"**retrieval band** (layers where some head ranks a gold document first): "
             f"{', '.join(map(str, band.layer.tolist())) or 'none'}")
-st.plotly_chart(px.line(table, x="layer", y=["gold_mass", "best_head_gold_mass", "gold_share"],
-                        title="gold attention mass and GoldShare per layer"), key="insp-band")
+chart(px.line(table, x="layer", y=["gold_mass", "best_head_gold_mass", "gold_share"],
+              title="gold attention mass and GoldShare per layer"), "insp-band")
 layer = st.slider("layer", 0, runner.model.cfg.n_layers - 1, int(table.gold_mass.idxmax()), key="insp-layer")
 dist = maxsim_distribution(run, layer)
 left, right = st.columns(2)
-left.plotly_chart(px.strip(dist, x="head", y="maxsim", color="gold", title=f"MaxSim per document, layer {layer}"),
-                  key="insp-maxsim")
-right.plotly_chart(px.strip(dist, x="head", y="mass", color="gold", log_y=True,
-                            title=f"attention mass per document, layer {layer}"), key="insp-mass")
+chart(px.strip(dist, x="head", y="maxsim", color="gold", title=f"MaxSim per document, layer {layer}"),
+      "insp-maxsim", left)
+chart(px.strip(dist, x="head", y="mass", color="gold", log_y=True, title=f"attention mass per document, layer {layer}"),
+      "insp-mass", right)
 st.subheader(f"documents with the highest attention mass at layer {layer}")
-st.dataframe(top_documents(runner, run, layer), hide_index=True, key="insp-top")
+top = top_documents(runner, run, layer)
+st.dataframe(top, hide_index=True, key="insp-top")
+table_download(top, f"top-documents-{query}-n{int(n_docs)}-layer{layer}", "insp-top-download")
 st.dataframe(table, hide_index=True, key="insp-table")
+table_download(table, f"layers-{query}-n{int(n_docs)}", "insp-table-download")

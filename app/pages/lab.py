@@ -4,7 +4,7 @@ import pandas as pd
 import plotly.express as px
 import streamlit as st
 
-from app.common import model_and_dataset, parse_sizes
+from app.common import chart, model_and_dataset, parse_sizes, table_download
 from app.controls import default_grid, intervention_controls
 from kernels.score_functions import Intervention
 from kernels.spec import InterventionSpecError, parameter_fields, parse_intervention
@@ -50,14 +50,15 @@ layers = cmp["layers"]
 peak = int(layers.gold_mass_before.idxmax())
 c1.metric(f"gold mass at layer {peak} before", f"{layers.gold_mass_before[peak]:.4f}")
 c2.metric(f"gold mass at layer {peak} after", f"{layers.gold_mass_after[peak]:.4f}")
-st.plotly_chart(px.line(layers, x="layer", y=["gold_mass_before", "gold_mass_after"], log_y=True,
-                        title="gold attention mass per layer (head and query mean)"), key="lab-mass")
-st.plotly_chart(px.line(layers, x="layer", y=["r_sum_hit_before", "r_sum_hit_after", "r_any_hit_before", "r_any_hit_after"],
-                        title="R_sum / R_any per layer"), key="lab-r")
+chart(px.line(layers, x="layer", y=["gold_mass_before", "gold_mass_after"], log_y=True,
+              title="gold attention mass per layer (head and query mean)"), "lab-mass")
+chart(px.line(layers, x="layer", y=["r_sum_hit_before", "r_sum_hit_after", "r_any_hit_before", "r_any_hit_after"],
+              title="R_sum / R_any per layer"), "lab-r")
 st.dataframe(pd.DataFrame(
     [dict(query=q, gold=g, decoded_before=d) for q, d, g in cmp["before"]["decoded"]]
 ).assign(decoded_after=[d for _, d, _ in cmp["after"]["decoded"]],
          margin_before=cmp["before"]["margin"], margin_after=cmp["after"]["margin"]), hide_index=True, key="lab-decoded")
+table_download(layers, "lab-layers-before-after", "lab-layers-download")
 st.caption("margin: log-probability gap between the two codes the beam kept. On a model not trained for the task "
            "the digit distributions are flat and bf16 rounding alone moves them by up to ~0.1 nats a digit, enough "
            "to reorder codes: read a changed code together with the gold mass and R_sum/R_any curves above.")
@@ -87,8 +88,9 @@ if st.button("run parameter sweep", key="lab-sweep-run"):
             bar.progress((i + 1) / total, text=f"parameter sweep {i + 1}/{total}")
         frame = pd.DataFrame(rows)
         left, right = st.columns(2)
-        left.plotly_chart(px.line(frame, x="value", y="hit_at_1", color="N", markers=True, title=f"hit@1 vs {param}"),
-                          key="lab-sweep-hit")
-        right.plotly_chart(px.line(frame, x="value", y="peak_gold_mass", color="N", markers=True, log_y=True,
-                                   title=f"peak gold mass vs {param}"), key="lab-sweep-mass")
+        chart(px.line(frame, x="value", y="hit_at_1", color="N", markers=True, title=f"hit@1 vs {param}"),
+              "lab-sweep-hit", left)
+        chart(px.line(frame, x="value", y="peak_gold_mass", color="N", markers=True, log_y=True,
+                      title=f"peak gold mass vs {param}"), "lab-sweep-mass", right)
         st.dataframe(frame, hide_index=True, key="lab-sweep-table")
+        table_download(frame, f"parameter-sweep-{name}-{key}", "lab-sweep-download")

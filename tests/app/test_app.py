@@ -44,6 +44,8 @@ def test_dashboard_runs_the_default_sweep_and_shows_its_numbers(tmp_path):
     assert _metrics(at)["retrieval layer (R_any, then GoldShare)"] == str(retrieval_layer(summary))
     at.radio(key="dash-metric").set_value("gold_rank").run()
     assert not at.exception
+    buttons = {b.key for b in at.get("download_button")}
+    assert {"dash-records-download", "dash-summary-download", "fig-rsum-download", "fig-heads-download"} <= buttons
 
 
 def test_dashboard_bad_input_is_a_message_not_a_traceback(tmp_path):
@@ -133,3 +135,29 @@ def test_lab_controls_change_the_numbers_as_the_api_does(tmp_path):
     assert len(table) == 4 and set(table.N) == {4, 16}
     expected = compare_runs(*[streams(SSMax(0.6))] * 2)  # the grid's last value at N=16
     assert table.hit_at_1.iloc[-1] == pytest.approx(expected["after"]["hit_at_1"])
+
+
+def test_the_inspector_reruns_a_query_only_when_its_inputs_change(tmp_path, monkeypatch):
+    calls = []
+    real = BlockSearchRunner.run_query
+    monkeypatch.setattr(BlockSearchRunner, "run_query", lambda self, *a, **k: calls.append(a) or real(self, *a, **k))
+    at = _app(tmp_path).switch_page("pages/inspector.py")
+    at.session_state["insp-n"] = 12
+    at.session_state["insp-query"] = "q4"
+    at.run()
+    assert not at.exception and not at.error and len(calls) == 1
+    at.slider(key="insp-layer").set_value(0).run()  # a view of the same run: no rerun of the query
+    assert not at.exception and len(calls) == 1
+    at.number_input(key="insp-n").set_value(8).run()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("page, keys", [
+    ("pages/inspector.py", ["insp-band-download", "insp-top-download", "insp-table-download"]),
+    ("pages/lab.py", ["lab-mass-download", "lab-r-download", "lab-layers-download"]),
+])
+def test_every_page_offers_its_figures_and_tables(tmp_path, page, keys):
+    at = _app(tmp_path, **{"lab-n": 8, "insp-n": 8}).switch_page(page).run()
+    assert not at.exception and not at.error
+    buttons = {b.key for b in at.get("download_button")}
+    assert set(keys) <= buttons, buttons

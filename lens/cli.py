@@ -99,6 +99,7 @@ CodePosition = Annotated[Optional[str], typer.Option(help="start | end (default:
 MaxDocTokens = Annotated[Optional[int], typer.Option(help="longest document in tokens (default: the model's own, else 256)")]
 Truncate = Annotated[bool, typer.Option(help="cut documents longer than --max-doc-tokens")]
 DropUnjudged = Annotated[bool, typer.Option(help="leave out BEIR queries with no qrels")]
+Split = Annotated[Optional[str], typer.Option(help="a BEIR folder's qrels split, qrels/<split>.tsv (default: test)")]
 Dtype = Annotated[str, typer.Option(help="auto | float32 | bfloat16 (auto: bf16 only where the CPU multiplies it natively)")]
 Interventions = Annotated[Optional[list[str]], typer.Option(help="intervention spec (docs/interventions.md); repeatable")]
 
@@ -112,7 +113,7 @@ def demo(
     queries: Annotated[int, typer.Option(help="number of queries")] = 4,
     intervention: Interventions = None,
     positions: Positions = "shared", code_position: CodePosition = None, max_doc_tokens: MaxDocTokens = None,
-    truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto",
+    truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto", split: Split = None,
     seed: Annotated[int, typer.Option()] = 0,
 ):
     """Run a model on a generated corpus and print the decoded codes per query (a small sweep)."""
@@ -122,7 +123,7 @@ def demo(
     from lens.runtime import BlockSearchRunner
 
     options = RunOptions(dtype=dtype, seed=seed, positions=positions, code_position=code_position,
-                         max_doc_tokens=max_doc_tokens, truncate=truncate, drop_unjudged=drop_unjudged)
+                         max_doc_tokens=max_doc_tokens, truncate=truncate, drop_unjudged=drop_unjudged, split=split)
     sizes = parse_sizes(n)
     score_fns = [parse_intervention(s) for s in (intervention or ["none"])]
     torch_dtype = options.torch_dtype()
@@ -153,32 +154,49 @@ def demo(
 @app.command()
 @_clean_errors
 def sweep(
-    model: Annotated[str, typer.Option(help="registry name or HF folder")],
-    dataset: Annotated[str, typer.Option(help="synthetic-limit[:docs=..,items=..], needle[:docs=..], or a BEIR folder")],
-    n: Annotated[str, typer.Option(help="corpus sizes N, comma-separated, e.g. 16,64,256")],
-    out: Annotated[str, typer.Option(help="records folder (resumable)")],
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option(help="registry name or HF folder")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="synthetic-limit[:docs=..,items=..], needle[:docs=..], or a BEIR folder")] = None,
+    n: Annotated[Optional[str], typer.Option(help="corpus sizes N, comma-separated, e.g. 16,64,256")] = None,
+    out: Annotated[Optional[str], typer.Option(help="records folder (resumable)")] = None,
     queries: Annotated[int, typer.Option(help="number of queries")] = 16,
     intervention: Interventions = None,
     baseline: Annotated[Optional[str], typer.Option(help="dense baseline: minilm")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     beam: Annotated[int, typer.Option(help="codes ranked by a beam over the corpus's codes (Recall@k for k <= beam)")] = 2,
     positions: Positions = "shared", code_position: CodePosition = None, max_doc_tokens: MaxDocTokens = None,
-    truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto",
+    truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto", split: Split = None,
     kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
     batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
     ray: Annotated[Optional[str], typer.Option(help="run the units on Ray: local (a cluster on this machine), auto, "
                                                     "or HOST:PORT / ray://HOST:10001 (pip install 'lens[ray]')")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: the cluster's CPUs / threads)")] = None,
+    config: Annotated[Optional[str], typer.Option(help="a TOML file of these options (flag names as keys); "
+                                                       "flags given on the command line win")] = None,
 ):
     """Run every (N, intervention) for K queries; write DIR/records.parquet and DIR/summary.json."""
-    from lens.options import parse_sizes
+    from lens.options import parse_sizes, read_config
     from lens.sweep import SweepConfig, run_sweep
+
+    given = {k: v for k, v in locals().items() if k in ctx.params}
+    if config:  # a file's value for each option left at its default
+        for key, value in read_config(config, set(ctx.params) - {"config"}).items():
+            if getattr(ctx.get_parameter_source(key), "name", "DEFAULT") == "DEFAULT":
+                given[key] = value
+    missing = [f"--{k}" for k in ("model", "dataset", "n", "out") if given[k] is None]
+    if missing:
+        raise LensError(f"{', '.join(missing)} missing: give them as flags or in --config")
+    model, dataset, n, out, queries, intervention, baseline, seed, beam, positions, code_position, max_doc_tokens, \
+        truncate, drop_unjudged, dtype, kv, batch, ray, ray_workers, split = (given[k] for k in (
+            "model", "dataset", "n", "out", "queries", "intervention", "baseline", "seed", "beam", "positions",
+            "code_position", "max_doc_tokens", "truncate", "drop_unjudged", "dtype", "kv", "batch", "ray", "ray_workers",
+            "split"))
 
     cfg = SweepConfig(
         model=model, dataset=dataset, n=parse_sizes(n), queries=queries, interventions=intervention or ["none"],
         baseline=baseline, seed=seed, beam=beam, positions=positions, code_position=code_position,
         max_doc_tokens=max_doc_tokens,
-        truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch,
+        truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch, split=split,
     )
     summary = run_sweep(cfg, out, ray=None if ray is None else dict(address=ray, workers=ray_workers))
     from lens.stats import format_rate

@@ -18,6 +18,7 @@ class RunOptions:
     max_doc_tokens: int | None = None  # None: the model's own, else 256
     truncate: bool = False
     drop_unjudged: bool = False
+    split: str | None = None  # a BEIR folder's qrels split (None: test)
 
     def torch_dtype(self):
         from lens.backend import resolve_dtype
@@ -33,7 +34,7 @@ class RunOptions:
     def dataset(self, spec: str):
         from lens.data.datasets import load_dataset
 
-        return load_dataset(spec, seed=self.seed, drop_unjudged=self.drop_unjudged)
+        return load_dataset(spec, seed=self.seed, drop_unjudged=self.drop_unjudged, split=self.split)
 
 
 def parse_sizes(text: str, what: str = "--n") -> list[int]:
@@ -62,3 +63,29 @@ def check_sizes(sizes: list[int], data, label: str = "N=") -> None:
 def check_queries(queries: int, data) -> None:
     if queries < 1 or queries > len(data.queries):
         raise LensError(f"--queries {queries}: {data.name} has {len(data.queries)} queries")
+
+
+def read_config(path: str, allowed: set[str]) -> dict:
+    """A TOML file of command options: keys are the flag names (``max-doc-tokens`` or
+    ``max_doc_tokens``); ``n`` may be a list; ``intervention`` a string or a list."""
+    import tomllib
+    from pathlib import Path
+
+    try:
+        data = tomllib.loads(Path(path).expanduser().read_text())
+    except OSError as err:
+        raise LensError(f"--config {path}: {err.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise LensError(f"--config {path}: not valid TOML ({err})") from None
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in allowed:
+            raise LensError(f"--config {path}: unknown option {key!r}; use the flag names of the command "
+                            f"({', '.join(sorted(k.replace('_', '-') for k in allowed))})")
+        if name == "n" and isinstance(value, list):
+            value = ",".join(map(str, value))
+        if name == "intervention" and isinstance(value, str):
+            value = [value]
+        out[name] = value
+    return out

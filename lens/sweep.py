@@ -55,12 +55,14 @@ class SweepConfig:
     dtype: str = "auto"  # auto: lens.backend decides (bf16 only with native bf16 matmuls)
     kv: str = "memory"
     batch: int = 8  # queries per unit
+    split: str | None = None  # a BEIR folder's qrels split (None: test)
     dataset_sha256: str | None = None  # set by run_sweep from the data itself: an edited dataset is not resumed
     model_fingerprint: str | None = None  # set by run_sweep from the weights' files: edited weights are not resumed
 
     def options(self) -> RunOptions:
         return RunOptions(dtype=self.dtype, seed=self.seed, positions=self.positions, code_position=self.code_position,
-                          max_doc_tokens=self.max_doc_tokens, truncate=self.truncate, drop_unjudged=self.drop_unjudged)
+                          max_doc_tokens=self.max_doc_tokens, truncate=self.truncate, drop_unjudged=self.drop_unjudged,
+                          split=self.split)
 
 
 def _finite(value):
@@ -83,6 +85,31 @@ def _write_json_atomic(path: Path, data) -> None:
 def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     frame.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _lens_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lens")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _write_records(path: Path, records: pd.DataFrame, cfg: SweepConfig, backend: dict) -> None:
+    """records.parquet: the rows, with the columns that let sweeps be concatenated (model,
+    dataset, dtype, backend, lens_version) and the schema in the file's metadata."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = records.assign(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=backend.get("kernel", ""),
+                           lens_version=_lens_version())
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = {**(table.schema.metadata or {}), b"lens_records_format": str(SWEEP_FORMAT).encode(),
+            b"lens_sweep": json.dumps({"format": SWEEP_FORMAT, **asdict(cfg)}).encode()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table.replace_schema_metadata(meta), tmp)
     os.replace(tmp, path)
 
 
@@ -226,10 +253,11 @@ def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
     if cfg.baseline:
         frames.append(pd.read_parquet(parts / "baseline.parquet") if need_baseline else baseline)
     records = pd.concat(frames, ignore_index=True)
-    _write_parquet_atomic(out / "records.parquet", records)
     from lens.backend import describe
 
-    summary = summarize(records, cfg, backend=describe(dtype))
+    backend = describe(dtype)
+    _write_records(out / "records.parquet", records, cfg, backend)
+    summary = summarize(records, cfg, backend=backend)
     layout_facts = out / "layout.json"
     if layout_facts.is_file():
         summary["layout"] = json.loads(layout_facts.read_text())

@@ -298,10 +298,12 @@ def _parse_options(spec: str, allowed: dict[str, type]) -> dict:
     return out
 
 
-def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False) -> Dataset:
+def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False, split: str | None = None) -> Dataset:
     """``synthetic-limit[:docs=..,items=..,queries=..]``,
     ``limit-pairs[:docs=..,core=..,items=..,queries=..,split=eval|train]``, ``needle[:docs=..,queries=..]``
-    or a BEIR folder."""
+    or a BEIR folder (``split``: its qrels file, qrels/<split>.tsv, default test)."""
+    if split is not None and not Path(spec).expanduser().is_dir():
+        raise LensError(f"--split {split}: only a BEIR folder has qrels splits (limit-pairs takes split= in its spec)")
     if spec.split(":")[0] == "synthetic-limit":
         o = _parse_options(spec, {"docs": int, "items": int, "queries": int, "seed": int})
         return limit_dataset(o.get("docs", 256), o.get("items", 20), o.get("queries", 64), o.get("seed", seed))
@@ -313,5 +315,5 @@ def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False) -> Datas
         o = _parse_options(spec, {"docs": int, "queries": int, "seed": int})
         return needle_dataset(o.get("docs", 256), o.get("queries", 64), o.get("seed", seed))
     if Path(spec).expanduser().is_dir():
-        return load_beir(spec, drop_unjudged=drop_unjudged)
+        return load_beir(spec, split=split or "test", drop_unjudged=drop_unjudged)
     raise LensError(f"dataset {spec!r}: not a folder, 'synthetic-limit[:docs=N,items=K,queries=Q]', 'limit-pairs[:docs=N,core=C]' or 'needle[:docs=N]'")

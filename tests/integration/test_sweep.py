@@ -131,3 +131,32 @@ def test_report_renders_from_records(uninterrupted):
     interventions = pd.read_csv(uninterrupted / "report" / "table_interventions.csv")
     assert list(interventions.intervention) == ["none", "ssmax:s=0.43,n=docs", "route:layer=1,B=3"]
     assert 0 <= retrieval_layer(summary) < 3
+
+
+def test_a_config_file_is_the_same_sweep_as_its_flags(uninterrupted, tmp_path):
+    config = tmp_path / "sweep.toml"
+    config.write_text('model = "tiny-llama"\ndataset = "synthetic-limit:docs=30,items=5,queries=6"\nn = [4, 12, 30]\n'
+                      'queries = 6\nbatch = 2\nintervention = ["none", "ssmax:s=0.43,n=docs", "route:layer=1,B=3"]\n'
+                      'dtype = "float32"\nqueries-unused = 1\n')
+    refused = lens("sweep", "--config", str(config), "--out", str(tmp_path / "bad"))
+    assert refused.returncode == 2 and "unknown option 'queries-unused'" in refused.stderr
+    config.write_text(config.read_text().replace("queries-unused = 1\n", ""))
+    done = lens("sweep", "--config", str(config), "--out", str(tmp_path / "toml"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "toml" / "records.parquet"),
+                                  pd.read_parquet(uninterrupted / "records.parquet"), check_exact=True)
+    flags_win = lens("sweep", "--config", str(config), "--n", "4", "--out", str(tmp_path / "flag"))
+    assert flags_win.returncode == 0 and set(pd.read_parquet(tmp_path / "flag" / "records.parquet").n_docs) == {4}
+
+
+def test_records_carry_what_ran_and_their_schema(uninterrupted):
+    import pyarrow.parquet as pq
+
+    records = pd.read_parquet(uninterrupted / "records.parquet")
+    for column, value in dict(model="tiny-llama", dataset="synthetic-limit:docs=30,items=5,queries=6",
+                              dtype="float32").items():
+        assert set(records[column]) == {value}
+    assert records.backend.nunique() == 1 and records.lens_version.nunique() == 1
+    meta = pq.read_schema(uninterrupted / "records.parquet").metadata
+    assert meta[b"lens_records_format"] == b"1"
+    assert json.loads(meta[b"lens_sweep"])["interventions"][1] == "ssmax:s=0.43,n=docs"

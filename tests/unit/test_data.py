@@ -172,3 +172,14 @@ def test_query_offset_must_clear_the_documents():
     pool = build_pool_layout(ds, _CharTokenizer(), LayoutConfig(query_offset=50))
     one_line_error(dense_layout, pool, corpus_for_query(ds, "q0", 3)[0], [1], match="query_offset=50 overlaps")
     one_line_error(LayoutConfig, positions="random", match="choose one of shared, restart, sequential")
+
+
+def test_a_beir_split_is_chosen_by_name(tmp_path):
+    from lens.data.datasets import load_dataset
+
+    folder = write_beir(tmp_path / "s")
+    (folder / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td3\t1\n")
+    assert load_dataset(str(folder)).qrels == {"q1": {"d1": 1}, "q2": {"d2": 2}}  # test by default
+    assert load_dataset(str(folder), split="dev", drop_unjudged=True).qrels == {"q1": {"d3": 1}}
+    one_line_error(load_dataset, str(folder), split="train", match=r"no qrels \(looked for qrels/train\.tsv")
+    one_line_error(load_dataset, "limit-pairs:docs=8", split="dev", match="only a BEIR folder has qrels splits")

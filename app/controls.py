@@ -16,9 +16,12 @@ def _widget(name: str, f: dataclasses.Field, n_layers: int, n_heads: int, off: b
     meta, key = f.metadata, f"lab-{name}-{f.name}"
     kind, label, help_ = meta.get("kind"), f"{name} {f.name}", meta.get("help")
     default = None if f.default is dataclasses.MISSING else f.default
-    if kind in ("number", "per_layer"):
+    if kind in ("number", "per_layer", "per_head"):
         low, high, step = meta["control"]
-        start = default if default is not None else 1.0
+        start = default if default is not None else (0.0 if kind == "per_head" else 1.0)
+        if kind == "per_head":  # one value for every head in the lab
+            return (float(st.slider(label + " (every head)", float(low), float(high), float(start), float(step),
+                                    key=key, help=help_, disabled=off)),) * n_heads
         return float(st.slider(label, float(low), float(high), float(min(max(start, low), high)), float(step),
                                key=key, help=help_, disabled=off))
     if kind == "int":

@@ -172,3 +172,34 @@ class LogN(ScoreFunction):
 
     def first_layer(self):
         return first_of(self.layers, None)
+
+
+@register("head-sink", "head-sink:b=0|1|2")
+@dataclass(frozen=True, repr=False)
+class HeadSink(ScoreFunction):
+    """A sink per head (gpt-oss style, off-by-one at b = 0): the softmax over [scores, b_h] with
+    the sink column dropped, i.e. an extra exp(b_h) in head h's denominator, with no value.
+    ``b`` gives one logit per head ('b0|b1|...'); heads beyond the list get none."""
+
+    b: tuple[float, ...] = param(help="sink logit per head ('0|1.5|...'; 0: softmax1)", kind="per_head",
+                                 bounds=(-1e30, 1e30), control=(-10.0, 20.0, 0.5))
+    layers: tuple[int, ...] | None = param(None, **LAYERS)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.b, tuple):
+            object.__setattr__(self, "b", (float(self.b),))
+
+    def sink_logit(self, ctx):
+        if self.layers is not None and ctx.layer not in self.layers:
+            return None
+        out = torch.full((ctx.n_heads, 1, 1), float("-inf"))
+        n = min(len(self.b), ctx.n_heads)
+        out[:n, 0, 0] = torch.tensor(self.b[:n], dtype=torch.float32)
+        return out
+
+    def row_scale(self, ctx):
+        return torch.ones(ctx.n_heads, 1, 1)
+
+    def first_layer(self):
+        return first_of(self.layers, None)

@@ -41,8 +41,8 @@ def register(name: str, example: str):
 def param(default: Any = dataclasses.MISSING, *, help: str, kind: str = "number", bounds: tuple | None = None,
           positive: bool = False, choices: tuple | None = None, control: tuple | None = None, quiet: bool = False):
     """A field of an intervention: its spec key is the field name.  ``kind``: number, per_layer
-    (one float, per-layer values 'a|b|...' or 'layer:value|...'), int, ints ('3|7'), choice, or
-    layers (an optional restriction to some layers).  ``bounds``: where scores stay finite and
+    (one float, per-layer values 'a|b|...' or 'layer:value|...'), per_head (floats 'a|b|...', one
+    per head), int, ints ('3|7'), choice, or layers (an optional restriction to some layers).  ``bounds``: where scores stay finite and
     meaningful; ``control``: the app's (low, high, step) for a slider; ``quiet``: left out of
     the label while at its default."""
     meta = dict(help=help, kind=kind, bounds=bounds, positive=positive, choices=choices, control=control, quiet=quiet)
@@ -115,7 +115,7 @@ def format_number(value: float) -> str:
 
 def format_value(value, kind: str = "number") -> str:
     """A field's value as the spec writes it (numbers by :func:`format_number`, ints plainly)."""
-    number = format_number if kind in ("number", "per_layer") else str
+    number = format_number if kind in ("number", "per_layer", "per_head") else str
     if isinstance(value, dict):
         return "|".join(f"{k}:{number(v)}" for k, v in sorted(value.items()))
     if isinstance(value, (list, tuple)):

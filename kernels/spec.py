@@ -26,7 +26,7 @@ def spec_help() -> str:
 def parameter_fields() -> dict[str, dataclasses.Field]:
     """(intervention name, field name) -> field, for every numeric parameter (the lab's sweep)."""
     return {(name, f.name): f for name, cls in INTERVENTIONS.items() for f in dataclasses.fields(cls)
-            if f.metadata.get("kind") in ("number", "per_layer")}
+            if f.metadata.get("kind") in ("number", "per_layer", "per_head")}
 
 
 def _number(key: str, text: str, spec: str, meta: dict | None = None) -> float:
@@ -70,6 +70,8 @@ def parse_value(f: dataclasses.Field, text: str, spec: str):
         return _number(f.name, text, spec, meta)
     if kind == "per_layer":
         return _per_layer(f.name, text, spec, meta)
+    if kind == "per_head":
+        return tuple(_number(f.name, item, spec, meta) for item in text.split("|"))
     if kind == "int":
         return _ints(f.name, text, spec)[0]
     if kind in ("ints", "layers"):
@@ -147,6 +149,8 @@ def validate_for_model(intervention, n_layers: int, n_heads: int) -> None:
                 _check_layers(what, value, n_layers)
             elif kind == "per_layer" and isinstance(value, tuple) and len(value) > n_layers:
                 raise InterventionSpecError(f"{what}: {len(value)} per-layer values for a {n_layers}-layer model")
+            elif kind == "per_head" and len(value) > n_heads:
+                raise InterventionSpecError(f"{what}: {len(value)} per-head values for layers of {n_heads} heads")
             elif kind == "ints" and f.name == "heads":
                 bad = [h for h in value if not 0 <= h < n_heads]
                 if bad:

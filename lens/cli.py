@@ -42,8 +42,13 @@ def _version(value: bool):
 def _main(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
                                                     help="print lens's version and exit")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="errors only: no notes, no progress bars")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug messages too")] = False,
 ):
     """lens: in-context retrieval at corpus scale."""
+    from lens.log import set_verbosity
+
+    set_verbosity(quiet=quiet, verbose=verbose)
 
 
 @app.command()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +38,7 @@ def exclusive_lock(lock_path: Path, what: str, wait: bool = False):
     import fcntl
 
     from lens.errors import LensError
+    from lens.log import log
 
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +51,7 @@ def exclusive_lock(lock_path: Path, what: str, wait: bool = False):
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             if wait:
-                print(f"lens: {what} is in use by lens process {holder}; waiting for it", file=sys.stderr)
+                log.warning(f"{what} is in use by lens process {holder}; waiting for it")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             else:
                 raise LensError(f"{what} is in use by another lens process (pid {holder}); wait for it to finish "

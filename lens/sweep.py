@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 
 from kernels.spec import parse_intervention
 from lens.errors import LensError
+from lens.log import log
 from lens.paths import exclusive_lock
 from lens.metrics import RECALL_K
 from lens.options import RunOptions, check_queries, check_sizes
@@ -186,12 +186,12 @@ def _unit_part(path: Path, n: int, query_ids: list[str], specs: list[str]) -> pd
         return None
     frame = _read_part(path)
     if frame is None or "level" not in frame.columns:
-        print(f"lens: {path} is unreadable; redoing that unit", file=sys.stderr)
+        log.warning(f"{path} is unreadable; redoing that unit")
         return None
     runs = frame[frame.level == "query"]
     want = {(q, s) for q in query_ids for s in specs}
     if set(runs.n_docs) != {n} or set(zip(runs.query_id, runs.intervention)) != want or len(runs) != len(want):
-        print(f"lens: {path} holds other runs than its unit (a foreign file?); redoing that unit", file=sys.stderr)
+        log.warning(f"{path} holds other runs than its unit (a foreign file?); redoing that unit")
         return None
     return frame
 

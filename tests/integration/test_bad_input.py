@@ -54,6 +54,7 @@ def test_labels_round_trip(spec):
     ("temperature:t=0.5,layers=99", "layer 99 does not exist"),
     ("ssmax:s=99:0.5", "layer 99 does not exist"),
     ("ssmax:s=0.1|0.2|0.3|0.4", "4 per-layer values for a 3-layer model"),
+    ("head-sink:b=0|0|0|0|0|0|0", "7 per-head values for layers of 6 heads"),
 ])
 def test_layers_and_heads_the_model_lacks_are_refused(models, small_limit, spec, message):
     runner = BlockSearchRunner(models("tiny-llama"), small_limit, progress=False)

@@ -90,3 +90,25 @@ def test_blocksearch_is_registered_and_explains_a_missing_adapter():
     if not (ADAPTERS / "blocksearch-135m" / "adapter.safetensors").is_file():
         with pytest.raises(LensError, match="no trained adapter .*make train"):
             load_model("blocksearch-135m")
+
+
+def test_quiet_and_verbose(tmp_path):
+    """lens's notes go through the `lens` logger: --quiet keeps errors only and no progress bars."""
+    import subprocess
+    import sys
+
+    args = ["demo", "--model", "tiny-llama", "--n", "8", "--queries", "1"]
+    loud = subprocess.run([sys.executable, "-m", "lens.cli", *args], capture_output=True, text=True, timeout=300)
+    quiet = subprocess.run([sys.executable, "-m", "lens.cli", "--quiet", *args], capture_output=True, text=True,
+                           timeout=300)
+    assert loud.returncode == quiet.returncode == 0
+    assert "hit@1" in quiet.stdout and "%|" not in quiet.stderr and "%|" in loud.stderr
+    from lens.log import log, set_verbosity
+
+    set_verbosity(quiet=True)
+    assert not log.isEnabledFor(20)
+    import os
+
+    os.environ.pop("TQDM_DISABLE")
+    set_verbosity()
+    assert log.isEnabledFor(20) and not log.isEnabledFor(10)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kernels.corpus_attention import corpus_attention
-from kernels.interventions import HeadScale, LogN, Sink, SSMax, Temperature
+from kernels.interventions import HeadScale, HeadSink, LogN, Sink, SSMax, Temperature
 from kernels.score_functions import INTERVENTIONS, Compose, ScoreContext, ScoreFunction
 from kernels.spec import InterventionSpecError, parse_intervention
 
@@ -153,7 +153,8 @@ def test_every_registered_intervention_parses_labels_and_hashes(name):
     again = parse_intervention(made.spec())
     assert again == made and hash(again) == hash(made) and again.spec() == made.spec()
     for f in dataclasses.fields(cls):
-        assert f.metadata["help"] and f.metadata["kind"] in ("number", "per_layer", "int", "ints", "choice", "layers")
+        assert f.metadata["help"] and f.metadata["kind"] in ("number", "per_layer", "per_head", "int", "ints", "choice",
+                                                             "layers")
     assert {made: 1}[again] == 1
 
 
@@ -169,3 +170,19 @@ def test_score_functions_are_frozen_and_per_layer_values_immutable():
 def test_the_interventions_page_lists_every_registered_intervention():
     page = (Path(__file__).resolve().parents[2] / "docs" / "interventions.md").read_text()
     assert all(f"`{name}:" in page for name in INTERVENTIONS)
+
+
+def test_a_sink_per_head_is_a_sink_on_each_head_alone():
+    """head-sink:b=b0|b1|..: head h's softmax gains exp(b_h) in its denominator (off-by-one: 0),
+    which equals the layer-wide sink run on that head; heads without a value are untouched."""
+    base, args = _run(None), _inputs()
+    values = (0.0, 1.5, -2.0)
+    per_head = _run(HeadSink(values))
+    for h, b in enumerate(values):
+        alone = _run(Sink(b))
+        assert torch.allclose(per_head.output[:, h], alone.output[:, h], atol=1e-6)
+        assert torch.allclose(per_head.lse[h], alone.lse[h], atol=1e-6)
+    assert torch.allclose(per_head.output[:, 3:], base.output[:, 3:], atol=1e-6)  # 6 heads, 3 values
+    assert torch.allclose(per_head.lse[0], torch.logaddexp(base.lse[0], torch.tensor(0.0)), atol=1e-6)
+    assert args["q"].shape[0] == 6
+

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # lowest first: a module may import its own layer's modules or lower ones, never higher
 LAYERS = [
     ("kernels",),
-    ("lens.errors", "lens.paths", "lens.stats", "lens.backend"),
+    ("lens.errors", "lens.log", "lens.paths", "lens.stats", "lens.backend"),
     ("lens.data",),
     ("lens.models",),
     ("lens.runtime",),

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import zlib
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 from kernels.corpus_attention import update_shared
 from lens.data.layout import PoolLayout, document_start, pool_order
 from lens.errors import LensError
+from lens.log import log
 from lens.models.decoder import Decoder
 from lens.paths import cache_dir, exclusive_lock
 from lens.runtime.kv.source import KVSource
@@ -118,7 +118,7 @@ class DiskKV(KVSource):
             return False
         problem = self._verify(manifest_path) if verify else None
         if problem:
-            print(f"lens: KV cache {self.root} is unusable ({problem}); deleting and rebuilding it", file=sys.stderr)
+            log.warning(f"KV cache {self.root} is unusable ({problem}); deleting and rebuilding it")
             shutil.rmtree(self.root, ignore_errors=True)
             return False
         tensors = load_file(self.root / "instruction.safetensors")
@@ -231,8 +231,7 @@ class DiskKV(KVSource):
                 raise ValueError("not this cache's progress")
             return list(batches)
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
-            print(f"lens: {progress_path} is unreadable or from another build; rebuilding the KV cache from the start",
-                  file=sys.stderr)
+            log.warning(f"{progress_path} is unreadable or from another build; rebuilding the KV cache from the start")
             return []
 
     def _verified_prefix(self, fds: list[int], committed: list[dict]) -> list[dict]:
@@ -240,8 +239,8 @@ class DiskKV(KVSource):
         not (bytes torn by a kill are prefilled again)."""
         for i, batch in enumerate(committed):
             if self._range_crc(fds, batch["first_token"], batch["tokens"]) != batch["crc32"]:
-                print(f"lens: KV cache batch {i} (documents before {batch['docs_done']}) fails its checksum; "
-                      "prefilling from there again", file=sys.stderr)
+                log.warning(f"KV cache batch {i} (documents before {batch['docs_done']}) fails its checksum; "
+                            "prefilling from there again")
                 return committed[:i]
         return committed
 

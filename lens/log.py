@@ -7,7 +7,6 @@ adds DEBUG.  Another program embedding lens can attach its own handlers to ``len
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 log = logging.getLogger("lens")
@@ -31,5 +30,8 @@ if not log.handlers:
 
 def set_verbosity(quiet: bool = False, verbose: bool = False) -> None:
     log.setLevel(logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO)
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it when a bar is made
+
+
+def show_progress() -> bool:
+    """Whether progress bars are drawn (not under --quiet)."""
+    return log.isEnabledFor(logging.INFO)

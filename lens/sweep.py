@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from kernels.spec import parse_intervention
 from lens.errors import LensError
-from lens.log import log
+from lens.log import log, show_progress
 from lens.paths import exclusive_lock
 from lens.metrics import RECALL_K
 from lens.options import RunOptions, check_queries, check_sizes
@@ -150,6 +150,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
     ``ray``: run the units on a Ray cluster, ``dict(address=..., workers=None, threads=None)``
     (:class:`lens.ray_sweep.RayUnits`); the records are the same bits as without it."""
     out = Path(out).expanduser()
+    progress = progress and show_progress()
     score_fns = [parse_intervention(s) for s in cfg.interventions]
     specs = [fn.spec() for fn in score_fns]
     if len(set(specs)) != len(specs):

@@ -22,6 +22,7 @@ from kernels.spec import validate_for_model
 from lens.data.datasets import Dataset
 from lens.data.layout import LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, query_start
 from lens.errors import LensError
+from lens.log import show_progress
 from lens.models.decoder import Decoder
 from lens.runtime.decode import beam_step, check_drafts, draft_rows, leave_drafts, plant_drafts
 from lens.runtime.kv.source import KVSource
@@ -47,7 +48,7 @@ class BlockSearchRunner:
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
-        self.progress = progress
+        self.progress = progress = progress and show_progress()
         if kv == "memory":
             from lens.runtime.kv.memory import MemoryKV
 

@@ -107,8 +107,5 @@ def test_quiet_and_verbose(tmp_path):
 
     set_verbosity(quiet=True)
     assert not log.isEnabledFor(20)
-    import os
-
-    os.environ.pop("TQDM_DISABLE")
     set_verbosity()
     assert log.isEnabledFor(20) and not log.isEnabledFor(10)

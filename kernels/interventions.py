@@ -17,6 +17,7 @@ import torch
 
 from kernels.score_functions import ScoreFunction, first_of, layer_value, param, register
 
+PAPER_SSMAX_S = 0.43  # the BlockSearch paper's SSMax s (the default here and of the theory curves)
 LAYERS = dict(help="restrict to these layers ('16|17'); all when absent", kind="layers")
 
 
@@ -51,7 +52,7 @@ class Temperature(ScoreFunction):
         return first_of(self.layers, None)
 
 
-@register("ssmax", "ssmax:s=0.43")
+@register("ssmax", f"ssmax:s={PAPER_SSMAX_S}")
 @dataclass(frozen=True, repr=False)
 class SSMax(ScoreFunction):
     """Scalable softmax (arXiv 2501.19399): s -> s_L * log(n) * s.
@@ -60,7 +61,7 @@ class SSMax(ScoreFunction):
     keys each query row attends (``n="keys"``) or the number of documents N (``n="docs"``).
     """
 
-    s: float | Sequence[float] | dict = param(0.43, help="s_L: one value, 'a|b|...' by layer or 'layer:value|...'",
+    s: float | Sequence[float] | dict = param(PAPER_SSMAX_S, help="s_L: one value, 'a|b|...' by layer or 'layer:value|...'",
                                               kind="per_layer", bounds=(0.0, 100.0), positive=True,
                                               control=(0.01, 1.5, 0.01))
     n: str = param("keys", help="n: keys attended or documents N", kind="choice", choices=("keys", "docs"))

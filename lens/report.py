@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from kernels.interventions import PAPER_SSMAX_S
 from lens.errors import LensError
 from lens.metrics import ssmax_predicted_gold_mass
 
@@ -191,7 +192,7 @@ def table_interventions(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def fig_theory(summary: dict, layer: int, s: float = 0.43) -> go.Figure:
+def fig_theory(summary: dict, layer: int, s: float = PAPER_SSMAX_S) -> go.Figure:
     """Measured vs predicted gold mass across N at one layer; the SSMax form uses the
     no-intervention gap Delta with s."""
     fig = go.Figure()
@@ -239,7 +240,7 @@ def _table_interventions(records, summary, layer, out):
     return [path]
 
 
-# name -> render(records, summary, layer, out, n=None, s=0.43) -> written paths.  The experiment
+# name -> render(records, summary, layer, out, n=None, s=PAPER_SSMAX_S) -> written paths.  The experiment
 # scripts and `lens report` both go through this table.
 REPORT_ITEMS = {
     "fig1_recall_vs_n": lambda r, sm, layer, out, **kw: save_figure(fig_recall_vs_n(sm), out / "fig1_recall_vs_n"),
@@ -252,13 +253,13 @@ REPORT_ITEMS = {
     if any(c.startswith("routing_hit_max@") for c in r.columns) else [],
     "table1_gold_share": lambda r, sm, layer, out, **kw: _table1(r, sm, layer, out),
     "table_interventions": lambda r, sm, layer, out, **kw: _table_interventions(r, sm, layer, out),
-    "theory_overlay": lambda r, sm, layer, out, s=0.43, **kw: save_figure(
+    "theory_overlay": lambda r, sm, layer, out, s=PAPER_SSMAX_S, **kw: save_figure(
         fig_theory(sm, layer, s), out / "theory_gold_mass"),
 }
 
 
 def render_report(folder: str | Path, layer: int | None = None, n_docs: int | None = None,
-                  items: list[str] | None = None, s: float = 0.43) -> list[Path]:
+                  items: list[str] | None = None, s: float = PAPER_SSMAX_S) -> list[Path]:
     """Everything that applies to a records folder (or just ``items``), into ``folder/report``."""
     records, summary = load_records(folder)
     sizes = sorted({r["n_docs"] for r in summary["runs"]})
@@ -284,7 +285,7 @@ def run_script(doc: str, item: str) -> None:
     parser.add_argument("records", help="a records folder written by `lens sweep`")
     parser.add_argument("--layer", type=int, default=None, help="default: highest R_any at the smallest N")
     parser.add_argument("--n", type=int, default=None, help="N for per-layer profiles (default: smallest)")
-    parser.add_argument("--s", type=float, default=0.43, help="SSMax s for the theory curve")
+    parser.add_argument("--s", type=float, default=PAPER_SSMAX_S, help="SSMax s for the theory curve")
     args = parser.parse_args()
     for path in render_report(args.records, args.layer, args.n, [item], args.s):
         print(path)

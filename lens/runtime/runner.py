@@ -90,8 +90,7 @@ class BlockSearchRunner:
         q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
         return QueryStream(
             query_id, corpus, gold_positions, self.pool.query_token_ids(self.model.tokenizer, query_id),
-            intervention.score, route, record, q_start, n_layers, route_scores, spec=intervention.spec(),
-            first_layer=intervention.first_layer(),
+            intervention, record, q_start, n_layers, route_scores,
         )
 
     def run_query(self, query_id: str, n_docs: int, intervention=None, record: bool = True, beam: int = 1) -> QueryRun:
@@ -204,7 +203,7 @@ class BlockSearchRunner:
         the same corpus left its states: the layers before that one are exactly the plain run's."""
         if s.plain or s.drafted is not None:  # drafted rows: not in a plain run
             return
-        first = min(s.first_layer, self.model.cfg.n_layers - 1)
+        first = min(s.intervention.first_layer(), self.model.cfg.n_layers - 1)
         plain = self._plain.get(self._plain_key(s)) if first > 0 else None
         if plain is None:
             return
@@ -292,7 +291,7 @@ class BlockSearchRunner:
         n_inst = len(self.pool.instruction_ids)
         best = ranked[0]
         run = QueryRun(
-            query_id=s.query_id, n_docs=s.n_docs, intervention=s.spec,
+            query_id=s.query_id, n_docs=s.n_docs, intervention=s.intervention.spec(),
             corpus=s.corpus, gold_positions=s.gold_positions, codes=[self.pool.codes[d] for d in s.corpus],
             decoded="".join(map(str, best.digits)), digit_logprobs=torch.stack(best.step_logprobs),
             readout_logits=readout,

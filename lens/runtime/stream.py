@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 from torch import Tensor
 
 from kernels.corpus_attention import CorpusAttentionStream
-from kernels.score_functions import Route, ScoreFunction
+from kernels.score_functions import Intervention, Route, ScoreFunction
 
 
 def model_score_function(model, score_fn: ScoreFunction | None) -> ScoreFunction | None:
@@ -28,14 +28,11 @@ class QueryStream:
     corpus: list[int]
     gold_positions: list[int]
     query_ids: list[int]
-    score_fn: ScoreFunction | None
-    route: Route | None
+    intervention: Intervention  # its score function and routing policy, either may be absent
     record: bool
     next_position: int
     n_layers: int
     route_record: bool = True  # record every layer's QK-MaxSim routing scores (routing recall)
-    spec: str = "none"  # the intervention's label
-    first_layer: int = 0  # the intervention's first touched layer (earlier ones are the plain run's)
     self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
     self_v: list = field(default_factory=list)
     keep_docs: Tensor | None = None  # bool [N], set at the route layer
@@ -70,9 +67,17 @@ class QueryStream:
         )
 
     @property
+    def score_fn(self) -> ScoreFunction | None:
+        return self.intervention.score
+
+    @property
+    def route(self) -> Route | None:
+        return self.intervention.route
+
+    @property
     def plain(self) -> bool:
         """No intervention: the model's own run."""
-        return self.score_fn is None and self.route is None
+        return not self.intervention
 
     @property
     def n_docs(self) -> int:

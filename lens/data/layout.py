@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kernels.masks import and_masks, causal, create_mask, or_masks, same_segment
-from lens.data.datasets import Dataset
+from lens.data.datasets import Dataset, Document
 from lens.errors import LensError
 
 POSITION_SCHEMES = ("shared", "restart", "sequential")

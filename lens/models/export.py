@@ -9,14 +9,13 @@ softmax; without them the checkpoint is the adapter's weights under a plain soft
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lens.errors import LensError
-from lens.models.loading import hf_config_dict
+from lens.models.loading import hf_config_dict, rename
 from lens.paths import atomic_dir
 
 HF_BASE = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # what a peft config names as its base
@@ -25,23 +24,9 @@ SSMAX_NOTE = ("Scalable softmax per layer: multiply the query rows' attention sc
               "decoded digits' rows (documents are prefilled without it). lens applies it itself "
               "(model.builtin_score_fn); transformers does not.")
 
-_TO_HF = [
-    (r"^embed_tokens\.", "model.embed_tokens."),
-    (r"^ln_final\.", "model.norm."),
-    (r"^blocks\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-    (r"^blocks\.(\d+)\.mlp\.", r"model.layers.\1.mlp."),
-    (r"^blocks\.(\d+)\.ln1\.", r"model.layers.\1.input_layernorm."),
-    (r"^blocks\.(\d+)\.ln2\.", r"model.layers.\1.post_attention_layernorm."),
-]
-
-
 def hf_name(lens_name: str) -> str:
     """A lens parameter name as transformers names it (the inverse of ``loading.lens_name``)."""
-    for pattern, repl in _TO_HF:
-        new, n = re.subn(pattern, repl, lens_name)
-        if n:
-            return new
-    return lens_name
+    return rename(lens_name, to_hf=True)
 
 
 def _ssmax_file(config: dict, state: dict, out: Path) -> None:

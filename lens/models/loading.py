@@ -74,23 +74,35 @@ def hf_config_dict(cfg: DecoderConfig) -> dict:
     }
 
 
-_NAME_MAP = [
-    (r"^model\.embed_tokens\.", "embed_tokens."),
-    (r"^model\.norm\.", "ln_final."),
-    (r"^model\.layers\.(\d+)\.self_attn\.", r"blocks.\1.attn."),
-    (r"^model\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"^model\.layers\.(\d+)\.input_layernorm\.", r"blocks.\1.ln1."),
-    (r"^model\.layers\.(\d+)\.post_attention_layernorm\.", r"blocks.\1.ln2."),
-    (r"^lm_head\.", "lm_head."),
+# transformers' parameter-name prefixes and lens's, "#" standing for the layer index
+NAME_PREFIXES = [
+    ("model.embed_tokens.", "embed_tokens."), ("model.norm.", "ln_final."),
+    ("model.layers.#.self_attn.", "blocks.#.attn."), ("model.layers.#.mlp.", "blocks.#.mlp."),
+    ("model.layers.#.input_layernorm.", "blocks.#.ln1."), ("model.layers.#.post_attention_layernorm.", "blocks.#.ln2."),
+    ("lm_head.", "lm_head."),
 ]
 
 
-def lens_name(hf_name: str) -> str:
-    for pattern, repl in _NAME_MAP:
-        new, n = re.subn(pattern, repl, hf_name)
+def name_map(to_hf: bool = False) -> list[tuple[str, str]]:
+    """(regex, replacement) pairs renaming one side's parameter names into the other's."""
+    pairs = [(lens, hf) if to_hf else (hf, lens) for hf, lens in NAME_PREFIXES]
+    return [("^" + re.escape(a).replace("\\#", r"(\d+)"), b.replace("#", r"\1")) for a, b in pairs]
+
+
+_NAME_MAP, _TO_HF = name_map(), name_map(to_hf=True)
+
+
+def rename(name: str, to_hf: bool = False) -> str:
+    """A parameter name from transformers' naming into lens's (or back, ``to_hf``)."""
+    for pattern, repl in _TO_HF if to_hf else _NAME_MAP:
+        new, n = re.subn(pattern, repl, name)
         if n:
             return new
-    return hf_name
+    return name
+
+
+def lens_name(hf_name: str) -> str:
+    return rename(hf_name)
 
 
 def load_hf_state_dict(model: Decoder, state: dict[str, torch.Tensor], where: str) -> None:

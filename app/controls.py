@@ -46,7 +46,10 @@ def intervention_controls(n_layers: int, n_heads: int) -> Intervention:
     for name, cls in order:
         on = st.checkbox(name, key=f"lab-{name}", help=(cls.__doc__ or "").strip().splitlines()[0])
         values = {f.name: _widget(name, f, n_layers, n_heads, not on) for f in dataclasses.fields(cls)}
-        if on:
+        empty = [k for k, v in values.items() if v == ()]  # e.g. no heads chosen: nothing to apply yet
+        if on and empty:
+            st.caption(f"{name}: choose its {', '.join(empty)} to apply it")
+        elif on:
             chosen[name] = values
     try:
         return intervention_from_controls(chosen)

@@ -24,9 +24,10 @@ def spec_help() -> str:
 
 
 def parameter_fields() -> dict[str, dataclasses.Field]:
-    """(intervention name, field name) -> field, for every numeric parameter (the lab's sweep)."""
+    """(intervention name, field name) -> field, for every parameter one number sets for the whole
+    model (the lab's sweep)."""
     return {(name, f.name): f for name, cls in INTERVENTIONS.items() for f in dataclasses.fields(cls)
-            if f.metadata.get("kind") in ("number", "per_layer", "per_head")}
+            if f.metadata.get("kind") in ("number", "per_layer")}
 
 
 def _number(key: str, text: str, spec: str, meta: dict | None = None) -> float:

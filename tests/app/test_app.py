@@ -161,3 +161,19 @@ def test_every_page_offers_its_figures_and_tables(tmp_path, page, keys):
     assert not at.exception and not at.error
     buttons = {b.key for b in at.get("download_button")}
     assert set(keys) <= buttons, buttons
+
+
+def test_every_intervention_switched_on_in_the_lab_gives_a_label_that_parses(tmp_path):
+    from kernels.score_functions import INTERVENTIONS
+    from kernels.spec import parse_intervention
+
+    at = _app(tmp_path, **{"lab-n": 8}).switch_page("pages/lab.py").run()
+    for name in INTERVENTIONS:
+        at.checkbox(key=f"lab-{name}").check()
+    at.run()
+    assert not at.exception and not at.error
+    label = next(m.value for m in at.markdown if m.value.startswith("**intervention:**")).split("`")[1]
+    assert "scale-heads" not in label  # no heads chosen yet: not applied
+    at.multiselect(key="lab-scale-heads-heads").select(1).run()
+    label = next(m.value for m in at.markdown if m.value.startswith("**intervention:**")).split("`")[1]
+    assert parse_intervention(label).spec() == label and label.count("+") == len(INTERVENTIONS) - 1

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 
 from kernels.fused import update_fused_streams
-from kernels.online_softmax import OnlineSoftmax, gold_part, grouped_row_max, grouped_scores, merge_doc_stats
+from kernels.online_softmax import (
+    OnlineSoftmax, add_doc_sums, gold_part, grouped_row_max, grouped_scores, merge_doc_stats,
+)
 from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_function
 
 
@@ -41,6 +43,7 @@ class CorpusAttentionResult:
     doc_lse: Tensor | None = None  # [head, Q, N] logsumexp of each document's scores; mass = exp(doc_lse - lse)
     gold_output: Tensor | None = None  # [Q, head, d] the part of output contributed by gold_docs' tokens
     route_max: Tensor | None = None  # [head, N] max over query tokens and each document's keys of the raw scaled q.k
+    route_mean: Tensor | None = None  # [head, N] max over query tokens of q . mean(K_doc), scaled (mean-key routing)
 
     def document_mass(self, row: int = -1) -> Tensor:
         """Each document's softmax mass at one statistics row (default: the readout), [head, N],
@@ -100,7 +103,7 @@ class CorpusAttentionStream:
         self, q: Tensor, n_docs: int, *, n_corpus_keys: int, n_docs_attended: int, n_self: int, layer: int,
         scale: float, score_fn: ScoreFunction | None = None, gold_docs: list[int] | None = None,
         stats: bool = True, route_stats: bool = False, stats_rows: str = "all", self_mask: Tensor | None = None,
-        route_rows: slice = slice(None),
+        route_rows: slice = slice(None), route_mean: bool = False,
     ):
         n_heads, n_q, d = q.shape
         self.q, self.scale, self.layer, self.score_fn = q, scale, layer, score_fn
@@ -115,6 +118,9 @@ class CorpusAttentionStream:
         self.doc_lse = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.route_max = torch.full((n_heads, n_docs), float("-inf")) if route_stats else None
         self.route_rows = route_rows  # the rows routing scores reduce over (the query's own, not drafted digits)
+        n_route = len(range(n_q)[route_rows])
+        self.route_sum = torch.zeros(n_heads, n_route, n_docs) if route_mean else None
+        self.route_count = torch.zeros(n_docs) if route_mean else None
         # Fast path: a score function that only scales each (head, row) folds into q, the bulk
         # goes through PyTorch's fused flash kernel, and per-document statistics are computed
         # for the readout row alone (the generic path keeps them for every row if asked).
@@ -135,6 +141,8 @@ class CorpusAttentionStream:
         raw = grouped_scores(self.q, keys, self.scale)
         if self.route_max is not None:
             merge_doc_stats(raw[:, self.route_rows].amax(1, keepdim=True), key_doc, self.route_max[:, None])
+        if self.route_sum is not None:
+            add_doc_sums(raw[:, self.route_rows], key_doc, self.route_sum, self.route_count)
         scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
         self._accumulate(scores, values, key_doc)
 
@@ -155,7 +163,8 @@ class CorpusAttentionStream:
     def uses_key_doc(self) -> bool:
         """Whether the chunks' document ids matter to this stream (statistics, routing scores, or
         a score function on the generic path); if not, any numbering may be passed."""
-        return self.folded_q is None or self.doc_max is not None or self.keeps_gold or self.route_max is not None
+        return (self.folded_q is None or self.doc_max is not None or self.keeps_gold or self.route_max is not None
+                or self.route_sum is not None)
 
     @property
     def wants_readout_scores(self) -> bool:
@@ -174,6 +183,9 @@ class CorpusAttentionStream:
         n_heads, n_q, d = self.q.shape
         if self.route_max is not None:  # raw scores (before interventions), max over query rows
             merge_doc_stats(grouped_row_max(self.q[:, self.route_rows], keys, self.scale), key_doc, self.route_max[:, None])
+        if self.route_sum is not None:
+            add_doc_sums(grouped_scores(self.q[:, self.route_rows], keys, self.scale), key_doc, self.route_sum,
+                         self.route_count)
         m, alpha, beta = self.state.add_flash(out.reshape(n_heads, n_q, d).float(), lse.reshape(n_heads, n_q).float())
         if chunk_stats is not None:
             chunk_max, chunk_lse, chunk_gold = chunk_stats
@@ -202,8 +214,12 @@ class CorpusAttentionStream:
         gold = None
         if self.keeps_gold:
             gold = (self.state.gold_acc * scale[:, self.rows]).transpose(0, 1).to(self.q.dtype)
+        route_mean = None
+        if self.route_sum is not None:
+            route_mean = (self.route_sum / self.route_count.clamp(min=1)).amax(1)
+            route_mean[:, self.route_count == 0] = float("-inf")
         return CorpusAttentionResult(output.transpose(0, 1).to(self.q.dtype), lse, self.doc_max, self.doc_lse, gold,
-                                     self.route_max)
+                                     self.route_max, route_mean)
 
     def _accumulate(self, scores: Tensor, values: Tensor, key_doc: Tensor | None) -> None:
         alpha, p = self.state.add_scores(scores, values)

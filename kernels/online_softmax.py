@@ -151,3 +151,16 @@ def merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: T
     shifted = torch.exp(s - chunk_max.gather(-1, index).nan_to_num(neginf=0.0))
     chunk_lse = chunk_max + torch.log(torch.zeros_like(chunk_max).scatter_add(-1, index, shifted))
     doc_lse[..., docs] = torch.logaddexp(doc_lse[..., docs].clone(), chunk_lse)
+
+
+def add_doc_sums(scores: Tensor, key_doc: Tensor, sums: Tensor, counts: Tensor) -> None:
+    """Add one chunk's per-document score sums [head, rows, N] and key counts [N], in place (the
+    mean of q.k over a document's keys is q . mean(K_doc): mean-key routing)."""
+    found = _chunk_docs(key_doc)
+    if found is None:
+        return
+    mask, local, docs, n_local = found
+    s = scores if mask is None else scores[..., mask]
+    h, q, _ = s.shape
+    sums[..., docs] += torch.zeros(h, q, n_local).scatter_add(-1, local.expand(h, q, -1), s)
+    counts[docs] += torch.bincount(local, minlength=n_local)

@@ -226,13 +226,16 @@ class Compose(ScoreFunction):
 @dataclass(frozen=True, repr=False)
 class Route(Spec):
     """Top-B document routing.  At ``layer`` each document is scored by QK-MaxSim (the max over
-    its tokens of the scaled q.k, before other interventions), reduced over the query tokens by
-    max and over heads by ``reduce`` (max or mean); layers after ``layer`` attend only to the
-    top ``B`` documents (plus instruction and query)."""
+    its tokens of the scaled q.k, before other interventions) or, ``by="mean-key"``, by q times
+    the mean of its keys (MoBA-style block selection), reduced over the query tokens by max and
+    over heads by ``reduce`` (max or mean); layers after ``layer`` attend only to the top ``B``
+    documents (plus instruction and query)."""
 
     layer: int = param(help="the layer whose scores choose the documents", kind="int", control=(0, None, 1))
     B: int = param(help="documents kept", kind="int", control=(1, 100_000, 1))
     reduce: str = param("max", help="reduction over heads", kind="choice", choices=("max", "mean"), quiet=True)
+    by: str = param("maxsim", help="document score: maxsim (max of q.k over its keys) or mean-key (q . mean K, MoBA)",
+                    kind="choice", choices=("maxsim", "mean-key"), quiet=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -240,16 +243,23 @@ class Route(Spec):
             raise ValueError(f"route B must be >= 1, got {self.B}")
         if self.reduce not in ("max", "mean"):
             raise ValueError(f"route reduce must be 'max' or 'mean', got {self.reduce!r}")
+        if self.by not in ("maxsim", "mean-key"):
+            raise ValueError(f"route by must be 'maxsim' or 'mean-key', got {self.by!r}")
 
     def scores(self, route_max: Tensor) -> Tensor:
         """Document routing scores [N] from raw per-document maxima over query tokens [head, N]."""
         return route_max.amax(0) if self.reduce == "max" else route_max.mean(0)
 
     def keep(self, route_max: Tensor, n_docs: int) -> Tensor:
-        """bool [N]: the top-B documents by :meth:`scores`."""
+        """bool [N]: the top-B documents by :meth:`scores` of per-head document scores [head, N]
+        (the statistic ``by`` names: ``result.route_max`` or ``result.route_mean``)."""
         keep = torch.zeros(n_docs, dtype=torch.bool)
         keep[self.scores(route_max).topk(min(self.B, n_docs)).indices] = True
         return keep
+
+    def document_scores(self, result) -> Tensor:
+        """The per-head document scores this route ranks by, from a corpus-attention result."""
+        return result.route_max if self.by == "maxsim" else result.route_mean
 
     def first_layer(self) -> int:
         return self.layer  # decides there, from that layer's (unchanged) scores

@@ -34,6 +34,8 @@ class ShardPart:
     doc_max: Tensor | None  # [head, rows, n] the shard's documents (``docs`` of the corpus's N)
     doc_lse: Tensor | None  # [head, rows, n]
     route_max: Tensor | None  # [head, n]
+    route_sum: Tensor | None  # [head, rows, n] sums of raw scores per document (mean-key routing)
+    route_count: Tensor | None  # [n] keys per document
     docs: slice = field(default_factory=lambda: slice(None))  # which of the corpus's documents the statistics are for
 
     def nbytes(self) -> int:
@@ -46,7 +48,7 @@ def shard_part(stream: CorpusAttentionStream, docs: slice = slice(None)) -> Shar
     state = stream.state
     cut = lambda t: None if t is None else t[..., docs]  # noqa: E731
     return ShardPart(state.m, state.l, state.acc, state.gold_acc, cut(stream.doc_max), cut(stream.doc_lse),
-                     cut(stream.route_max), docs)
+                     cut(stream.route_max), cut(stream.route_sum), cut(stream.route_count), docs)
 
 
 def merge_parts(stream: CorpusAttentionStream, parts: list[ShardPart]) -> CorpusAttentionStream:
@@ -64,6 +66,9 @@ def merge_parts(stream: CorpusAttentionStream, parts: list[ShardPart]) -> Corpus
             stream.doc_lse[..., d] = torch.logaddexp(stream.doc_lse[..., d], part.doc_lse)
         if stream.route_max is not None:
             stream.route_max[..., d] = torch.maximum(stream.route_max[..., d], part.route_max)
+        if stream.route_sum is not None:
+            stream.route_sum[..., d] += part.route_sum
+            stream.route_count[d] += part.route_count
     return stream
 
 

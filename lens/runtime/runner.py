@@ -260,13 +260,14 @@ class BlockSearchRunner:
             stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
             stats_rows="last", self_mask=s.self_mask,
             route_rows=slice(None) if s.self_mask is None else slice(len(s.drafted), None),
+            route_mean=deciding and s.route.by == "mean-key",
         )
 
     def _close_stream(self, layer: int, s: QueryStream) -> CorpusAttentionResult:
         res = s.attention.finish(s.self_k[layer], s.self_v[layer])
         s.attention = None
         if s.route is not None and layer == s.route.layer and s.keep_docs is None:
-            s.keep_docs = s.route.keep(res.route_max, s.n_docs)
+            s.keep_docs = s.route.keep(s.route.document_scores(res), s.n_docs)
         return res
 
     def _record(self, s: QueryStream, attn, res: CorpusAttentionResult) -> None:

@@ -40,6 +40,28 @@ def test_routed_set_is_dense_qk_maxsim_top_b(models, small_limit, reduce):
     assert (run.readout_logits - plain.readout_logits).abs().max() > 1e-4
 
 
+
+@pytest.mark.parametrize("model_name", ["tiny-qwen3", "tiny-llama"])
+def test_mean_key_routing_is_dense_q_dot_mean_key_top_b(models, small_limit, model_name):
+    """route by=mean-key (MoBA-style): each document scored by the mean of the raw scaled q.k over
+    its keys (= q . mean(K_doc)), max over query tokens and heads; the routed set is its top B."""
+    model = models(model_name)
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    n, layer, b = 12, 1, 4
+    run = runner.run_query("q3", n, intervention=parse_intervention(f"route:layer={layer},B={b},by=mean-key"))
+    query_ids = runner.pool.query_token_ids(model.tokenizer, "q3")
+    layout = dense_layout(runner.pool, run.corpus, query_ids)
+    _, cache = model.run_with_cache(layout.tokens[None], attention_mask=layout.mask[None, None],
+                                    position_ids=layout.positions[None],
+                                    names_filter=f"blocks.{layer}.attn.hook_attn_scores")
+    scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0][:, layout.query_slice]  # [head, Q, T]
+    per_doc = torch.stack([scores[..., layout.key_doc == j].mean(-1) for j in range(n)], -1)  # [head, Q, N]
+    routing = per_doc.amax(1).amax(0)
+    assert sorted(run.routed) == sorted(routing.topk(b).indices.tolist())
+    maxsim = runner.run_query("q3", n, intervention=parse_intervention(f"route:layer={layer},B={b}"))
+    assert maxsim.routed is not None and run.intervention == f"route:layer={layer},B={b},by=mean-key"
+
+
 def test_route_keeping_every_document_changes_nothing(models, small_limit):
     model = models("tiny-llama")
     runner = BlockSearchRunner(model, small_limit, progress=False)

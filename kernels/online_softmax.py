@@ -131,16 +131,25 @@ def _chunk_docs(key_doc: Tensor) -> tuple[Tensor | None, Tensor, slice | Tensor,
     return mask, local, docs, docs.shape[0]
 
 
+def _doc_scores(scores: Tensor, key_doc: Tensor):
+    """A chunk's document-key scores [head, rows, C'], each key's local document index expanded to
+    them, the chunk's documents (slice or index) and how many; None without documents."""
+    found = _chunk_docs(key_doc)
+    if found is None:
+        return None
+    mask, local, docs, n_local = found
+    s = scores if mask is None else scores[..., mask]
+    return s, local.expand(*s.shape[:2], -1), docs, n_local
+
+
 def merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: Tensor | None = None) -> None:
     """Fold one chunk's per-document max (and, given ``doc_lse``, log-sum-exp) into the running
     [head, rows, N] tensors, in place (documents may span chunk boundaries)."""
-    found = _chunk_docs(key_doc)
+    found = _doc_scores(scores, key_doc)
     if found is None:
         return
-    mask, local, docs, n_local = found
-    s = scores if mask is None else scores[..., mask]
+    s, index, docs, n_local = found
     h, q, _ = s.shape
-    index = local.expand(h, q, -1)
     chunk_max = torch.full((h, q, n_local), float("-inf")).scatter_reduce(
         -1, index, s, reduce="amax", include_self=True
     )
@@ -156,11 +165,9 @@ def merge_doc_stats(scores: Tensor, key_doc: Tensor, doc_max: Tensor, doc_lse: T
 def add_doc_sums(scores: Tensor, key_doc: Tensor, sums: Tensor, counts: Tensor) -> None:
     """Add one chunk's per-document score sums [head, rows, N] and key counts [N], in place (the
     mean of q.k over a document's keys is q . mean(K_doc): mean-key routing)."""
-    found = _chunk_docs(key_doc)
+    found = _doc_scores(scores, key_doc)
     if found is None:
         return
-    mask, local, docs, n_local = found
-    s = scores if mask is None else scores[..., mask]
-    h, q, _ = s.shape
-    sums[..., docs] += torch.zeros(h, q, n_local).scatter_add(-1, local.expand(h, q, -1), s)
-    counts[docs] += torch.bincount(local, minlength=n_local)
+    s, index, docs, n_local = found
+    sums[..., docs] += torch.zeros(*s.shape[:2], n_local).scatter_add(-1, index, s)
+    counts[docs] += torch.bincount(index[0, 0], minlength=n_local)

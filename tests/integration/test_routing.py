@@ -10,20 +10,25 @@ from lens.runtime import BlockSearchRunner
 from lens.errors import LensError
 
 
+def _dense_doc_scores(model, runner, run, query, layer, over_keys):
+    """Per head, query token and document, the dense hooked model's raw scaled q.k at ``layer``
+    reduced over each document's keys by ``over_keys`` (amax or mean): [head, Q, N]."""
+    query_ids = runner.pool.query_token_ids(model.tokenizer, query)
+    layout = dense_layout(runner.pool, run.corpus, query_ids)
+    _, cache = model.run_with_cache(layout.tokens[None], attention_mask=layout.mask[None, None],
+                                    position_ids=layout.positions[None],
+                                    names_filter=f"blocks.{layer}.attn.hook_attn_scores")
+    scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0][:, layout.query_slice]  # [head, Q, T]
+    return torch.stack([getattr(scores[..., layout.key_doc == j], over_keys)(-1) for j in range(run.n_docs)], -1)
+
+
 @pytest.mark.parametrize("reduce", ["max", "mean"])
 def test_routed_set_is_dense_qk_maxsim_top_b(models, small_limit, reduce):
     model = models("tiny-qwen3")
     runner = BlockSearchRunner(model, small_limit, progress=False)
     n, layer, b = 12, 1, 4
     run = runner.run_query("q4", n, intervention=parse_intervention(f"route:layer={layer},B={b},reduce={reduce}"))
-    query_ids = runner.pool.query_token_ids(model.tokenizer, "q4")
-    layout = dense_layout(runner.pool, run.corpus, query_ids)
-    _, cache = model.run_with_cache(layout.tokens[None], attention_mask=layout.mask[None, None],
-                                    position_ids=layout.positions[None],
-                                    names_filter=f"blocks.{layer}.attn.hook_attn_scores")
-    scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0][:, layout.query_slice]  # [head, Q, T]
-    per_doc = torch.stack([scores[..., layout.key_doc == j].amax(-1) for j in range(n)], -1)  # [head, Q, N]
-    per_head = per_doc.amax(1)
+    per_head = _dense_doc_scores(model, runner, run, "q4", layer, "amax").amax(1)
     routing = per_head.amax(0) if reduce == "max" else per_head.mean(0)
     assert sorted(run.routed) == sorted(routing.topk(b).indices.tolist())
     assert torch.allclose(run.route_scores[layer, 0 if reduce == "max" else 1], routing, atol=1e-4)
@@ -49,14 +54,7 @@ def test_mean_key_routing_is_dense_q_dot_mean_key_top_b(models, small_limit, mod
     runner = BlockSearchRunner(model, small_limit, progress=False)
     n, layer, b = 12, 1, 4
     run = runner.run_query("q3", n, intervention=parse_intervention(f"route:layer={layer},B={b},by=mean-key"))
-    query_ids = runner.pool.query_token_ids(model.tokenizer, "q3")
-    layout = dense_layout(runner.pool, run.corpus, query_ids)
-    _, cache = model.run_with_cache(layout.tokens[None], attention_mask=layout.mask[None, None],
-                                    position_ids=layout.positions[None],
-                                    names_filter=f"blocks.{layer}.attn.hook_attn_scores")
-    scores = cache[f"blocks.{layer}.attn.hook_attn_scores"][0][:, layout.query_slice]  # [head, Q, T]
-    per_doc = torch.stack([scores[..., layout.key_doc == j].mean(-1) for j in range(n)], -1)  # [head, Q, N]
-    routing = per_doc.amax(1).amax(0)
+    routing = _dense_doc_scores(model, runner, run, "q3", layer, "mean").amax(1).amax(0)
     assert sorted(run.routed) == sorted(routing.topk(b).indices.tolist())
     maxsim = runner.run_query("q3", n, intervention=parse_intervention(f"route:layer={layer},B={b}"))
     assert maxsim.routed is not None and run.intervention == f"route:layer={layer},B={b},by=mean-key"

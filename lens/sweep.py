@@ -82,9 +82,17 @@ def _write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def _write_parquet_atomic(path: Path, frame: pd.DataFrame) -> None:
+def _write_parquet_atomic(path: Path, frame: pd.DataFrame, metadata: dict | None = None) -> None:
+    """Written under a temporary name, then renamed; ``metadata`` joins the file's schema metadata."""
     tmp = path.with_name(f".{path.name}.tmp")
-    frame.to_parquet(tmp, index=False)
+    if metadata is None:
+        frame.to_parquet(tmp, index=False)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pq.write_table(table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata}), tmp)
     os.replace(tmp, path)
 
 
@@ -100,17 +108,10 @@ def _lens_version() -> str:
 def _write_records(path: Path, records: pd.DataFrame, cfg: SweepConfig, backend: dict) -> None:
     """records.parquet: the rows, with the columns that let sweeps be concatenated (model,
     dataset, dtype, backend, lens_version) and the schema in the file's metadata."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     frame = records.assign(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=backend.get("kernel", ""),
                            lens_version=_lens_version())
-    table = pa.Table.from_pandas(frame, preserve_index=False)
-    meta = {**(table.schema.metadata or {}), b"lens_records_format": str(SWEEP_FORMAT).encode(),
-            b"lens_sweep": json.dumps({"format": SWEEP_FORMAT, **asdict(cfg)}).encode()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table.replace_schema_metadata(meta), tmp)
-    os.replace(tmp, path)
+    _write_parquet_atomic(path, frame, {b"lens_records_format": str(SWEEP_FORMAT).encode(),
+                                        b"lens_sweep": json.dumps({"format": SWEEP_FORMAT, **asdict(cfg)}).encode()})
 
 
 def _check_out(cfg: SweepConfig, out: Path) -> bool:
@@ -151,8 +152,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
     (:class:`lens.ray_sweep.RayUnits`); the records are the same bits as without it."""
     out = Path(out).expanduser()
     progress = progress and show_progress()
-    score_fns = [parse_intervention(s) for s in cfg.interventions]
-    specs = [fn.spec() for fn in score_fns]
+    specs = [parse_intervention(s).spec() for s in cfg.interventions]
     if len(set(specs)) != len(specs):
         raise LensError(f"interventions repeat: {specs}")
     from lens.backend import dtype_name, resolve_dtype

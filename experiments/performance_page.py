@@ -6,12 +6,18 @@ kernel path), leaving other CPU classes' sections as they were measured.
 
     .venv/bin/python experiments/performance_page.py            # all benchmarks (~10 min on 2 cores)
     .venv/bin/python experiments/performance_page.py --only shard_merge
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 LENS_KERNEL=vec-avx2 \
+        .venv/bin/python experiments/performance_page.py --only paths --dtype float32   # an AVX2 machine's paths
+
+The environment is the benchmarks' own: a section measured under a capped instruction set says so
+in its stamp line (``aten=AVX2``) and is shown with the variables that capped it.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import re
 import subprocess
 import sys
@@ -29,7 +35,10 @@ BENCHMARKS = {  # name -> (what it measures, command)
                  [PY, "experiments/bench_kernels.py", "--part", "overhead"]),
     "shard_merge": ("sharded corpus attention: the merge's cost beside one stream",
                     [PY, "experiments/bench_shard_merge.py"]),
+    "paths": ("the lab's call on a cached 1,000-document corpus on lens's kernel path and PyTorch's, in turns",
+              [PY, "experiments/bench_kernels.py", "--part", "paths"]),
 }
+CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "LENS_KERNEL")
 BEGIN, END = "<!-- measured: {} -->", "<!-- end measured -->"
 
 
@@ -45,7 +54,8 @@ def run(names: list[str], dtype: str) -> tuple[str, str]:
             raise SystemExit(f"{name} failed ({done.returncode}):\n{done.stderr[-2000:]}")
         lines = done.stdout.strip().splitlines()
         stamp = stamp or lines[0]
-        shown = " ".join(["python"] + [c for c in cmd[1:]])
+        env = " ".join(f"{k}={os.environ[k]}" for k in CAPS if k in os.environ)
+        shown = " ".join(([env] if env else []) + ["python"] + [c for c in cmd[1:]])
         blocks.append(f"### {name}: {what}\n\n`{shown}`\n\n```\n" + "\n".join(lines) + "\n```\n")
     when = datetime.date.today().isoformat()
     key = re.sub(r" threads=\d+", "", stamp)

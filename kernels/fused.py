@@ -69,19 +69,21 @@ def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tens
     # the document ids always go in: they place the kernel's parts, so a row's summation order is
     # the same whether or not other rows keep statistics
     base = fused[asking[0] if asking else 0][1].long().contiguous()
-    n_docs = fused[asking[0]][0].n_docs if asking else 0
+    n_docs = fused[asking[0]][0].n_docs if asking else 0  # the base numbering's size
     stat_rows, gold_rows, to_base = [], [], {}
     for i in asking:
         s, kd = fused[i]
         n_heads, n_q, _ = s.q.shape
         rep = n_heads // kv
         stat_rows += [offsets[i] + e * n_q + n_q - 1 for e in range(rep)]  # head g*rep+e's readout row
-        to_base[i] = None if kd is fused[asking[0]][1] else _to_base(base, kd, n_docs)
+        # streams of other corpora (other N) share chunks too: their numbering and size may differ
+        same = kd is fused[asking[0]][1] and s.n_docs == n_docs
+        to_base[i] = None if same else _to_base(base, kd, s.n_docs, n_docs)
         gold = torch.zeros(n_docs, dtype=torch.bool)
         if s.keeps_gold:
-            own = torch.zeros(n_docs, dtype=torch.bool)
+            own = torch.zeros(s.n_docs + 1, dtype=torch.bool)
             own[s.gold] = True
-            gold = own if to_base[i] is None else torch.cat([own, torch.zeros(1, dtype=torch.bool)])[_inverse(to_base[i], n_docs)]
+            gold = own[:n_docs] if same else own[_inverse(to_base[i], s.n_docs, n_docs)]
         gold_rows += [gold] * rep
     gold_mask = torch.stack(gold_rows) if asking and any(bool(g.any()) for g in gold_rows) else empty
     try:
@@ -110,20 +112,20 @@ def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tens
     return True
 
 
-def _to_base(base: Tensor, own: Tensor, n_docs: int) -> Tensor:
-    """For each of a stream's documents, its index in the base numbering (``n_docs`` when the
-    chunk does not hold it): the two numberings label the same keys."""
-    index = torch.full((n_docs,), n_docs, dtype=torch.long)
+def _to_base(base: Tensor, own: Tensor, n_own: int, n_base: int) -> Tensor:
+    """For each of a stream's ``n_own`` documents, its index in the base numbering (``n_base``
+    when the chunk does not hold it): the two numberings label the same keys."""
+    index = torch.full((n_own,), n_base, dtype=torch.long)
     mask = base >= 0
     index[own[mask]] = base[mask]
     return index
 
 
-def _inverse(to_base: Tensor, n_docs: int) -> Tensor:
-    """For each base document, the stream's own index (``n_docs`` when not in the chunk)."""
-    inverse = torch.full((n_docs + 1,), n_docs, dtype=torch.long)
-    inverse[to_base] = torch.arange(n_docs)
-    return inverse[:n_docs]
+def _inverse(to_base: Tensor, n_own: int, n_base: int) -> Tensor:
+    """For each base document, the stream's own index (``n_own`` when not in the chunk)."""
+    inverse = torch.full((n_base + 1,), n_own, dtype=torch.long)
+    inverse[to_base] = torch.arange(n_own)
+    return inverse[:n_base]
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:

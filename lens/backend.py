@@ -9,6 +9,7 @@ bf16 vs 78 in fp32).  ``--dtype`` overrides the choice everywhere.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from functools import lru_cache
@@ -104,4 +105,6 @@ def describe(dtype: str | torch.dtype | None = "auto") -> dict:
 def stamp(dtype: torch.dtype) -> str:
     """One line naming the CPU, its features, the dtype and the kernel path (beside every speed)."""
     feats = ",".join(k for k, v in cpu_features().items() if v) or "none detected"
-    return f"{cpu_model()} [{feats}] dtype={dtype_name(dtype)} kernel={kernel_path(dtype)} threads={torch.get_num_threads()}"
+    capped = f" aten={torch.backends.cpu.get_cpu_capability()}" if os.environ.get("ATEN_CPU_CAPABILITY") else ""
+    return (f"{cpu_model()} [{feats}] dtype={dtype_name(dtype)} kernel={kernel_path(dtype)} "
+            f"threads={torch.get_num_threads()}{capped}")

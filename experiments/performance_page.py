@@ -1,8 +1,9 @@
 """Write docs/performance.md from benchmark runs on this machine (never typed in).
 
-Runs each benchmark below as a subprocess, keeps its printed output, and replaces this CPU class's
-section of the page (keyed by the first line every benchmark prints: CPU model, features, dtype,
-kernel path), leaving other CPU classes' sections as they were measured.
+Runs each benchmark below as a subprocess, keeps its printed output, and replaces those
+benchmarks' blocks in this CPU class's section of the page (keyed by the first line every
+benchmark prints: CPU model, features, dtype, kernel path), leaving the section's other blocks and
+other CPU classes' sections as they were measured.
 
     .venv/bin/python experiments/performance_page.py            # all benchmarks (~10 min on 2 cores)
     .venv/bin/python experiments/performance_page.py --only shard_merge
@@ -42,9 +43,10 @@ CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", 
 BEGIN, END = "<!-- measured: {} -->", "<!-- end measured -->"
 
 
-def run(names: list[str], dtype: str) -> tuple[str, str]:
-    """(the stamp line, the section's markdown)."""
-    stamp, blocks = None, []
+def run(names: list[str], dtype: str) -> tuple[str, str, dict[str, str]]:
+    """(the section's key, the stamp line, each benchmark's block of markdown)."""
+    stamp, blocks = None, {}
+    when = datetime.date.today().isoformat()
     for name in names:
         what, cmd = BENCHMARKS[name]
         cmd = cmd + ["--dtype", dtype]
@@ -56,12 +58,27 @@ def run(names: list[str], dtype: str) -> tuple[str, str]:
         stamp = stamp or lines[0]
         env = " ".join(f"{k}={os.environ[k]}" for k in CAPS if k in os.environ)
         shown = " ".join(([env] if env else []) + ["python"] + [c for c in cmd[1:]])
-        blocks.append(f"### {name}: {what}\n\n`{shown}`\n\n```\n" + "\n".join(lines) + "\n```\n")
-    when = datetime.date.today().isoformat()
-    key = re.sub(r" threads=\d+", "", stamp)
-    section = BEGIN.format(key) + f"\n## {stamp}\n\nMeasured {when} by `experiments/performance_page.py`.\n\n" \
-        + "\n".join(blocks) + END
-    return key, section
+        blocks[name] = f"### {name}: {what}\n\nMeasured {when}: `{shown}`\n\n```\n" + "\n".join(lines) + "\n```\n"
+    return re.sub(r" threads=\d+", "", stamp), stamp, blocks
+
+
+def merged_section(key: str, stamp: str, blocks: dict[str, str], old: str | None) -> str:
+    """This CPU class's section: the blocks just measured, and the old section's blocks of the
+    benchmarks not rerun (each block carries the date it was measured)."""
+    kept = {}
+    if old:
+        dated = re.search(r"Measured (\d{4}-\d\d-\d\d) by", old)  # a section written before blocks carried dates
+        for part in re.split(r"(?m)^(?=### )", old)[1:]:
+            name = part.split(":", 1)[0].removeprefix("### ").strip()
+            part = part.replace(END, "").rstrip() + "\n"
+            if dated and "\nMeasured " not in part:
+                head, rest = part.split("\n\n`", 1)
+                part = f"{head}\n\nMeasured {dated.group(1)}: `{rest}"
+            kept[name] = part
+    kept.update(blocks)
+    order = [n for n in BENCHMARKS if n in kept] + [n for n in kept if n not in BENCHMARKS]
+    return (BEGIN.format(key) + f"\n## {stamp}\n\nWritten by `experiments/performance_page.py`; each block "
+            "gives the day it was measured.\n\n" + "\n".join(kept[n] for n in order) + END)
 
 
 def main() -> None:
@@ -69,10 +86,12 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="comma-separated: " + ", ".join(BENCHMARKS))
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     args = parser.parse_args()
-    key, section = run([n.strip() for n in args.only.split(",")], args.dtype)
+    key, stamp, blocks = run([n.strip() for n in args.only.split(",")], args.dtype)
     page = PAGE.read_text()
     pattern = re.compile(re.escape(BEGIN.format(key)) + r".*?" + re.escape(END), re.S)
-    page = pattern.sub(lambda _: section, page) if pattern.search(page) else page.rstrip() + "\n\n" + section + "\n"
+    found = pattern.search(page)
+    section = merged_section(key, stamp, blocks, found.group(0) if found else None)
+    page = pattern.sub(lambda _: section, page) if found else page.rstrip() + "\n\n" + section + "\n"
     PAGE.write_text(page)
     print(f"wrote {PAGE.relative_to(ROOT)}: {key}")
 

@@ -182,7 +182,8 @@ def build(path: str = "native-avx512", ablate: int = 0, root: Path | None = None
     from torch.utils.cpp_extension import load
 
     source, flags, _ = BUILDS[path]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # the sources include them
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + torch.__version__.encode()).hexdigest()[:16]
     stem = path.replace("-", "_")
     tag = f"{stem}_{digest}_ablate{ablate}" if ablate else f"{stem}_{digest}"
     folder = (root or build_root()) / tag

@@ -9,13 +9,8 @@
 // is the "store bf16, compute fp32" mode); every score and sum is fp32.  Work is split over
 // (KV head, part of the chunk); parts start at document boundaries so one task writes each
 // document's statistics.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>  // the Tensor <-> Python caster
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -31,6 +26,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "corpus_attention_common.h"
+
 #ifndef LENS_ISA
 #define LENS_ISA vec_default
 #endif
@@ -39,10 +36,12 @@
 
 namespace {
 
+using lens::kNegInf;
+using lens::log_add_exp;
+using lens::Partial;
 using Vec = at::vec::Vectorized<float>;
 constexpr int L = Vec::size();
 constexpr int kBlock = 64;  // keys per block: a block's fp32 keys, values and scores stay in L1
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // fp32 copies of n rows of d values (bf16 -> fp32 is a 16-bit shift; the loop vectorises)
 inline void to_float(const float* src, float* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(float)); }
@@ -78,13 +77,6 @@ inline float exp_sum(const float* x, int n, float shift, float* out) {
     s = s + e;
   }
   return hsum(s);
-}
-
-inline float log_add_exp(float a, float b) {
-  if (a == kNegInf) return b;
-  if (b == kNegInf) return a;
-  float m = std::max(a, b);
-  return m + std::log(std::exp(a - m) + std::exp(b - m));
 }
 
 // The eight sums of a[0..7]'s lanes into out[0..7] (one shuffle tree on x86, lane sums elsewhere).
@@ -163,10 +155,6 @@ inline void scale_rows(float* x, float a) {
   for (int j = 0; j < N; j += L) (Vec::loadu(x + j) * av).store(x + j);
 }
 
-struct Partial {  // one task's running softmax for every row
-  std::vector<float> m, l, acc, gold;  // m, l [R]; acc [R, D]; gold [S, D]
-};
-
 // Denormal probabilities (scores ~100 nats below the row's max) would make the FMAs take
 // microcode assists on x86; terms below 1e-38 of the max do not change an fp32 sum, so they are
 // flushed to zero for the kernel's duration.
@@ -179,12 +167,15 @@ struct FlushDenormals {
 };
 
 template <int D, typename QT, typename KT>
-void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int64_t G, int64_t R, float scale,
-         const int64_t* kd, int64_t n_docs, const std::vector<int64_t>& srow, const bool* gmask,
-         const std::vector<int64_t>& bounds, float* o, float* ls, float* dmax, float* dlse, float* go) {
-  const int64_t S = (int64_t)srow.size();
-  const bool stats = S > 0;
-  const int64_t n_parts = (int64_t)bounds.size() - 1;
+void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, float scale) {
+  const int64_t G = c.G, R = c.R, S = c.S, n_docs = c.n_docs, n_parts = c.n_parts();
+  const bool stats = c.stats;
+  const int64_t* kd = c.kd;
+  const bool* gmask = c.gmask;
+  const std::vector<int64_t>& srow = c.srow;
+  const std::vector<int64_t>& bounds = c.bounds;
+  float* dmax = c.doc_max.data_ptr<float>();
+  float* dlse = c.doc_lse.data_ptr<float>();
   std::vector<Partial> parts(G * n_parts);
   at::parallel_for(0, G * n_parts, 1, [&](int64_t begin, int64_t end) {
     FlushDenormals ftz;
@@ -273,50 +264,22 @@ void run(const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, int
     }
   });
 
-  // combine the parts of each KV head
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t r = 0; r < R; ++r) {
-      float M = kNegInf;
-      for (int64_t p = 0; p < n_parts; ++p) M = std::max(M, parts[g * n_parts + p].m[r]);
-      float Lsum = 0.f;
-      float* orow = o + (g * R + r) * D;
-      std::fill(orow, orow + D, 0.f);
-      std::vector<float> w(n_parts);
-      for (int64_t p = 0; p < n_parts; ++p) {
-        const Partial& P = parts[g * n_parts + p];
-        w[p] = P.m[r] == kNegInf ? 0.f : std::exp(P.m[r] - M);
-        Lsum += P.l[r] * w[p];
-        axpy<D>(w[p], P.acc.data() + r * D, orow);
-      }
-      scale_rows<D>(orow, 1.f / Lsum);
-      ls[g * R + r] = M + std::log(Lsum);
-      for (int64_t s = 0; s < S; ++s) {
-        if (srow[s] != r) continue;
-        float* grow = go + (g * S + s) * D;
-        for (int64_t p = 0; p < n_parts; ++p) axpy<D>(w[p], parts[g * n_parts + p].gold.data() + s * D, grow);
-        scale_rows<D>(grow, 1.f / Lsum);
-      }
-    }
-  }
+  c.combine(parts);
 }
 
 template <int D>
-void dispatch_types(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values, float scale,
-                    const int64_t* kd, int64_t n_docs, const std::vector<int64_t>& srow, const bool* gmask,
-                    const std::vector<int64_t>& bounds, float* o, float* ls, float* dmax, float* dlse, float* go) {
-  const int64_t G = keys.size(0), R = q.size(1), ks0 = keys.stride(0), vs0 = values.stride(0);
+void dispatch_types(lens::Call& c, const at::Tensor& keys, const at::Tensor& values, float scale) {
+  const int64_t ks0 = keys.stride(0), vs0 = values.stride(0);
   auto go_with = [&](auto* qp) {
     if (keys.scalar_type() == at::kBFloat16)
-      run<D>(qp, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), ks0, vs0, G, R, scale, kd, n_docs,
-             srow, gmask, bounds, o, ls, dmax, dlse, go);
+      run<D>(c, qp, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), ks0, vs0, scale);
     else
-      run<D>(qp, keys.data_ptr<float>(), values.data_ptr<float>(), ks0, vs0, G, R, scale, kd, n_docs, srow, gmask,
-             bounds, o, ls, dmax, dlse, go);
+      run<D>(c, qp, keys.data_ptr<float>(), values.data_ptr<float>(), ks0, vs0, scale);
   };
-  if (q.scalar_type() == at::kBFloat16)
-    go_with(q.data_ptr<at::BFloat16>());
+  if (c.q.scalar_type() == at::kBFloat16)
+    go_with(c.q.data_ptr<at::BFloat16>());
   else
-    go_with(q.data_ptr<float>());
+    go_with(c.q.data_ptr<float>());
 }
 
 }  // namespace
@@ -332,75 +295,18 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   auto ok_type = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
   TORCH_CHECK(ok_type(q) && ok_type(keys) && keys.scalar_type() == values.scalar_type(),
               "decode_attention: q, keys and values must be fp32 or bf16 (keys and values alike)");
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
-  const int64_t G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q.size(1);
-  TORCH_CHECK(q.size(0) == G && q.size(2) == D && values.size(0) == G && values.size(1) == T && values.size(2) == D,
-              "decode_attention: shapes of q, keys, values disagree");
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, "decode_attention: head dim must be 32, 64 or 128");
-  TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == D && values.stride(2) == 1 && values.stride(1) == D,
-              "decode_attention: keys and values rows must be contiguous");
-  const bool stats = key_doc.numel() > 0 && stat_rows.numel() > 0;
-  const int64_t S = stats ? stat_rows.size(0) : 0;
-  const bool has_gold = stats && gold_mask.numel() > 0;
-  auto qc = q.contiguous();
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto out = at::empty({G, R, D}, f32);
-  auto lse = at::empty({G, R}, f32);
-  auto doc_max = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
-  auto doc_lse = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
-  auto gold_out = at::zeros({G, S, D}, f32);
-
-  TORCH_CHECK(key_doc.numel() == 0 || (key_doc.numel() == T && key_doc.scalar_type() == at::kLong && key_doc.is_contiguous()),
-              "decode_attention: key_doc must be empty or int64 [T], contiguous");
-  const int64_t* kd = key_doc.numel() > 0 ? key_doc.data_ptr<int64_t>() : nullptr;
-  TORCH_CHECK(!has_gold || (gold_mask.dim() == 2 && gold_mask.size(0) == S && gold_mask.size(1) == n_docs &&
-                            gold_mask.is_contiguous()), "decode_attention: gold_mask must be bool [stat rows, n_docs]");
-  std::vector<int64_t> srow(S);
-  for (int64_t s = 0; s < S; ++s) {
-    srow[s] = stat_rows.data_ptr<int64_t>()[s];
-    TORCH_CHECK(srow[s] >= 0 && srow[s] < R, "decode_attention: stat row ", srow[s], " outside 0..", R - 1);
+  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask);
+  if (c.T == 0) {
+    c.out.zero_();
+    c.lse.fill_(kNegInf);
+    return c.results();
   }
-  const bool* gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
-
-  // parts of the chunk, starting at document boundaries when key_doc is given (so a row's
-  // summation order does not depend on what other rows ask for); with statistics each
-  // document's keys must be one run, so one task owns each document's statistics
-  const int64_t threads = at::get_num_threads();
-  int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
-  std::vector<int64_t> bounds{0};
-  for (int64_t p = 1; p < n_parts; ++p) {
-    int64_t t = T * p / n_parts;
-    if (kd) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
-    if (t > bounds.back() && t < T) bounds.push_back(t);
+  switch (c.D) {
+    case 32: dispatch_types<32>(c, keys, values, (float)scale); break;
+    case 64: dispatch_types<64>(c, keys, values, (float)scale); break;
+    default: dispatch_types<128>(c, keys, values, (float)scale);
   }
-  bounds.push_back(T);
-  if (stats) {
-    std::vector<uint8_t> seen(n_docs, 0);
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t d = kd[t];
-      TORCH_CHECK(d < n_docs, "decode_attention: key_doc ", d, " >= n_docs ", n_docs);
-      if (d >= 0 && (t == 0 || kd[t - 1] != d)) {
-        TORCH_CHECK(!seen[d], "decode_attention: document ", d, "'s keys are not one run");
-        seen[d] = 1;
-      }
-    }
-  }
-  if (T > 0) {
-    float* o = out.data_ptr<float>();
-    float* ls = lse.data_ptr<float>();
-    float* dm = doc_max.data_ptr<float>();
-    float* dl = doc_lse.data_ptr<float>();
-    float* go = gold_out.data_ptr<float>();
-    switch (D) {
-      case 32: dispatch_types<32>(qc, keys, values, (float)scale, kd, n_docs, srow, gmask, bounds, o, ls, dm, dl, go); break;
-      case 64: dispatch_types<64>(qc, keys, values, (float)scale, kd, n_docs, srow, gmask, bounds, o, ls, dm, dl, go); break;
-      default: dispatch_types<128>(qc, keys, values, (float)scale, kd, n_docs, srow, gmask, bounds, o, ls, dm, dl, go);
-    }
-  } else {
-    out.zero_();
-    lse.fill_(kNegInf);
-  }
-  return {out, lse, doc_max, doc_lse, gold_out};
+  return c.results();
 }
 
 bool uses_amx() { return false; }

@@ -7,11 +7,6 @@
 // Work is split over (KV head, part of the chunk); parts start at document boundaries so a
 // document's statistics are written by one task.  Scores and sums are fp32; q.k accumulates in
 // fp32 from bf16 inputs (as PyTorch's flash kernel does).
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
-#include <ATen/ops/zeros.h>
 #include <torch/csrc/utils/pybind.h>  // the Tensor <-> Python caster
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -25,6 +20,8 @@
 #include <string>
 #include <vector>
 
+#include "corpus_attention_common.h"
+
 namespace {
 
 constexpr int kBlock = 64;  // keys per block: scores [rows, 64] stay in L1
@@ -37,7 +34,9 @@ constexpr int kBlock = 64;  // keys per block: scores [rows, 64] stay in L1
 #define LENS_ABLATE 0
 #endif
 constexpr int kAblate = LENS_ABLATE;
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+using lens::kNegInf;
+using lens::log_add_exp;
+using lens::Partial;
 
 inline __m512 bf16_to_f32(const uint16_t* p) {
   __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -87,13 +86,6 @@ inline float max_of(const float* x, int n) {
   for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(x + i));
   if (i < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), (__mmask16)((1u << (n - i)) - 1), x + i));
   return _mm512_reduce_max_ps(m);
-}
-
-inline float log_add_exp(float a, float b) {
-  if (a == kNegInf) return b;
-  if (b == kNegInf) return a;
-  float m = std::max(a, b);
-  return m + std::log(std::exp(a - m) + std::exp(b - m));
 }
 
 // In-place transpose of a 16 x 16 matrix of 32-bit words (r[i] = row i -> r[j] = column j).
@@ -268,10 +260,6 @@ inline void block_values_any(const uint16_t* vblock, int nb, int64_t D, const fl
   }
 }
 
-struct Partial {  // one task's running softmax for every row
-  std::vector<float> m, l, acc, gold;  // m, l [R]; acc [R, D]; gold [S, D]
-};
-
 }  // namespace
 
 // q [G, R, D] bf16; keys, values [G, T, D] bf16 (rows contiguous); key_doc int64 [T] (-1: no
@@ -283,68 +271,21 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
                                          const at::Tensor& stat_rows, const at::Tensor& gold_mask) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
               values.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, keys and values");
-  TORCH_CHECK(q.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
-  const int64_t G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q.size(1);
-  TORCH_CHECK(q.size(0) == G && q.size(2) == D && values.size(0) == G && values.size(1) == T && values.size(2) == D,
-              "decode_attention: shapes of q, keys, values disagree");
-  TORCH_CHECK(D == 32 || D == 64 || D == 128, "decode_attention: head dim must be 32, 64 or 128");
-  TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == D && values.stride(2) == 1 && values.stride(1) == D,
-              "decode_attention: keys and values rows must be contiguous");
-  const bool stats = key_doc.numel() > 0 && stat_rows.numel() > 0;
-  const int64_t S = stats ? stat_rows.size(0) : 0;
-  const bool has_gold = stats && gold_mask.numel() > 0;
-  auto qc = q.contiguous();
-  auto f32 = at::TensorOptions().dtype(at::kFloat);
-  auto out = at::empty({G, R, D}, f32);
-  auto lse = at::empty({G, R}, f32);
-  auto doc_max = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
-  auto doc_lse = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
-  auto gold_out = at::zeros({G, S, D}, f32);
-
-  // key_doc, when given, also places the parts' boundaries (at document starts) with or without
-  // statistics: a row's summation order then does not depend on what other rows ask for
-  TORCH_CHECK(key_doc.numel() == 0 || (key_doc.numel() == T && key_doc.scalar_type() == at::kLong && key_doc.is_contiguous()),
-              "decode_attention: key_doc must be empty or int64 [T], contiguous");
-  const int64_t* kd = key_doc.numel() > 0 ? key_doc.data_ptr<int64_t>() : nullptr;
-  TORCH_CHECK(!has_gold || (gold_mask.dim() == 2 && gold_mask.size(0) == S && gold_mask.size(1) == n_docs &&
-                            gold_mask.is_contiguous()), "decode_attention: gold_mask must be bool [stat rows, n_docs]");
-  std::vector<int64_t> srow(S);
-  for (int64_t s = 0; s < S; ++s) {
-    srow[s] = stat_rows.data_ptr<int64_t>()[s];
-    TORCH_CHECK(srow[s] >= 0 && srow[s] < R, "decode_attention: stat row ", srow[s], " outside 0..", R - 1);
-  }
-  const bool* gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
-
-  // Parts of the chunk, starting at document boundaries when key_doc is given; with statistics
-  // each document's keys must be one run (so one task owns each document's statistics).
-  const int64_t threads = at::get_num_threads();
-  int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
-  std::vector<int64_t> bounds{0};
-  for (int64_t p = 1; p < n_parts; ++p) {
-    int64_t t = T * p / n_parts;
-    if (kd) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
-    if (t > bounds.back() && t < T) bounds.push_back(t);
-  }
-  bounds.push_back(T);
-  n_parts = (int64_t)bounds.size() - 1;
-  if (stats) {
-    std::vector<uint8_t> seen(n_docs, 0);
-    for (int64_t t = 0; t < T; ++t) {
-      int64_t d = kd[t];
-      TORCH_CHECK(d < n_docs, "decode_attention: key_doc ", d, " >= n_docs ", n_docs);
-      if (d >= 0 && (t == 0 || kd[t - 1] != d)) {
-        TORCH_CHECK(!seen[d], "decode_attention: document ", d, "'s keys are not one run");
-        seen[d] = 1;
-      }
-    }
-  }
-
+  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask);
+  const int64_t G = c.G, D = c.D, R = c.R, S = c.S, n_parts = c.n_parts();
+  const bool stats = c.stats;
+  const int64_t* kd = c.kd;
+  const bool* gmask = c.gmask;
+  const bool has_gold = gmask != nullptr;
+  const std::vector<int64_t>& srow = c.srow;
+  const std::vector<int64_t>& bounds = c.bounds;
+  auto qc = c.q;
   std::vector<Partial> parts(G * n_parts);
   const auto* kp = reinterpret_cast<const uint16_t*>(keys.data_ptr<at::BFloat16>());
   const auto* vp = reinterpret_cast<const uint16_t*>(values.data_ptr<at::BFloat16>());
   const int64_t ks0 = keys.stride(0), vs0 = values.stride(0);
-  float* dmax = doc_max.data_ptr<float>();
-  float* dlse = doc_lse.data_ptr<float>();
+  float* dmax = c.doc_max.data_ptr<float>();
+  float* dlse = c.doc_lse.data_ptr<float>();
   const int nv = (int)(D / 16);
   const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
 
@@ -457,36 +398,8 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
     _mm_setcsr(csr);
   });
 
-  // combine the parts of each KV head
-  float* o = out.data_ptr<float>();
-  float* ls = lse.data_ptr<float>();
-  float* go = gold_out.data_ptr<float>();
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t r = 0; r < R; ++r) {
-      float M = kNegInf;
-      for (int64_t p = 0; p < n_parts; ++p) M = std::max(M, parts[g * n_parts + p].m[r]);
-      float L = 0.f;
-      float* orow = o + (g * R + r) * D;
-      std::fill(orow, orow + D, 0.f);
-      std::vector<float> w(n_parts);
-      for (int64_t p = 0; p < n_parts; ++p) {
-        const Partial& P = parts[g * n_parts + p];
-        w[p] = P.m[r] == kNegInf ? 0.f : std::exp(P.m[r] - M);
-        L += P.l[r] * w[p];
-        for (int64_t j = 0; j < D; ++j) orow[j] += P.acc[r * D + j] * w[p];
-      }
-      for (int64_t j = 0; j < D; ++j) orow[j] /= L;
-      ls[g * R + r] = M + std::log(L);
-      for (int64_t s = 0; s < S; ++s) {
-        if (srow[s] != r) continue;
-        float* grow = go + (g * S + s) * D;
-        for (int64_t p = 0; p < n_parts; ++p)
-          for (int64_t j = 0; j < D; ++j) grow[j] += parts[g * n_parts + p].gold[s * D + j] * w[p];
-        for (int64_t j = 0; j < D; ++j) grow[j] /= L;
-      }
-    }
-  }
-  return {out, lse, doc_max, doc_lse, gold_out};
+  c.combine(parts);
+  return c.results();
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,148 @@
+// What the corpus-attention kernels share (decode_attention.cpp, corpus_attention_vec.cpp): the
+// interface's checks, the outputs, the chunk's split into parts at document boundaries, and the
+// combination of the parts' running softmaxes.  The arithmetic in between is each kernel's own.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace lens {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+struct Partial {  // one task's running softmax for every row
+  std::vector<float> m, l, acc, gold;  // m, l [rows]; acc [rows, D]; gold [S, D]
+};
+
+// One call's checked inputs and its outputs.
+//
+// q [G, R, D]; keys, values [G, T, D] (rows contiguous); key_doc int64 [T] (-1: no document) or
+// empty; stat_rows int64 [S]; gold_mask bool [S, n_docs] or empty.  Outputs: out [G, R, D] fp32
+// (normalised), lse [G, R], doc_max / doc_lse [G, S, n_docs] (-inf where a document has no key in
+// the chunk), gold_out [G, S, D] (normalised by the row's lse).  The dtypes are the caller's to
+// check.
+struct Call {
+  int64_t G = 0, T = 0, D = 0, R = 0, S = 0, n_docs = 0;
+  bool stats = false;
+  const int64_t* kd = nullptr;  // key_doc, or null
+  const bool* gmask = nullptr;  // gold_mask, or null
+  std::vector<int64_t> srow;    // the stat rows
+  std::vector<int64_t> bounds;  // the parts: [bounds[p], bounds[p + 1]) of the chunk's keys
+  at::Tensor q, out, lse, doc_max, doc_lse, gold_out;
+
+  Call(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& key_doc,
+       int64_t docs, const at::Tensor& stat_rows, const at::Tensor& gold_mask)
+      : n_docs(docs) {
+    TORCH_CHECK(q_in.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
+    G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q_in.size(1);
+    TORCH_CHECK(q_in.size(0) == G && q_in.size(2) == D && values.size(0) == G && values.size(1) == T &&
+                values.size(2) == D, "decode_attention: shapes of q, keys, values disagree");
+    TORCH_CHECK(D == 32 || D == 64 || D == 128, "decode_attention: head dim must be 32, 64 or 128");
+    TORCH_CHECK(keys.stride(2) == 1 && keys.stride(1) == D && values.stride(2) == 1 && values.stride(1) == D,
+                "decode_attention: keys and values rows must be contiguous");
+    stats = key_doc.numel() > 0 && stat_rows.numel() > 0;
+    S = stats ? stat_rows.size(0) : 0;
+    const bool has_gold = stats && gold_mask.numel() > 0;
+    q = q_in.contiguous();
+    auto f32 = at::TensorOptions().dtype(at::kFloat);
+    out = at::empty({G, R, D}, f32);
+    lse = at::empty({G, R}, f32);
+    doc_max = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
+    doc_lse = at::full({G, S, stats ? n_docs : 0}, kNegInf, f32);
+    gold_out = at::zeros({G, S, D}, f32);
+
+    // key_doc, when given, also places the parts' boundaries (at document starts) with or
+    // without statistics: a row's summation order then does not depend on what other rows ask for
+    TORCH_CHECK(key_doc.numel() == 0 ||
+                    (key_doc.numel() == T && key_doc.scalar_type() == at::kLong && key_doc.is_contiguous()),
+                "decode_attention: key_doc must be empty or int64 [T], contiguous");
+    kd = key_doc.numel() > 0 ? key_doc.data_ptr<int64_t>() : nullptr;
+    TORCH_CHECK(!has_gold || (gold_mask.dim() == 2 && gold_mask.size(0) == S && gold_mask.size(1) == n_docs &&
+                              gold_mask.is_contiguous()),
+                "decode_attention: gold_mask must be bool [stat rows, n_docs]");
+    srow.resize(S);
+    for (int64_t s = 0; s < S; ++s) {
+      srow[s] = stat_rows.data_ptr<int64_t>()[s];
+      TORCH_CHECK(srow[s] >= 0 && srow[s] < R, "decode_attention: stat row ", srow[s], " outside 0..", R - 1);
+    }
+    gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
+
+    // parts of the chunk, starting at document boundaries when key_doc is given; with
+    // statistics each document's keys must be one run (so one task owns each document's statistics)
+    const int64_t threads = at::get_num_threads();
+    int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
+    bounds = {0};
+    for (int64_t p = 1; p < n_parts; ++p) {
+      int64_t t = T * p / n_parts;
+      if (kd) while (t < T && t > 0 && kd[t] == kd[t - 1]) ++t;
+      if (t > bounds.back() && t < T) bounds.push_back(t);
+    }
+    bounds.push_back(T);
+    if (stats) {
+      std::vector<uint8_t> seen(n_docs, 0);
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t d = kd[t];
+        TORCH_CHECK(d < n_docs, "decode_attention: key_doc ", d, " >= n_docs ", n_docs);
+        if (d >= 0 && (t == 0 || kd[t - 1] != d)) {
+          TORCH_CHECK(!seen[d], "decode_attention: document ", d, "'s keys are not one run");
+          seen[d] = 1;
+        }
+      }
+    }
+  }
+
+  int64_t n_parts() const { return (int64_t)bounds.size() - 1; }
+
+  // The parts of each KV head (parts[g * n_parts + p]) into out, lse and gold_out.
+  void combine(const std::vector<Partial>& parts) {
+    const int64_t P = n_parts();
+    float* o = out.data_ptr<float>();
+    float* ls = lse.data_ptr<float>();
+    float* go = gold_out.data_ptr<float>();
+    std::vector<float> w(P);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t r = 0; r < R; ++r) {
+        float M = kNegInf;
+        for (int64_t p = 0; p < P; ++p) M = std::max(M, parts[g * P + p].m[r]);
+        float L = 0.f;
+        float* orow = o + (g * R + r) * D;
+        std::fill(orow, orow + D, 0.f);
+        for (int64_t p = 0; p < P; ++p) {
+          const Partial& part = parts[g * P + p];
+          w[p] = part.m[r] == kNegInf ? 0.f : std::exp(part.m[r] - M);
+          L += part.l[r] * w[p];
+          for (int64_t j = 0; j < D; ++j) orow[j] += part.acc[r * D + j] * w[p];
+        }
+        for (int64_t j = 0; j < D; ++j) orow[j] /= L;
+        ls[g * R + r] = M + std::log(L);
+        for (int64_t s = 0; s < S; ++s) {
+          if (srow[s] != r) continue;
+          float* grow = go + (g * S + s) * D;
+          for (int64_t p = 0; p < P; ++p)
+            for (int64_t j = 0; j < D; ++j) grow[j] += parts[g * P + p].gold[s * D + j] * w[p];
+          for (int64_t j = 0; j < D; ++j) grow[j] /= L;
+        }
+      }
+    }
+  }
+
+  std::vector<at::Tensor> results() const { return {out, lse, doc_max, doc_lse, gold_out}; }
+};
+
+inline float log_add_exp(float a, float b) {
+  if (a == kNegInf) return b;
+  if (b == kNegInf) return a;
+  const float m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+}  // namespace lens

@@ -37,7 +37,9 @@ class SweepWorker:
         self.specs = [fn.spec() for fn in self.score_fns]
         model = load_model(cfg.model, dtype=options.torch_dtype())
         self.layout = options.layout(model)
-        self.runner = BlockSearchRunner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv,
+        # a unit's streams are fixed by the sweep's arguments (resumed, or on Ray, the same), so their
+        # dense layers run as one batch
+        self.runner = BlockSearchRunner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv, batch_dense=True,
                                         kv_wait=shared_kv)
 
     def streams(self, n: int, query_ids: list[str]):

@@ -38,13 +38,18 @@ class BlockSearchRunner:
     def __init__(
         self, model: Decoder, dataset: Dataset, layout: LayoutConfig | None = None, seed: int = 0,
         batch_tokens: int | None = None, progress: bool = True, kv: str = "memory", kv_folder=None,
-        kv_wait: bool = False,
+        kv_wait: bool = False, batch_dense: bool = False,
     ):
         """``kv="memory"`` prefills documents on demand into RAM; ``kv="disk"`` prefills the whole
         pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``).
         ``batch_tokens``: the prefill batches' size, by default each source's own (memory 2048,
         disk 8192); the two hold the same KV bits when it is the same.  ``kv_wait``: a disk cache
-        another process is building is waited for, not refused."""
+        another process is building is waited for, not refused.  ``batch_dense``: the dense layers
+        (projections, MLP, norms) of all streams at a layer step run as one matmul over their
+        stacked rows, where by default each stream (or beam) runs its own: several times faster for
+        many streams at small N, but a stream's numbers then depend, at rounding level, on which
+        streams ran beside it (fp32 GEMMs sum differently for a few rows than for many), so it is
+        for callers whose batches are fixed, such as a sweep's units; never with hooks attached."""
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
@@ -66,6 +71,7 @@ class BlockSearchRunner:
         # alone (routing at L, SSMax on a layer range, head scaling) reruns from its first layer
         self._plain: OrderedDict = OrderedDict()
         self.plain_cache_size = 16
+        self.batch_dense = batch_dense
 
     def corpus(self, query_id: str, n_docs: int) -> tuple[list[int], list[int]]:
         return corpus_for_query(self.dataset, query_id, n_docs, self.seed)
@@ -216,20 +222,54 @@ class BlockSearchRunner:
     def _layer(self, layer: int, streams: list[QueryStream], record: bool) -> None:
         block = self.model.blocks[layer]
         batches = self._batches(streams)
-        for members in batches:  # a batch: one stream, or a beam's hypotheses (one token each, same position)
-            resid, (q, k, v) = block.attention_inputs(torch.cat([s.resid for s in members]), *members[0].rotary)
-            for i, s in enumerate(members):
-                s.resid = resid[i : i + 1]
-                self._open_stream(layer, s, q[i : i + 1], k[i : i + 1], v[i : i + 1], record)
+        together = self.batch_dense and len(batches) > 1 and not self._hooked()
+        groups = [batches] if together else [[b] for b in batches]
+        for group in groups:  # a batch: one stream, or a beam's hypotheses (one token each, same position)
+            for members, (resid, (q, k, v)) in zip(group, self._dense_in(block, group)):
+                for i, s in enumerate(members):
+                    s.resid = resid[i : i + 1]
+                    self._open_stream(layer, s, q[i : i + 1], k[i : i + 1], v[i : i + 1], record)
         self.source.feed(layer, streams)
-        for members in batches:
-            results = [self._close_stream(layer, s) for s in members]
-            out = block.finish(torch.cat([s.resid for s in members]), torch.stack([r.output for r in results]))
-            for i, s in enumerate(members):
-                s.resid = out[i : i + 1]
-            for s, res in zip(members, results):
-                if record and s.record:
-                    self._record(s, block.attn, res)
+        for group in groups:
+            results = [[self._close_stream(layer, s) for s in members] for members in group]
+            outs = self._dense_out(block, group, [torch.stack([r.output for r in rs]) for rs in results])
+            for members, rs, out in zip(group, results, outs):
+                for i, s in enumerate(members):
+                    s.resid = out[i : i + 1]
+                for s, res in zip(members, rs):
+                    if record and s.record:
+                        self._record(s, block.attn, res)
+
+    def _hooked(self) -> bool:
+        return any(h._forward_hooks or h._forward_pre_hooks for h in self.model.hook_dict.values())
+
+    @staticmethod
+    def _flat(parts: list[Tensor]) -> Tensor:
+        """[B, T, ...] parts as one [1, sum B*T, ...]: rows of one matmul."""
+        return torch.cat([t.reshape(1, -1, *t.shape[2:]) for t in parts], 1)
+
+    @staticmethod
+    def _unflat(x: Tensor, shapes: list[torch.Size]) -> list[Tensor]:
+        sizes = [b * t for b, t in shapes]
+        return [part.reshape(b, t, *x.shape[2:]) for part, (b, t) in zip(x.split(sizes, 1), shapes)]
+
+    def _dense_in(self, block, group: list[list[QueryStream]]) -> list[tuple]:
+        """Per batch of the group: the block's (hooked) input and q, k, v, from one call for all."""
+        xs = [torch.cat([s.resid for s in members]) for members in group]
+        if len(group) == 1:
+            return [block.attention_inputs(xs[0], *group[0][0].rotary)]
+        shapes = [x.shape[:2] for x in xs]
+        rot = [[r.expand(x.shape[0], *r.shape[1:]) for r in members[0].rotary] for members, x in zip(group, xs)]
+        resid, qkv = block.attention_inputs(self._flat(xs), self._flat([c for c, _ in rot]), self._flat([s for _, s in rot]))
+        parts = [self._unflat(t, shapes) for t in (resid, *qkv)]
+        return [(r, (q, k, v)) for r, q, k, v in zip(*parts)]
+
+    def _dense_out(self, block, group: list[list[QueryStream]], zs: list[Tensor]) -> list[Tensor]:
+        """Per batch of the group: the block's output from its input and attention z."""
+        xs = [torch.cat([s.resid for s in members]) for members in group]
+        if len(group) == 1:
+            return [block.finish(xs[0], zs[0])]
+        return self._unflat(block.finish(self._flat(xs), self._flat(zs)), [x.shape[:2] for x in xs])
 
     def _batches(self, streams: list[QueryStream]) -> list[list[QueryStream]]:
         """Streams whose dense layers run as one batch: a beam's hypotheses at a decoding step

@@ -36,6 +36,8 @@ BENCHMARKS = {  # name -> (what it measures, command)
                  [PY, "experiments/bench_kernels.py", "--part", "overhead"]),
     "shard_merge": ("sharded corpus attention: the merge's cost beside one stream",
                     [PY, "experiments/bench_shard_merge.py"]),
+    "sweep": ("one sweep unit's query work with its streams' dense layers batched, against each stream its own",
+              [PY, "experiments/bench_sweep.py", "--n", "16,64", "--queries", "16"]),
     "paths": ("the lab's call on a cached 1,000-document corpus on lens's kernel path and PyTorch's, in turns",
               [PY, "experiments/bench_kernels.py", "--part", "paths"]),
 }

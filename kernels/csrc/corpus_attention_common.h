@@ -21,6 +21,59 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct Partial {  // one task's running softmax for every row
   std::vector<float> m, l, acc, gold;  // m, l [rows]; acc [rows, D]; gold [S, D]
+
+  void reset(int64_t rows, int64_t D, int64_t S) {
+    m.assign(rows, kNegInf);
+    l.assign(rows, 0.f);
+    acc.assign(rows * D, 0.f);
+    gold.assign(S * D, 0.f);
+  }
+};
+
+inline float log_add_exp(float a, float b) {
+  if (a == kNegInf) return b;
+  if (b == kNegInf) return a;
+  const float m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// Per stat row, the document run in progress in one task (its max score and the sum of
+// exp(score - max)), folded into KV head g's doc_max / doc_lse when the run ends.  A document's
+// keys are one run, so one task writes each document's statistics.
+struct DocRuns {
+  std::vector<int64_t> doc;
+  std::vector<float> max, sum;
+  float *dmax, *dlse;
+  int64_t S, n_docs;
+
+  DocRuns(int64_t stat_rows, int64_t docs, float* doc_max_g, float* doc_lse_g)
+      : doc(stat_rows, -1), max(stat_rows, kNegInf), sum(stat_rows, 0.f), dmax(doc_max_g), dlse(doc_lse_g),
+        S(stat_rows), n_docs(docs) {}
+
+  // a segment of document d's keys at stat row s: its max score and sum of exp(score - that max)
+  void add(int64_t s, int64_t d, float seg_max, float seg_sum) {
+    if (doc[s] == d) {
+      const float mx = std::max(max[s], seg_max);
+      sum[s] = sum[s] * std::exp(max[s] - mx) + seg_sum * std::exp(seg_max - mx);
+      max[s] = mx;
+      return;
+    }
+    flush(s);
+    doc[s] = d, max[s] = seg_max, sum[s] = seg_sum;
+  }
+
+  void flush(int64_t s) {
+    const int64_t d = doc[s];
+    if (d < 0) return;
+    float* mx = dmax + s * n_docs + d;
+    float* lx = dlse + s * n_docs + d;
+    *mx = std::max(*mx, max[s]);
+    *lx = log_add_exp(*lx, max[s] + std::log(sum[s]));
+  }
+
+  void flush_all() {
+    for (int64_t s = 0; s < S; ++s) flush(s);
+  }
 };
 
 // One call's checked inputs and its outputs.
@@ -137,12 +190,5 @@ struct Call {
 
   std::vector<at::Tensor> results() const { return {out, lse, doc_max, doc_lse, gold_out}; }
 };
-
-inline float log_add_exp(float a, float b) {
-  if (a == kNegInf) return b;
-  if (b == kNegInf) return a;
-  const float m = std::max(a, b);
-  return m + std::log(std::exp(a - m) + std::exp(b - m));
-}
 
 }  // namespace lens

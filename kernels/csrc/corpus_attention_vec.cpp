@@ -37,7 +37,6 @@
 namespace {
 
 using lens::kNegInf;
-using lens::log_add_exp;
 using lens::Partial;
 using Vec = at::vec::Vectorized<float>;
 constexpr int L = Vec::size();
@@ -186,21 +185,8 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
       const int64_t t0 = bounds[part], t1 = bounds[part + 1];
       to_float(qp + g * R * D, qf.data(), R * D);
       Partial& P = parts[task];
-      P.m.assign(R, kNegInf);
-      P.l.assign(R, 0.f);
-      P.acc.assign(R * D, 0.f);
-      P.gold.assign(S * D, 0.f);
-      // per stat row: the document run in progress (its max score, sum of exp(score - run max))
-      std::vector<int64_t> run_doc(S, -1);
-      std::vector<float> run_max(S, kNegInf), run_sum(S, 0.f);
-      auto flush = [&](int64_t s) {
-        int64_t d = run_doc[s];
-        if (d < 0) return;
-        float* mx = dmax + (g * S + s) * n_docs + d;
-        float* lx = dlse + (g * S + s) * n_docs + d;
-        *mx = std::max(*mx, run_max[s]);
-        *lx = log_add_exp(*lx, run_max[s] + std::log(run_sum[s]));
-      };
+      P.reset(R, D, S);
+      lens::DocRuns runs(S, n_docs, dmax + g * S * n_docs, dlse + g * S * n_docs);
       const KT* kbase = kp + g * ks0;
       const KT* vbase = vp + g * vs0;
       for (int64_t b = t0; b < t1; b += kBlock) {
@@ -243,16 +229,7 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
               const float* s_r = sc.data() + r * kBlock + i;
               const float seg_max = max_of(s_r, e - i);
               const float seg_sum = exp_sum(s_r, e - i, seg_max, nullptr);
-              if (run_doc[s] == d) {
-                const float mx = std::max(run_max[s], seg_max);
-                run_sum[s] = run_sum[s] * std::exp(run_max[s] - mx) + seg_sum * std::exp(seg_max - mx);
-                run_max[s] = mx;
-              } else {
-                flush(s);
-                run_doc[s] = d;
-                run_max[s] = seg_max;
-                run_sum[s] = seg_sum;
-              }
+              runs.add(s, d, seg_max, seg_sum);
               if (gmask && gmask[s * n_docs + d])
                 for (int k = i; k < e; ++k) axpy<D>(pr[r * kBlock + k], vrows + (int64_t)k * D, P.gold.data() + s * D);
             }
@@ -260,7 +237,7 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
           i = e;
         }
       }
-      for (int64_t s = 0; s < S; ++s) flush(s);
+      runs.flush_all();
     }
   });
 

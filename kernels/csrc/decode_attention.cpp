@@ -35,7 +35,6 @@ constexpr int kBlock = 64;  // keys per block: scores [rows, 64] stay in L1
 #endif
 constexpr int kAblate = LENS_ABLATE;
 using lens::kNegInf;
-using lens::log_add_exp;
 using lens::Partial;
 
 inline __m512 bf16_to_f32(const uint16_t* p) {
@@ -307,21 +306,8 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
       const int64_t t0 = bounds[part], t1 = bounds[part + 1];
       std::memcpy(qd.data(), qp + g * R * D, R * D * sizeof(uint16_t));  // rows past R stay 0
       Partial& P = parts[task];
-      P.m.assign(R_pad, kNegInf);
-      P.l.assign(R_pad, 0.f);
-      P.acc.assign(R_pad * D, 0.f);
-      P.gold.assign(S * D, 0.f);
-      // per stat row: the document run in progress (its max score, sum of exp(score - run max))
-      std::vector<int64_t> run_doc(S, -1);
-      std::vector<float> run_max(S, kNegInf), run_sum(S, 0.f);
-      auto flush = [&](int64_t s) {
-        int64_t d = run_doc[s];
-        if (d < 0) return;
-        float* mx = dmax + (g * S + s) * n_docs + d;
-        float* ls = dlse + (g * S + s) * n_docs + d;
-        *mx = std::max(*mx, run_max[s]);
-        *ls = log_add_exp(*ls, run_max[s] + std::log(run_sum[s]));
-      };
+      P.reset(R_pad, D, S);
+      lens::DocRuns runs(S, n_docs, dmax + g * S * n_docs, dlse + g * S * n_docs);
       const uint16_t* kbase = kp + g * ks0;
       const uint16_t* vbase = vp + g * vs0;
       for (int64_t b = t0; b < t1; b += kBlock) {
@@ -368,16 +354,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
               const float* s_r = sc.data() + r * kBlock + i;
               float seg_max = max_of(s_r, e - i);
               float seg_sum = exp_sum(s_r, e - i, seg_max, nullptr);
-              if (run_doc[s] == d) {
-                float mx = std::max(run_max[s], seg_max);
-                run_sum[s] = run_sum[s] * std::exp(run_max[s] - mx) + seg_sum * std::exp(seg_max - mx);
-                run_max[s] = mx;
-              } else {
-                flush(s);
-                run_doc[s] = d;
-                run_max[s] = seg_max;
-                run_sum[s] = seg_sum;
-              }
+              runs.add(s, d, seg_max, seg_sum);
               if (has_gold && gmask[s * n_docs + d]) {
                 float* ga = P.gold.data() + s * D;
                 for (int k = i; k < e; ++k) {
@@ -392,7 +369,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           i = e;
         }
       }
-      for (int64_t s = 0; s < S; ++s) flush(s);
+      runs.flush_all();
     }
     if (use_amx) _tile_release();
     _mm_setcsr(csr);

@@ -58,8 +58,10 @@ def parse_sizes(text: str, data) -> list[int] | None:
 
 
 def chart(fig, key: str, where=st) -> None:
-    """A plotly figure and a button that downloads it as a self-contained HTML file."""
-    where.plotly_chart(fig, key=key)
+    """A plotly figure, its PNG download (the camera in the figure's toolbar, rendered in the
+    browser, named after the figure) and a button that downloads it as a self-contained HTML file."""
+    where.plotly_chart(fig, key=key, config={"displaylogo": False, "toImageButtonOptions": dict(
+        format="png", filename=key, scale=2)})
     where.download_button("figure (HTML)", fig.to_html(include_plotlyjs=True), file_name=f"{key}.html",
                           mime="text/html", key=f"{key}-download")
 

@@ -103,7 +103,8 @@ class CorpusAttentionStream:
         self, q: Tensor, n_docs: int, *, n_corpus_keys: int, n_docs_attended: int, n_self: int, layer: int,
         scale: float, score_fn: ScoreFunction | None = None, gold_docs: list[int] | None = None,
         stats: bool = True, route_stats: bool = False, stats_rows: str = "all", self_mask: Tensor | None = None,
-        route_rows: slice = slice(None), route_mean: bool = False,
+        route_rows: slice = slice(None), route_mean: bool = False, row_entropy: Tensor | None = None,
+        entropy: bool = False,
     ):
         n_heads, n_q, d = q.shape
         self.q, self.scale, self.layer, self.score_fn = q, scale, layer, score_fn
@@ -113,7 +114,8 @@ class CorpusAttentionStream:
         self.rows = slice(n_q - 1, n_q) if stats_rows == "last" else slice(0, n_q)
         n_rows = 1 if stats_rows == "last" else n_q
         self.gold = torch.tensor(gold_docs, dtype=torch.long) if gold_docs else None
-        self.state = OnlineSoftmax(n_heads, n_q, d, n_rows if gold_docs and stats else None)
+        self.row_entropy = row_entropy  # each row's entropy from a first pass (adaptive temperature)
+        self.state = OnlineSoftmax(n_heads, n_q, d, n_rows if gold_docs and stats else None, entropy=entropy)
         self.doc_max = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.doc_lse = torch.full((n_heads, n_rows, n_docs), float("-inf")) if stats else None
         self.route_max = torch.full((n_heads, n_docs), float("-inf")) if route_stats else None
@@ -125,13 +127,15 @@ class CorpusAttentionStream:
         # goes through PyTorch's fused flash kernel, and per-document statistics are computed
         # for the readout row alone (the generic path keeps them for every row if asked).
         scale_rows = (torch.ones(n_heads, 1, 1) if score_fn is None
-                      else score_fn.row_scale(ScoreContext(layer, n_heads, self.n_keys, n_docs_attended, None)))
+                      else score_fn.row_scale(ScoreContext(layer, n_heads, self.n_keys, n_docs_attended, None,
+                                                           row_entropy=row_entropy)))
         self.folded_q = None
-        if scale_rows is not None and stats_rows == "last":
+        if scale_rows is not None and stats_rows == "last" and not entropy:  # a first pass sees raw scores
             self.folded_q = (q.float() * scale_rows).to(q.dtype)
 
     def _context(self, key_doc: Tensor) -> ScoreContext:
-        return ScoreContext(self.layer, self.q.shape[0], self.n_keys, self.n_docs_attended, key_doc)
+        return ScoreContext(self.layer, self.q.shape[0], self.n_keys, self.n_docs_attended, key_doc,
+                            row_entropy=self.row_entropy)
 
     def update(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
         """One chunk: keys, values [kv_head, C, d]; key_doc [C] (document of each key, -1 none)."""
@@ -181,11 +185,13 @@ class CorpusAttentionStream:
         numbering, -inf for documents not in the chunk; gold output [head, 1, d] normalised by
         the chunk's log-sum-exp)."""
         n_heads, n_q, d = self.q.shape
-        if self.route_max is not None:  # raw scores (before interventions), max over query rows
-            merge_doc_stats(grouped_row_max(self.q[:, self.route_rows], keys, self.scale), key_doc, self.route_max[:, None])
-        if self.route_sum is not None:
-            add_doc_sums(grouped_scores(self.q[:, self.route_rows], keys, self.scale), key_doc, self.route_sum,
-                         self.route_count)
+        # routing scores from the raw scores (before interventions): one QK pass serves both
+        raw = grouped_scores(self.q[:, self.route_rows], keys, self.scale) if self.route_sum is not None else None
+        if self.route_max is not None:  # max over query rows
+            row_max = raw.amax(1, keepdim=True) if raw is not None else grouped_row_max(self.q[:, self.route_rows], keys, self.scale)
+            merge_doc_stats(row_max, key_doc, self.route_max[:, None])
+        if raw is not None:
+            add_doc_sums(raw, key_doc, self.route_sum, self.route_count)
         m, alpha, beta = self.state.add_flash(out.reshape(n_heads, n_q, d).float(), lse.reshape(n_heads, n_q).float())
         if chunk_stats is not None:
             chunk_max, chunk_lse, chunk_gold = chunk_stats
@@ -202,6 +208,15 @@ class CorpusAttentionStream:
                 self.state.add_gold(alpha[:, -1:], part)
             if self.doc_max is not None:
                 merge_doc_stats(last, key_doc, self.doc_max, self.doc_lse)
+
+    def finish_entropy(self, self_k: Tensor, self_v: Tensor) -> Tensor:
+        """A first pass's end (a stream made with ``entropy=True``): each row's attention
+        entropy over the corpus and its self keys, [head, Q, 1]."""
+        s = self_k.shape[1]
+        scores, _ = apply_score_function(grouped_scores(self.q, self_k, self.scale), self.score_fn,
+                                         self._context(torch.full((s,), -1, dtype=torch.long)))
+        self._accumulate(scores.masked_fill(~self.self_mask, float("-inf")), self_v, None)
+        return self.state.entropy()
 
     def finish(self, self_k: Tensor, self_v: Tensor) -> CorpusAttentionResult:
         s = self_k.shape[1]

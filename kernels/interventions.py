@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from torch import Tensor
 
 from kernels.score_functions import ScoreFunction, first_of, layer_value, param, register
 
@@ -201,6 +202,69 @@ class HeadSink(ScoreFunction):
 
     def row_scale(self, ctx):
         return torch.ones(ctx.n_heads, 1, 1)
+
+    def first_layer(self):
+        return first_of(self.layers, None)
+
+
+# "Softmax is not enough" (arXiv 2410.01104), fig. 5: beta as a polynomial of the row's entropy,
+# highest degree first (their fit, over the entropies of their tasks' attention rows)
+ADAPTIVE_POLY = (-0.037, 0.481, -2.3, 4.917, -1.791)
+
+
+def row_entropy(scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Entropy (nats) of softmax over the last axis, keys outside ``mask`` left out: [..., 1]."""
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, -1, keepdim=True)
+    p = torch.exp(scores - lse)
+    return lse - torch.where(p > 0, p * scores, torch.zeros_like(scores)).sum(-1, keepdim=True)
+
+
+@register("adaptive", "adaptive:h=0.5")
+@dataclass(frozen=True, repr=False)
+class AdaptiveTemperature(ScoreFunction):
+    """Adaptive temperature (Velickovic et al., "Softmax is not enough", arXiv 2410.01104): a row
+    whose attention entropy H exceeds ``h`` has its scores multiplied by beta = max(poly(H), 1)
+    (``ADAPTIVE_POLY``, the paper's fit; never above the row's own temperature), else left alone.
+    H is the row's entropy under the scores this function receives (the parts composed before it),
+    over the keys the row attends; a streaming run takes it from a first pass over the corpus at
+    each layer it applies to, so those layers read the corpus twice.  The fit's polynomial falls
+    below 1 past H ~ 5.6 nats, so rows that flat (a corpus of thousands of documents) are left
+    alone: the published function's own range."""
+
+    h: float = param(0.5, help="entropy threshold (nats); rows at or below it are left alone", bounds=(0.0, 1e3),
+                     control=(0.0, 6.0, 0.1))
+    layers: tuple[int, ...] | None = param(None, **LAYERS)
+
+    needs_entropy = True
+
+    def applies_at(self, layer: int) -> bool:
+        return self.layers is None or layer in self.layers
+
+    def beta(self, entropy: Tensor) -> Tensor:
+        poly = torch.zeros_like(entropy)
+        for c in ADAPTIVE_POLY:
+            poly = poly * entropy + c
+        return torch.where(entropy > self.h, poly.clamp(min=1.0), torch.ones_like(entropy))
+
+    def _entropy(self, scores, ctx):
+        if ctx.row_entropy is not None:
+            return ctx.row_entropy
+        if ctx.mask is None:
+            raise ValueError("adaptive temperature needs each row's entropy: give ScoreContext a mask (dense) "
+                             "or row_entropy (streaming)")
+        return row_entropy(scores.float(), ctx.mask)
+
+    def __call__(self, scores, ctx):
+        if not self.applies_at(ctx.layer):
+            return scores
+        return scores * self.beta(self._entropy(scores, ctx)).to(scores.dtype)
+
+    def row_scale(self, ctx):
+        if not self.applies_at(ctx.layer):
+            return torch.ones(ctx.n_heads, 1, 1)
+        return None if ctx.row_entropy is None else self.beta(ctx.row_entropy)
 
     def first_layer(self):
         return first_of(self.layers, None)

@@ -15,12 +15,14 @@ from torch import Tensor
 
 
 class OnlineSoftmax:
-    def __init__(self, n_heads: int, n_q: int, d: int, gold_rows: int | None = None):
-        """``gold_rows``: how many of the last query rows keep a gold part (None: no gold part)."""
+    def __init__(self, n_heads: int, n_q: int, d: int, gold_rows: int | None = None, entropy: bool = False):
+        """``gold_rows``: how many of the last query rows keep a gold part (None: no gold part).
+        ``entropy``: also keep sum(p * s), for each row's entropy (raw scores only)."""
         self.m = torch.full((n_heads, n_q), float("-inf"))
         self.l = torch.zeros(n_heads, n_q)
         self.acc = torch.zeros(n_heads, n_q, d)
         self.gold_acc = torch.zeros(n_heads, gold_rows, d) if gold_rows else None
+        self.ps = torch.zeros(n_heads, n_q) if entropy else None
 
     def rescale(self, part_max: Tensor) -> tuple[Tensor, Tensor]:
         """Take a part whose row maxima are ``part_max`` [head, Q]: the new running max (rows with no
@@ -37,6 +39,8 @@ class OnlineSoftmax:
         safe, alpha = self.rescale(scores.amax(-1))
         p = torch.exp(scores - safe[..., None])
         self.l = self.l * alpha + p.sum(-1)
+        if self.ps is not None:
+            self.ps = self.ps * alpha + torch.where(p > 0, p * scores, torch.zeros_like(p)).sum(-1)
         self.acc = self.acc * alpha[..., None] + grouped_pv(p, values, scores.shape[0] // values.shape[0])
         return alpha, p
 
@@ -64,6 +68,11 @@ class OnlineSoftmax:
         self.gold_acc = self.gold_acc * alpha[..., None]
         if part is not None:
             self.gold_acc += part
+
+    def entropy(self) -> Tensor:
+        """Each row's attention entropy over the keys seen (no sink), [head, Q, 1]: with
+        p = exp(s - m) / l, -sum p log p = m + log l - sum(p s) / l."""
+        return (self.m + torch.log(self.l) - self.ps / self.l)[..., None]
 
     def finish(self, sink: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         """(lse [head, Q] with the sink's term, output [head, Q, d], the output's scale [head, Q, 1])."""

@@ -33,7 +33,7 @@ def dense_corpus_attention(
     all_key_doc = torch.cat([key_doc, torch.full((s,), -1, dtype=key_doc.dtype)])
     n_keys = allowed.sum(1).view(1, n_q, 1)
     n_attended = int(keep_docs.sum()) if keep_docs is not None else n_docs
-    ctx = ScoreContext(layer, n_heads, n_keys, n_attended, all_key_doc)
+    ctx = ScoreContext(layer, n_heads, n_keys, n_attended, all_key_doc, mask=allowed)
     scores, sink = apply_score_function(raw, score_fn, ctx)
     scores = scores.masked_fill(~allowed, float("-inf"))
 

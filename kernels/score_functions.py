@@ -77,7 +77,10 @@ class ScoreContext:
     ``n_keys`` is the number of keys each query row attends to (mask included), shaped to
     broadcast against ``[..., head, query, key]`` scores (e.g. ``[1, Q, 1]``) or a plain int.
     ``key_doc`` gives the document index of each key in view (-1: instruction or query
-    tokens); ``None`` where there are no documents (an ordinary causal prompt).
+    tokens); ``None`` where there are no documents (an ordinary causal prompt).  ``mask`` (dense
+    paths: which keys each row attends, broadcasting against the scores) and ``row_entropy``
+    (streaming paths: each row's attention entropy, ``[head, Q, 1]``, from a first pass) serve
+    score functions that depend on the whole row (adaptive temperature).
     """
 
     layer: int
@@ -85,6 +88,8 @@ class ScoreContext:
     n_keys: Tensor | int
     n_docs: int = 0
     key_doc: Tensor | None = None
+    mask: Tensor | None = None
+    row_entropy: Tensor | None = None
 
 
 def layer_value(value: float | Sequence[float] | dict, layer: int) -> float | None:
@@ -149,6 +154,8 @@ class Spec:
 
 class ScoreFunction(Spec):
     """Identity; the base of every intervention."""
+
+    needs_entropy = False  # True: needs each row's entropy (streaming paths run a first pass for it)
 
     def __call__(self, scores: Tensor, ctx: ScoreContext) -> Tensor:
         return scores
@@ -218,8 +225,23 @@ class Compose(ScoreFunction):
     def first_layer(self):
         return min((p.first_layer() for p in self.parts), default=0)
 
+    @property
+    def needs_entropy(self):
+        return any(p.needs_entropy for p in self.parts)
+
     def spec(self):
         return "+".join(p.spec() for p in self.parts) or "none"
+
+
+def entropy_probe(fn: ScoreFunction | None, layer: int) -> ScoreFunction | None:
+    """For a score function that needs each row's entropy at ``layer``: the function whose row
+    entropy it needs (the parts composed before it; the identity when it comes first).  None when
+    nothing needs it at this layer."""
+    parts = fn.parts if isinstance(fn, Compose) else (() if fn is None else (fn,))
+    for i, part in enumerate(parts):
+        if part.needs_entropy and part.applies_at(layer):
+            return Compose(parts[:i]) if i else ScoreFunction()
+    return None
 
 
 @register("route", "route:layer=16,B=256")

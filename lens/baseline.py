@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 
 from lens.errors import LensError
-from lens.metrics import RECALL_K, hit_at_k, mrr_at_k, ndcg_at_k, recall_at_k
+from lens.metrics import RECALL_K, hit_at_k, mrr_at_k, ndcg_at_k, rate_col, recall_at_k
 
 RANKED = 100  # the baseline's ranked codes kept per query (TREC export, nDCG@10, MRR@10)
 
@@ -52,12 +52,12 @@ def minilm_rows(data, runner, query_ids: list[str], sizes: list[int], progress: 
             ranked = [codes[j] for j in order]
             gold = [codes[p] for p in gold_positions]
             row = dict(level="baseline", query_id=q, n_docs=n, intervention=MINILM, layer=-1, head=-1,
-                       decoded=ranked[0], gold_codes="|".join(gold), correct=ranked[0] in gold,
-                       ranked_codes="|".join(ranked[:RANKED]), **{"ndcg@10": ndcg_at_k(ranked, gold, 10),
-                                                                   "mrr@10": mrr_at_k(ranked, gold, 10)})
+                       decoded=ranked[0], gold_codes=list(gold), correct=ranked[0] in gold,
+                       ranked_codes=list(ranked[:RANKED]), ndcg_at_10=ndcg_at_k(ranked, gold, 10),
+                       mrr_at_10=mrr_at_k(ranked, gold, 10))
             for k in RECALL_K:
                 if k <= n:
-                    row[f"recall@{k}"] = recall_at_k(ranked, gold, k)
-                    row[f"hit@{k}"] = hit_at_k(ranked, gold, k)
+                    row[rate_col("recall", k)] = recall_at_k(ranked, gold, k)
+                    row[rate_col("hit", k)] = hit_at_k(ranked, gold, k)
             rows.append(row)
     return pd.DataFrame(rows)

@@ -10,20 +10,73 @@ Choices made here (documented in the README):
   predicted gold mass 1 / (1 + (N-1) exp(-Delta)) from either gap, beside the measured mass
   (it ignores the instruction and query tokens' share).  Under SSMax with n = docs the scores
   are already multiplied by s log N, so the same formula is the SSMax form 1/(1+(N-1) N^(-s Delta_raw)).
-* routing recall@B: the best gold document is among the B with the highest QK-MaxSim routing
-  score (max over query tokens; reduced over heads by max, and by mean).
+* routing recall@B, for every router: the best gold document is among the B with the highest
+  routing score, by QK-MaxSim (the max of q.k over the document's keys) and by mean key
+  (q . mean K_doc), each a max over query tokens, reduced over heads by max and by mean.
+
+Record columns are plain names (``recall_at_2``, ``hit_at_1``, ``ndcg_at_10``,
+``routing_hit_maxsim_max_at_8``) and code lists are list columns; :func:`read_records` reads
+records of either format (the first one joined codes with "|" and named columns ``recall@2``).
 """
 
 from __future__ import annotations
 
 import math
+import re
 
+import pandas as pd
 import torch
 
 from lens.runtime.records import QueryRun
 
 ROUTING_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RECALL_K = (1, 2, 5, 10)
+ROUTERS = ("maxsim", "meankey")  # the order of QueryRun.route_scores' rows (each reduced by max, then mean)
+REDUCES = ("max", "mean")
+RECORDS_FORMAT = 2
+
+
+def rate_col(name: str, k: int) -> str:
+    """``recall_at_2``, ``hit_at_1``, ``ndcg_at_10``, ``mrr_at_10``."""
+    return f"{name}_at_{k}"
+
+
+def routing_col(router: str, reduce: str, b: int) -> str:
+    return f"routing_hit_{router}_{reduce}_at_{b}"
+
+
+def routing_cols(columns, router: str = "maxsim", reduce: str = "max") -> list[tuple[int, str]]:
+    """(B, column) of one router's routing-recall columns, by B."""
+    pattern = re.compile(re.escape(f"routing_hit_{router}_{reduce}_at_") + r"(\d+)")
+    found = [(int(m.group(1)), c) for c in columns if (m := pattern.fullmatch(c))]
+    return sorted(found)
+
+
+def upgrade_records(frame: pd.DataFrame) -> pd.DataFrame:
+    """Records of the first format (columns ``recall@2``, ``routing_hit_max@8``; codes joined with
+    "|") in today's names and list columns; today's records pass unchanged."""
+    rename = {}
+    for c in frame.columns:
+        if m := re.fullmatch(r"routing_hit_(max|mean)@(\d+)", c):
+            rename[c] = routing_col("maxsim", m.group(1), int(m.group(2)))
+        elif m := re.fullmatch(r"(recall|hit|ndcg|mrr)@(\d+)", c):
+            rename[c] = rate_col(m.group(1), int(m.group(2)))
+    frame = frame.rename(columns=rename) if rename else frame
+    for col in ("gold_codes", "ranked_codes"):
+        if col in frame.columns and frame[col].map(lambda v: isinstance(v, str)).any():
+            frame = frame.assign(**{col: frame[col].map(lambda v: [c for c in v.split("|") if c] if isinstance(v, str) else v)})
+    return frame
+
+
+def read_records(path, columns: list[str] | None = None, filters=None) -> pd.DataFrame:
+    """A records.parquet (or a sweep's part) of either format, in today's columns."""
+    import pyarrow.parquet as pq
+
+    names = pq.read_schema(path).names
+    if columns is not None and not set(columns) <= set(names):
+        old = {rate_col(m.group(1), int(m.group(2))): c for c in names if (m := re.fullmatch(r"(recall|hit|ndcg|mrr)@(\d+)", c))}
+        columns = [old.get(c, c) for c in columns]
+    return upgrade_records(pd.read_parquet(path, columns=columns, filters=filters))
 
 
 def predicted_gold_mass(delta: float, n_docs: int) -> float:
@@ -111,13 +164,14 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
             layer_gold_mass=float(mass[:, gold].sum(-1).mean()),  # head-mean of the gold mass
             first_digit_hit=int(run.logit_lens[layer].argmax()) in first_digits,
         )
-        routing = () if run.route_scores is None else (("max", run.route_scores[layer, 0]), ("mean", run.route_scores[layer, 1]))
-        for reduce, scores in routing:
-            order = torch.argsort(scores, descending=True)
+        scores = [] if run.route_scores is None else run.route_scores[layer]  # [routers x reduces, N]
+        for i, values in enumerate(scores):
+            router, reduce = ROUTERS[i // len(REDUCES)], REDUCES[i % len(REDUCES)]
+            order = torch.argsort(values, descending=True)
             best_gold_rank = min(int((order == g).nonzero()) for g in gold)  # 0-based
             for b in routing_b:
                 if b <= run.n_docs:
-                    row[f"routing_hit_{reduce}@{b}"] = best_gold_rank < b
+                    row[routing_col(router, reduce, b)] = best_gold_rank < b
         rows.append(row)
     return rows
 
@@ -133,14 +187,14 @@ def query_row(run: QueryRun, recall_k: tuple[int, ...] = RECALL_K) -> dict:
     gold_codes = run.gold_codes
     failed = run_failed(run)
     row = dict(
-        decoded=run.decoded, gold_codes="|".join(gold_codes), ranked_codes="|".join(run.ranked_codes),
+        decoded=run.decoded, gold_codes=list(gold_codes), ranked_codes=list(run.ranked_codes),
         tokens=run.n_tokens, correct=run.correct and not failed, failed=failed,
         routed_gold=None if run.routed is None else bool(set(run.routed) & set(run.gold_positions)),
     )
     for k in recall_k:
         if failed:  # left out of every rate (NaN), counted in the summary's "failed"
-            row[f"recall@{k}"] = row[f"hit@{k}"] = math.nan
+            row[rate_col("recall", k)] = row[rate_col("hit", k)] = math.nan
         elif k <= len(run.ranked_codes):
-            row[f"recall@{k}"] = recall_at_k(run.ranked_codes, gold_codes, k)
-            row[f"hit@{k}"] = hit_at_k(run.ranked_codes, gold_codes, k)
+            row[rate_col("recall", k)] = recall_at_k(run.ranked_codes, gold_codes, k)
+            row[rate_col("hit", k)] = hit_at_k(run.ranked_codes, gold_codes, k)
     return row

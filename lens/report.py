@@ -18,7 +18,9 @@ from plotly.subplots import make_subplots
 
 from kernels.interventions import PAPER_SSMAX_S
 from lens.errors import LensError
-from lens.metrics import ssmax_predicted_gold_mass
+from lens.log import log
+from lens.stats import rate_interval
+from lens.metrics import REDUCES, ROUTERS, read_records, routing_cols, ssmax_predicted_gold_mass
 
 
 _RUN_KEYS = ("n_docs", "intervention", "queries", "hit_at_k", "recall_at_k", "layers")
@@ -42,7 +44,7 @@ def load_records(folder: str | Path) -> tuple[pd.DataFrame, dict]:
         raise LensError(f"{folder / 'summary.json'}: no runs, or runs without {', '.join(_RUN_KEYS)}; "
                         "rerun the sweep command to rewrite it")
     try:
-        records = pd.read_parquet(folder / "records.parquet")
+        records = read_records(folder / "records.parquet")
     except Exception:  # pyarrow raises several types for a damaged file
         raise LensError(f"{folder / 'records.parquet'}: unreadable (damaged?); rerun the sweep command to rewrite it") from None
     if "level" not in records.columns:
@@ -130,17 +132,26 @@ def fig_rsum_rany_across_n(summary: dict) -> go.Figure:
 
 
 def fig_routing_recall(records: pd.DataFrame, summary: dict, layer: int) -> go.Figure:
-    """fig5: routing recall@B vs B at one layer, at the largest N (head max and head mean)."""
+    """fig5: routing recall@B vs B at one layer, at the largest N, for every router (QK-MaxSim and
+    mean key, heads reduced by max and by mean), with 95% intervals."""
     base = _base_intervention(summary)
     rows = records[(records.level == "layer") & (records.intervention == base) & (records.layer == layer)]
     n = int(rows.n_docs.max())
     rows = rows[rows.n_docs == n]
     fig = go.Figure()
-    for reduce in ("max", "mean"):
-        cols = sorted((c for c in rows.columns if c.startswith(f"routing_hit_{reduce}@") and rows[c].notna().any()),
-                      key=lambda c: int(c.split("@")[1]))
-        fig.add_scatter(x=[int(c.split("@")[1]) for c in cols], y=[rows[c].astype(float).mean() for c in cols],
-                        mode="lines+markers", name=f"QK-MaxSim, heads reduced by {reduce}")
+    names = {"maxsim": "QK-MaxSim", "meankey": "mean key"}
+    for router in ROUTERS:
+        for reduce in REDUCES:
+            cols = [(b, c) for b, c in routing_cols(rows.columns, router, reduce) if rows[c].notna().any()]
+            if not cols:
+                continue
+            hits = [rows[c].dropna().astype(bool) for _, c in cols]
+            rates = [float(h.mean()) for h in hits]
+            cis = [rate_interval(h.astype(float)) or (r, r) for h, r in zip(hits, rates)]
+            fig.add_scatter(x=[b for b, _ in cols], y=rates, mode="lines+markers",
+                            name=f"{names[router]}, heads reduced by {reduce} (n={len(hits[0])})",
+                            error_y=dict(type="data", symmetric=False, array=[hi - r for r, (_, hi) in zip(rates, cis)],
+                                         arrayminus=[r - lo for r, (lo, _) in zip(rates, cis)]))
     fig.update_layout(title=f"routing recall@B at layer {layer}, N={n}", xaxis=dict(title="B", type="log"),
                       yaxis=dict(title="recall@B", range=[0, 1.02]))
     return fig
@@ -222,8 +233,8 @@ def save_figure(fig: go.Figure, path_stem: Path) -> list[Path]:
         fig.write_image(path_stem.with_suffix(".png"), width=1000, height=520, scale=1)
         written.append(path_stem.with_suffix(".png"))
     except Exception as err:  # kaleido needs a Chromium; the HTML is the figure
-        print(f"note: {path_stem.name}.png not written ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
-              "install Debian's chromium for PNGs")
+        log.warning(f"{path_stem.name}.png not written ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
+                    "install Debian's chromium for PNGs")
     return written
 
 
@@ -250,7 +261,7 @@ REPORT_ITEMS = {
         fig_rsum_rany_across_n(sm), out / "fig3_rsum_rany_across_n"),
     "fig5_routing_recall": lambda r, sm, layer, out, **kw: save_figure(
         fig_routing_recall(r, sm, layer), out / "fig5_routing_recall")
-    if any(c.startswith("routing_hit_max@") for c in r.columns) else [],
+    if routing_cols(r.columns) else [],
     "table1_gold_share": lambda r, sm, layer, out, **kw: _table1(r, sm, layer, out),
     "table_interventions": lambda r, sm, layer, out, **kw: _table_interventions(r, sm, layer, out),
     "theory_overlay": lambda r, sm, layer, out, s=PAPER_SSMAX_S, **kw: save_figure(

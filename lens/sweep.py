@@ -29,12 +29,12 @@ from kernels.spec import parse_intervention
 from lens.errors import LensError
 from lens.log import log, show_progress
 from lens.paths import exclusive_lock
-from lens.metrics import RECALL_K
+from lens.metrics import RECALL_K, RECORDS_FORMAT, REDUCES, ROUTERS, rate_col, read_records, routing_cols
 from lens.options import RunOptions, check_queries, check_sizes
 from lens.stats import CONFIDENCE, rate_interval
 from lens.sweep_worker import LocalUnits
 
-SWEEP_FORMAT = 1
+SWEEP_FORMAT = RECORDS_FORMAT  # 2: list columns for codes, plain column names (no '@')
 
 
 @dataclass
@@ -134,6 +134,10 @@ def _check_out(cfg: SweepConfig, out: Path) -> bool:
                                 for k in changed)
             raise LensError(f"{out}: {what} changed since its sweep ran ({', '.join(changed)}), so its records are "
                             f"not this input's; choose another --out, or delete {out} to rerun")
+        if diff == ["format"]:
+            raise LensError(f"{out} holds a sweep an older lens wrote (records format {have.get('format')}; this lens writes "
+                            f"{SWEEP_FORMAT}): its parts cannot be resumed; choose another --out, or delete {out} to rerun "
+                            "(`lens report` and `lens trec` still read its records.parquet)")
         if diff:
             raise LensError(
                 f"{out} holds a sweep with other arguments ({', '.join(f'{k}: {have.get(k)!r} there, {wanted.get(k)!r} now' for k in diff)}); "
@@ -200,7 +204,7 @@ def _unit_part(path: Path, n: int, query_ids: list[str], specs: list[str]) -> pd
 def _read_part(path: Path) -> pd.DataFrame | None:
     """A committed unit, or None if its file is unreadable (a torn or foreign file is redone)."""
     try:
-        return pd.read_parquet(path)
+        return read_records(path)
     except Exception:  # pyarrow raises several types for a damaged file
         return None
 
@@ -250,9 +254,9 @@ def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
             executor.close()
     # each part as read back from disk, so a resumed sweep and an uninterrupted one concatenate the same frames
     fresh = set(todo)
-    frames = [pd.read_parquet(parts / f"n{n}-b{b}.parquet") if (n, b) in fresh else done[n, b] for n, b in units]
+    frames = [read_records(parts / f"n{n}-b{b}.parquet") if (n, b) in fresh else done[n, b] for n, b in units]
     if cfg.baseline:
-        frames.append(pd.read_parquet(parts / "baseline.parquet") if need_baseline else baseline)
+        frames.append(read_records(parts / "baseline.parquet") if need_baseline else baseline)
     records = pd.concat(frames, ignore_index=True)
     from lens.backend import describe
 
@@ -287,7 +291,8 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
     queries = records[records.level == "query"]
     layers = records[records.level == "layer"]
     heads = records[records.level == "head"]
-    ks = [k for k in RECALL_K if f"recall@{k}" in queries.columns]
+    ks = [k for k in RECALL_K if rate_col("recall", k) in queries.columns]
+    R, H = (lambda k: rate_col("recall", k)), (lambda k: rate_col("hit", k))
     for spec in cfg.interventions:
         name = parse_intervention(spec).spec()
         for n in sorted(cfg.n):
@@ -297,15 +302,14 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
             entry = dict(
                 n_docs=n, intervention=name, queries=len(q), tokens=int(round(q.tokens.mean())),
                 failed=int(q["failed"].fillna(False).astype(bool).sum()) if "failed" in q.columns else 0,
-                recall_at_1=_mean(q["recall@1"]),
-                recall_at_k=_present({str(k): _mean(q[f"recall@{k}"]) for k in ks}),
-                hit_at_k=_present({str(k): _mean(q[f"hit@{k}"]) for k in ks}),
-                recall_at_k_ci=_present({str(k): _interval(q[f"recall@{k}"]) for k in ks}),
-                hit_at_k_ci=_present({str(k): _interval(q[f"hit@{k}"]) for k in ks}),
+                recall_at_1=_mean(q[R(1)]),
+                recall_at_k=_present({str(k): _mean(q[R(k)]) for k in ks}),
+                hit_at_k=_present({str(k): _mean(q[H(k)]) for k in ks}),
+                recall_at_k_ci=_present({str(k): _interval(q[R(k)]) for k in ks}),
+                hit_at_k_ci=_present({str(k): _interval(q[H(k)]) for k in ks}),
                 layers=[],
             )
-            route_cols = sorted((c for c in lyr.columns if c.startswith("routing_hit_max@")),
-                                key=lambda c: int(c.split("@")[1]))
+            routers = {f"{r}_{red}": routing_cols(lyr.columns, r, red) for r in ROUTERS for red in REDUCES}
             for layer, group in lyr.groupby("layer"):
                 h = hd[hd.layer == layer]
                 item = dict(
@@ -316,29 +320,35 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
                     r_sum_ci=_interval(group.r_sum_hit), r_any_ci=_interval(group.r_any_hit),
                     first_digit_acc_ci=_interval(group.first_digit_hit),
                 )
-                routing = {c.split("@")[1]: _mean(group[c]) for c in route_cols if group[c].notna().any()}
-                if routing:
-                    item["routing_recall"] = routing
-                    item["routing_recall_ci"] = {c.split("@")[1]: _interval(group[c]) for c in route_cols
-                                                 if group[c].notna().any()}
+                # routing recall@B: "routing_recall" is QK-MaxSim with heads reduced by max (the
+                # paper's router); "routing_recall_by" every router and reduction
+                by = {name: {str(b): _mean(group[c]) for b, c in cols if group[c].notna().any()}
+                      for name, cols in routers.items()}
+                by_ci = {name: {str(b): _interval(group[c]) for b, c in cols if group[c].notna().any()}
+                         for name, cols in routers.items()}
+                if by.get("maxsim_max"):
+                    item["routing_recall"], item["routing_recall_ci"] = by["maxsim_max"], by_ci["maxsim_max"]
+                    item["routing_recall_by"] = {k: v for k, v in by.items() if v}
+                    item["routing_recall_by_ci"] = {k: v for k, v in by_ci.items() if v}
                 entry["layers"].append(item)
             runs.append(entry)
     summary = dict(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=backend or {},
                    confidence=CONFIDENCE, runs=runs)
     if cfg.baseline:
         base = records[records.level == "baseline"]
-        bks = [k for k in RECALL_K if f"recall@{k}" in base.columns and base[f"recall@{k}"].notna().any()]
+        bks = [k for k in RECALL_K if R(k) in base.columns and base[R(k)].notna().any()]
         summary["baseline"] = dict(
             model="all-MiniLM-L6-v2",
-            recall_at_1={str(n): _mean(g["recall@1"]) for n, g in base.groupby("n_docs")},
-            recall_at_k={str(n): _present({str(k): _mean(g[f"recall@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
-            hit_at_k={str(n): _present({str(k): _mean(g[f"hit@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
-            recall_at_k_ci={str(n): _present({str(k): _interval(g[f"recall@{k}"]) for k in bks})
+            recall_at_1={str(n): _mean(g[R(1)]) for n, g in base.groupby("n_docs")},
+            recall_at_k={str(n): _present({str(k): _mean(g[R(k)]) for k in bks}) for n, g in base.groupby("n_docs")},
+            hit_at_k={str(n): _present({str(k): _mean(g[H(k)]) for k in bks}) for n, g in base.groupby("n_docs")},
+            recall_at_k_ci={str(n): _present({str(k): _interval(g[R(k)]) for k in bks})
                             for n, g in base.groupby("n_docs")},
-            hit_at_k_ci={str(n): _present({str(k): _interval(g[f"hit@{k}"]) for k in bks}) for n, g in base.groupby("n_docs")},
+            hit_at_k_ci={str(n): _present({str(k): _interval(g[H(k)]) for k in bks}) for n, g in base.groupby("n_docs")},
             queries={str(n): int(len(g)) for n, g in base.groupby("n_docs")},
         )
-        for col, key in (("ndcg@10", "ndcg_at_10"), ("mrr@10", "mrr_at_10")):  # graded-ranking measures, BEIR's
+        for key in ("ndcg_at_10", "mrr_at_10"):  # graded-ranking measures, BEIR's
+            col = key
             if col in base.columns:
                 summary["baseline"][key] = {str(n): _mean(g[col]) for n, g in base.groupby("n_docs")}
                 summary["baseline"][key + "_ci"] = {str(n): _interval(g[col]) for n, g in base.groupby("n_docs")}

@@ -11,13 +11,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pandas as pd
-
 from lens.errors import LensError
+from lens.metrics import read_records
 
 
 def _name(intervention: str, n: int) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", intervention) + f".n{n}.run"
+
+
+def _codes(value) -> list[str]:
+    """A list column's value (a failed run's may be missing)."""
+    return [] if value is None or isinstance(value, float) else [str(c) for c in value if c]
 
 
 def write_trec(folder: str | Path, out: str | Path) -> list[Path]:
@@ -30,16 +34,16 @@ def write_trec(folder: str | Path, out: str | Path) -> list[Path]:
     if "ranked_codes" not in pq.read_schema(records).names:
         raise LensError(f"{records}: no ranked codes (written by an older lens); rerun the sweep")
     # the ranking rows only: the per-layer and per-head rows, most of the file, are not read
-    rows = pd.read_parquet(records, columns=["level", "query_id", "n_docs", "intervention", "gold_codes", "ranked_codes"],
-                           filters=[("level", "in", ["query", "baseline"])])
+    rows = read_records(records, columns=["level", "query_id", "n_docs", "intervention", "gold_codes", "ranked_codes"],
+                        filters=[("level", "in", ["query", "baseline"])])
     out.mkdir(parents=True, exist_ok=True)
-    qrels = {(r.query_id, code) for r in rows.itertuples() for code in str(r.gold_codes).split("|") if code}
+    qrels = {(r.query_id, code) for r in rows.itertuples() for code in _codes(r.gold_codes)}
     paths = [out / "qrels.txt"]
     paths[0].write_text("".join(f"{q} 0 {c} 1\n" for q, c in sorted(qrels)))
     for (intervention, n), group in rows.groupby(["intervention", "n_docs"], sort=True):
         lines = []
         for r in group.itertuples():
-            ranked = [c for c in str(r.ranked_codes).split("|") if c] if isinstance(r.ranked_codes, str) else []
+            ranked = _codes(r.ranked_codes)
             lines += [f"{r.query_id} Q0 {code} {rank} {-rank} lens\n" for rank, code in enumerate(ranked, 1)]
         path = out / _name(intervention, int(n))
         path.write_text("".join(lines))

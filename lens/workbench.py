@@ -12,7 +12,7 @@ import torch
 
 from kernels.score_functions import INTERVENTIONS, Intervention
 from lens.runtime import BlockSearchRunner, QueryRun
-from lens.metrics import head_rows, layer_rows, query_row
+from lens.metrics import head_rows, layer_rows, query_row, rate_col
 from lens.paths import cache_dir
 
 DEFAULT_DATASET = "limit-pairs:docs=256,core=16"  # LIMIT's design over 16 documents among 240 others (docs/datasets.md)
@@ -96,7 +96,7 @@ def compare_runs(before: list[QueryRun], after: list[QueryRun]) -> dict:
         tables = pd.concat([layer_table(r) for r in runs])
         per_layer = tables.groupby("layer")[["gold_mass", "r_sum_hit", "r_any_hit", "gold_share"]].mean()
         rows = [query_row(r) for r in runs]
-        return per_layer, dict(hit_at_1=sum(r["hit@1"] for r in rows if "hit@1" in r) / len(rows),
+        return per_layer, dict(hit_at_1=sum(r[rate_col("hit", 1)] for r in rows if rate_col("hit", 1) in r) / len(rows),
                                decoded=[(r.query_id, r.decoded, "|".join(r.gold_codes)) for r in runs],
                                margin=[code_margin(r) for r in runs])
     (b_layers, b), (a_layers, a) = summary(before), summary(after)

@@ -132,7 +132,7 @@ class Attention(nn.Module):
         kh = repeat_kv(k, n_rep, 2).transpose(1, 2)
         vh = repeat_kv(v, n_rep, 2).transpose(1, 2)
         scores = (qh @ kh.transpose(-1, -2)) * self.scale
-        ctx = ScoreContext(self.layer, self.cfg.n_heads, mask.sum(-1, keepdim=True), n_docs, key_doc)
+        ctx = ScoreContext(self.layer, self.cfg.n_heads, mask.sum(-1, keepdim=True), n_docs, key_doc, mask=mask)
         scores, sink = apply_score_function(scores, score_fn, ctx)
         scores = self.hook_attn_scores(scores.masked_fill(~mask, float("-inf")))
         if sink is None:

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream
-from kernels.score_functions import as_intervention
+from kernels.score_functions import as_intervention, entropy_probe
 from kernels.spec import validate_for_model
 from lens.data.datasets import Dataset
 from lens.data.layout import LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, query_start
@@ -229,6 +229,7 @@ class BlockSearchRunner:
                 for i, s in enumerate(members):
                     s.resid = resid[i : i + 1]
                     self._open_stream(layer, s, q[i : i + 1], k[i : i + 1], v[i : i + 1], record)
+        self._first_pass(layer, [s for s in streams if s.pending is not None])
         self.source.feed(layer, streams)
         for group in groups:
             results = [[self._close_stream(layer, s) for s in members] for members in group]
@@ -291,17 +292,37 @@ class BlockSearchRunner:
             s.self_v[layer] = torch.cat([s.self_v[layer], v_new], dim=1)
         deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
         routed = s.attends_routed(layer)
-        s.attention = CorpusAttentionStream(
-            q[0].transpose(0, 1), s.n_docs,
+        score_fn = model_score_function(self.model, s.score_fn)
+        kw = dict(
             n_corpus_keys=self.source.corpus_keys(s, layer), n_self=s.self_k[layer].shape[1],
             n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
-            layer=layer, scale=attn.scale, score_fn=model_score_function(self.model, s.score_fn),
+            layer=layer, scale=attn.scale, score_fn=score_fn,
             gold_docs=s.gold_positions if record and s.record else None,
             stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
             stats_rows="last", self_mask=s.self_mask,
             route_rows=slice(None) if s.self_mask is None else slice(len(s.drafted), None),
-            route_mean=deciding and s.route.by == "mean-key",
+            route_mean=(deciding and s.route.by == "mean-key") or (record and s.record and s.route_record),
         )
+        q_rows = q[0].transpose(0, 1)
+        probe = entropy_probe(score_fn, layer)
+        if probe is None:
+            s.attention = CorpusAttentionStream(q_rows, s.n_docs, **kw)
+            return
+        # adaptive temperature: a first pass for each row's entropy, then the layer's stream
+        s.pending = (q_rows, kw)
+        s.attention = CorpusAttentionStream(q_rows, s.n_docs, **{**kw, "score_fn": probe, "gold_docs": None, "stats": False,
+                                                                 "route_stats": False, "route_mean": False}, entropy=True)
+
+    def _first_pass(self, layer: int, streams: list[QueryStream]) -> None:
+        """The streams' first pass over the corpus (each row's entropy), then their layer's stream."""
+        if not streams:
+            return
+        self.source.feed(layer, streams)
+        for s in streams:
+            entropy = s.attention.finish_entropy(s.self_k[layer], s.self_v[layer])
+            q_rows, kw = s.pending
+            s.pending = None
+            s.attention = CorpusAttentionStream(q_rows, s.n_docs, **kw, row_entropy=entropy)
 
     def _close_stream(self, layer: int, s: QueryStream) -> CorpusAttentionResult:
         res = s.attention.finish(s.self_k[layer], s.self_v[layer])
@@ -320,7 +341,8 @@ class BlockSearchRunner:
             gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
             resid_post=s.resid[0, -1].float(),
             logit_lens=self._digit_logit_lens(s.resid[0, -1]),
-            route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0)]) if s.route_record else None,
+            route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0), res.route_mean.amax(0),
+                                      res.route_mean.mean(0)]) if s.route_record else None,
         ))
 
     def _digit_logit_lens(self, resid: Tensor) -> Tensor:

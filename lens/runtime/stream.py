@@ -41,6 +41,7 @@ class QueryStream:
     resid: Tensor | None = None
     rotary: tuple | None = None
     attention: CorpusAttentionStream | None = None
+    pending: tuple | None = None  # (q, arguments) of the layer's stream, made once a first pass gave the rows' entropy
     source_plan: tuple | None = None  # a KV source's per-corpus lookup, computed once per stream
     start_layer: int = 0  # first layer computed at the first step (earlier ones restored from a plain run)
     # speculative decoding: drafted digit prefixes -> their row in the query pass (rows 0..M-1, the

@@ -3,6 +3,7 @@ the hooked model's attention patterns (the T x T path) at small N."""
 
 import math
 
+import pandas as pd
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ from kernels.spec import parse_intervention
 from lens.data.layout import dense_layout
 from lens.runtime import BlockSearchRunner, QueryRun
 from lens.metrics import (
-    head_rows, hit_at_k, layer_rows, predicted_gold_mass, query_row, recall_at_k, ssmax_predicted_gold_mass,
+    head_rows, hit_at_k, layer_rows, predicted_gold_mass, query_row, read_records, recall_at_k,
+    ssmax_predicted_gold_mass,
 )
 
 
@@ -42,7 +44,8 @@ def _toy_run():
         readout_logits=torch.zeros(10), layers=[res],
         attn_out=torch.tensor([[3.0, 4.0]]), gold_attn_out=torch.tensor([[0.0, 2.0]]),
         logit_lens=torch.tensor([[0.0, 0, 0, 0, 0, 9, 0, 0, 0, 0]]),
-        route_scores=torch.tensor([[[4.0, 3.0, 2.0], [2.5, 1.5, 1.5]]]),
+        # QK-MaxSim by head max and head mean, then mean key by head max and head mean
+        route_scores=torch.tensor([[[4.0, 3.0, 2.0], [2.5, 1.5, 1.5], [0.5, 2.0, 1.0], [1.0, 0.0, 0.5]]]),
         ranked_codes=["5678", "1234"], n_tokens=50,
     )
 
@@ -60,13 +63,34 @@ def test_metrics_by_hand():
     assert layer["r_any_hit"] is True  # head 0 ranks the gold first
     assert layer["gold_share"] == pytest.approx(2.0 / 5.0)
     assert layer["first_digit_hit"] is True  # logit lens argmax 5 == gold code's first digit
-    assert layer["routing_hit_max@1"] is False and layer["routing_hit_max@2"] is True
-    assert layer["routing_hit_mean@1"] is False and layer["routing_hit_mean@2"] is True
+    assert layer["routing_hit_maxsim_max_at_1"] is False and layer["routing_hit_maxsim_max_at_2"] is True
+    assert layer["routing_hit_maxsim_mean_at_1"] is False and layer["routing_hit_maxsim_mean_at_2"] is True
+    assert layer["routing_hit_meankey_max_at_1"] is True  # the gold scores 2.0, the others 0.5 and 1.0
+    assert layer["routing_hit_meankey_mean_at_2"] is False  # the gold scores lowest by head mean
+    assert not any("@" in c for c in layer)
     q = query_row(run)
-    assert q["recall@1"] == 1.0 and q["hit@2"] and "recall@5" not in q
+    assert q["recall_at_1"] == 1.0 and q["hit_at_2"] and "recall_at_5" not in q
+    assert q["gold_codes"] == ["5678"] and q["ranked_codes"] == ["5678", "1234"]
 
 
-@pytest.mark.parametrize("spec", ["none", "ssmax:s=0.5,n=docs", "sink:b=1+temperature:t=0.8"])
+def test_records_of_the_first_format_read_as_today(tmp_path):
+    """A records file an older lens wrote ("|"-joined codes, "@" in column names) reads with
+    today's names and list columns; today's files read unchanged."""
+    old = pd.DataFrame(dict(level=["query", "layer"], gold_codes=["5678|1234", None], ranked_codes=["5678|9012", None],
+                            **{"recall@2": [0.5, None], "hit@1": [True, None], "routing_hit_max@8": [None, True]}))
+    old.to_parquet(tmp_path / "old.parquet")
+    new = read_records(tmp_path / "old.parquet")
+    assert list(new.columns) == ["level", "gold_codes", "ranked_codes", "recall_at_2", "hit_at_1", "routing_hit_maxsim_max_at_8"]
+    assert list(new.gold_codes[0]) == ["5678", "1234"] and list(new.ranked_codes[0]) == ["5678", "9012"]
+    assert read_records(tmp_path / "old.parquet", columns=["level", "recall_at_2"]).recall_at_2[0] == 0.5
+    query_row_frame = pd.DataFrame([query_row(_toy_run())])
+    query_row_frame.to_parquet(tmp_path / "new.parquet")
+    again = read_records(tmp_path / "new.parquet")
+    assert list(again.ranked_codes[0]) == ["5678", "1234"] and "recall_at_1" in again.columns
+
+
+@pytest.mark.parametrize("spec", ["none", "ssmax:s=0.5,n=docs", "sink:b=1+temperature:t=0.8", "adaptive:h=0.5",
+                                  "temperature:t=2+adaptive:h=1,layers=1|2"])
 def test_metrics_equal_a_dense_computation_from_hook_patterns(models, small_limit, spec):
     """R_sum, R_any, gold mass, gold MaxSim and GoldShare from the kernels' statistics equal the
     same quantities computed from the dense model's hook_pattern / hook_attn_scores / hook_v."""

@@ -49,7 +49,13 @@ def test_records_and_summary(uninterrupted):
     # the summary is the mean of the records
     q = per_query[(per_query.n_docs == 12) & (per_query.intervention == "none")]
     entry = next(r for r in summary["runs"] if r["n_docs"] == 12 and r["intervention"] == "none")
-    assert entry["recall_at_k"]["2"] == pytest.approx(q["recall@2"].mean())
+    assert entry["recall_at_k"]["2"] == pytest.approx(q["recall_at_2"].mean())
+    # every router's routing recall, with intervals; plain column names, codes as lists
+    by = run["layers"][1]["routing_recall_by"]
+    assert set(by) == {"maxsim_max", "maxsim_mean", "meankey_max", "meankey_mean"}
+    assert by["maxsim_max"] == run["layers"][1]["routing_recall"] and set(run["layers"][1]["routing_recall_by_ci"]) == set(by)
+    assert not any("@" in c for c in records.columns)
+    assert all(len(codes) == 2 for codes in per_query.ranked_codes)
     # tokens grow with N; routing leaves mass only on routed documents past its layer
     tokens = [r["tokens"] for r in summary["runs"] if r["intervention"] == "none"]
     assert tokens == sorted(tokens) and tokens[0] < tokens[-1]
@@ -95,6 +101,21 @@ def test_other_arguments_into_the_same_dir_are_refused(uninterrupted):
     out = lens("sweep", *args, "--out", str(uninterrupted))
     assert out.returncode == 2
     assert "holds a sweep with other arguments (n: [4, 12, 30] there, [4, 12] now)" in out.stderr
+
+
+def test_a_sweep_an_older_lens_wrote_is_refused_by_name(uninterrupted, tmp_path):
+    """Parts of the first records format cannot be resumed into today's: the error says so (and
+    that the folder's records stay readable), and nothing in the folder changes."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(uninterrupted, old)
+    meta = json.loads((old / "sweep.json").read_text())
+    (old / "sweep.json").write_text(json.dumps({**meta, "format": 1}))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in old.rglob("*"))
+    out = lens("sweep", *ARGS, "--out", str(old))
+    assert out.returncode == 2 and "an older lens wrote (records format 1; this lens writes 2)" in out.stderr
+    assert "Traceback" not in out.stderr and sorted((p.name, p.stat().st_mtime_ns) for p in old.rglob("*")) == before
 
 
 @pytest.mark.parametrize("change,message", [
@@ -158,5 +179,5 @@ def test_records_carry_what_ran_and_their_schema(uninterrupted):
         assert set(records[column]) == {value}
     assert records.backend.nunique() == 1 and records.lens_version.nunique() == 1
     meta = pq.read_schema(uninterrupted / "records.parquet").metadata
-    assert meta[b"lens_records_format"] == b"1"
+    assert meta[b"lens_records_format"] == b"2"
     assert json.loads(meta[b"lens_sweep"])["interventions"][1] == "ssmax:s=0.43,n=docs"

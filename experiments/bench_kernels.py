@@ -474,7 +474,10 @@ def part_paths(args) -> None:
                             for k, v in breakdown.spent.items():
                                 spent[path, way][k] += v
     finally:
-        os.environ.pop("LENS_KERNEL", None) if saved is None else os.environ.__setitem__("LENS_KERNEL", saved)
+        if saved is None:
+            os.environ.pop("LENS_KERNEL", None)
+        else:
+            os.environ["LENS_KERNEL"] = saved
     tokens = runs[0].n_tokens
     for way in ways:
         for spec in specs:

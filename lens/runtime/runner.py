@@ -127,6 +127,7 @@ class BlockSearchRunner:
                 if codes:
                     plant_drafts(s, codes)
         self.draft_counts = dict(drafted=0, computed=0)
+        self._hooks_attached = self.batch_dense and self._hooked()  # checked once per call, not per layer step
         for s in streams:  # each in its own order: under `sequential` positions depend on it
             self.source.prefill(s.corpus)
         readout: dict[int, Tensor] = {}
@@ -222,7 +223,7 @@ class BlockSearchRunner:
     def _layer(self, layer: int, streams: list[QueryStream], record: bool) -> None:
         block = self.model.blocks[layer]
         batches = self._batches(streams)
-        together = self.batch_dense and len(batches) > 1 and not self._hooked()
+        together = self.batch_dense and len(batches) > 1 and not self._hooks_attached
         groups = [batches] if together else [[b] for b in batches]
         for group in groups:  # a batch: one stream, or a beam's hypotheses (one token each, same position)
             for members, (resid, (q, k, v)) in zip(group, self._dense_in(block, group)):

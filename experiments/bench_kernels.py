@@ -45,6 +45,7 @@ import time
 import torch
 
 from lens.backend import resolve_dtype, stamp
+from lens.runtime.timing import Breakdown
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -397,36 +398,6 @@ def part_rerun(args) -> None:
 
 
 # ------------------------------------------------------------------------------------ paths
-class Breakdown:
-    """Seconds spent, per call of the runner, in corpus attention (the chunk feed, with the
-    compiled kernel's statistics), finishing each layer's streams (self keys, statistics
-    handed over), recording the readout statistics, and the rest (the dense layers, the
-    decoding steps and Python), by wrapping the runner's own methods."""
-
-    def __init__(self, runner):
-        self.runner, self.spent = runner, {"corpus attention": 0.0, "finish": 0.0, "readout statistics": 0.0}
-        for attr, owner, name in (("feed", runner.source, "corpus attention"), ("_close_stream", runner, "finish"),
-                                  ("_record", runner, "readout statistics")):
-            setattr(owner, attr, self._timed(getattr(owner, attr), name))
-
-    def _timed(self, fn, name):
-        def wrapper(*a, **kw):
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                self.spent[name] += time.perf_counter() - t0
-        return wrapper
-
-    def reset(self) -> None:
-        self.spent = dict.fromkeys(self.spent, 0.0)
-
-    @staticmethod
-    def text(spent: dict, total: float) -> str:
-        parts = {**spent, "dense layers, decoding, Python": total - sum(spent.values())}
-        return ", ".join(f"{k} {v:.2f} s ({v / total:.0%})" for k, v in parts.items())
-
-
 def part_paths(args) -> None:
     from kernels.native import chosen_path
     from kernels.spec import parse_intervention

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench_kernels import Breakdown
+from lens.runtime.timing import Breakdown
 from lens.backend import resolve_dtype, stamp
 
 SPECS = ("none", "ssmax:s=0.43", "route:layer=16,B=8", "ssmax:s=0.43+route:layer=16,B=8")

@@ -86,19 +86,19 @@ class RayUnits:
     def check(self, units: list[tuple[int, list[str]]]) -> dict:
         return self._get(self.actors[0].call.remote("check", units))
 
-    def run(self, todo: list[tuple[int, int, list[str]]]) -> Iterator[tuple[tuple[int, int], object]]:
-        """Each unit's frame as it finishes (any order); each idle actor takes the next unit."""
+    def run(self, todo: list[tuple[int, int, list[str]]]) -> Iterator[tuple[tuple[int, int], object, dict]]:
+        """Each unit's frame and timing as it finishes (any order); each idle actor takes the next unit."""
         queue, idle, pending = list(todo), list(self.actors), {}
         while queue or pending:
             while queue and idle:
                 actor = idle.pop(0)
                 n, b, query_ids = queue.pop(0)
-                pending[actor.call.remote("run", n, query_ids)] = (actor, (n, b))
+                pending[actor.call.remote("run_timed", n, query_ids)] = (actor, (n, b))
             ready, _ = self.ray.wait(list(pending), num_returns=1)
             actor, unit = pending.pop(ready[0])
-            frame = self._get(ready[0])
+            frame, timing = self._get(ready[0])
             idle.append(actor)
-            yield unit, frame
+            yield unit, frame, timing
 
     def baseline(self, query_ids: list[str], sizes: list[int]):
         return self._get(self.actors[0].call.remote("baseline", query_ids, sizes, False))

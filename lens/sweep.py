@@ -220,6 +220,7 @@ def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
     todo = [unit for unit in units if done[unit] is None]
     baseline = _read_part(parts / "baseline.parquet") if cfg.baseline else None
     need_baseline = cfg.baseline and baseline is None
+    ran: list[dict] = []
     if todo or need_baseline:
         if ray is None:
             executor = LocalUnits(cfg, data, progress)
@@ -241,8 +242,12 @@ def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
             with tqdm(total=len(units), initial=len(units) - len(todo), desc="sweep units", unit="unit",
                       disable=not progress) as bar:
                 finished = len(units) - len(todo)
-                for (n, b), frame in executor.run([(n, b, batches[b]) for n, b in todo]):
+                timings = _read_timings(out)
+                for (n, b), frame, timing in executor.run([(n, b, batches[b]) for n, b in todo]):
                     _write_parquet_atomic(parts / f"n{n}-b{b}.parquet", frame)
+                    timings[f"n{n}-b{b}"] = timing
+                    _write_json_atomic(out / "timing.json", timings)
+                    ran.append(timing)
                     finished += 1
                     bar.update(1)
                     if on_unit:
@@ -267,7 +272,23 @@ def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
     if layout_facts.is_file():
         summary["layout"] = json.loads(layout_facts.read_text())
     _write_json_atomic(out / "summary.json", summary)
+    if ran:
+        from lens.backend import stamp
+        from lens.runtime.timing import throughput, throughput_text
+
+        total = throughput(ran)
+        log.info(f"this run: {throughput_text(total)} ({stamp(dtype)}; every unit in {out}/timing.json)")
+        summary = {**summary, "timing": total}  # the run's speed, not part of the records' summary.json
     return summary
+
+
+def _read_timings(out: Path) -> dict:
+    """Each committed unit's timing (seconds, queries, where the time went), kept across resumes."""
+    try:
+        timings = json.loads((out / "timing.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return timings if isinstance(timings, dict) else {}
 
 
 def _mean(series) -> float | None:

@@ -5,6 +5,8 @@ split sums by thread), so any worker gives the same bits for it."""
 
 from __future__ import annotations
 
+import time
+
 import pandas as pd
 import torch
 
@@ -41,6 +43,9 @@ class SweepWorker:
         # dense layers run as one batch
         self.runner = BlockSearchRunner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv, batch_dense=True,
                                         kv_wait=shared_kv)
+        from lens.runtime.timing import Breakdown
+
+        self.breakdown = Breakdown(self.runner)
 
     def streams(self, n: int, query_ids: list[str]):
         """A unit's streams (every intervention over every query), each checked as it is made."""
@@ -55,8 +60,16 @@ class SweepWorker:
                     code_position=self.layout.code_position)
 
     def run(self, n: int, query_ids: list[str], desc: str | None = None) -> pd.DataFrame:
+        return self.run_timed(n, query_ids, desc)[0]
+
+    def run_timed(self, n: int, query_ids: list[str], desc: str | None = None) -> tuple[pd.DataFrame, dict]:
+        """A unit's frame and where its time went (:mod:`lens.runtime.timing`)."""
+        self.breakdown.reset()
+        t0 = time.perf_counter()
         runs = self.runner.run_streams(self.streams(n, query_ids), desc=desc, beam=self.cfg.beam)
-        return unit_rows(runs, self.specs)
+        timing = dict(n=n, queries=len(query_ids), interventions=len(self.specs), seconds=time.perf_counter() - t0,
+                      threads=torch.get_num_threads(), **self.breakdown.spent)
+        return unit_rows(runs, self.specs), timing
 
     def baseline(self, query_ids: list[str], sizes: list[int], progress: bool = True) -> pd.DataFrame:
         from lens.baseline import minilm_rows
@@ -87,7 +100,7 @@ class LocalUnits:
 
     def run(self, todo):
         for n, b, query_ids in todo:
-            yield (n, b), self.worker.run(n, query_ids, desc=f"N={n} batch {b}")
+            yield (n, b), *self.worker.run_timed(n, query_ids, desc=f"N={n} batch {b}")
 
     def baseline(self, query_ids, sizes):
         return self.worker.baseline(query_ids, sizes, progress=self.progress)

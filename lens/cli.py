@@ -173,6 +173,8 @@ def sweep(
     truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto", split: Split = None,
     kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
     batch: Annotated[int, typer.Option(help="queries per committed unit")] = 8,
+    backend: Annotated[str, typer.Option(help="lens (its own engine: Llama, Qwen3, to ~1M tokens) | nnsight (any "
+                                              "transformers causal LM, dense, up to 8,192 tokens)")] = "lens",
     ray: Annotated[Optional[str], typer.Option(help="run the units on Ray: local (a cluster on this machine), auto, "
                                                     "or HOST:PORT / ray://HOST:10001 (pip install 'lens[ray]')")] = None,
     ray_workers: Annotated[Optional[int], typer.Option(help="Ray actors (default: the cluster's CPUs / threads)")] = None,
@@ -192,16 +194,17 @@ def sweep(
     if missing:
         raise LensError(f"{', '.join(missing)} missing: give them as flags or in --config")
     model, dataset, n, out, queries, intervention, baseline, seed, beam, positions, code_position, max_doc_tokens, \
-        truncate, drop_unjudged, dtype, kv, batch, ray, ray_workers, split = (given[k] for k in (
+        truncate, drop_unjudged, dtype, kv, batch, ray, ray_workers, split, backend = (given[k] for k in (
             "model", "dataset", "n", "out", "queries", "intervention", "baseline", "seed", "beam", "positions",
             "code_position", "max_doc_tokens", "truncate", "drop_unjudged", "dtype", "kv", "batch", "ray", "ray_workers",
-            "split"))
+            "split", "backend"))
 
     cfg = SweepConfig(
         model=model, dataset=dataset, n=parse_sizes(n), queries=queries, interventions=intervention or ["none"],
         baseline=baseline, seed=seed, beam=beam, positions=positions, code_position=code_position,
         max_doc_tokens=max_doc_tokens,
         truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch, split=split,
+        backend=None if backend == "lens" else backend,
     )
     summary = run_sweep(cfg, out, ray=None if ray is None else dict(address=ray, workers=ray_workers))
     from lens.stats import format_rate

@@ -56,6 +56,7 @@ class SweepConfig:
     kv: str = "memory"
     batch: int = 8  # queries per unit
     split: str | None = None  # a BEIR folder's qrels split (None: test)
+    backend: str | None = None  # None: lens's own engine; "nnsight": any transformers model, dense (small N)
     dataset_sha256: str | None = None  # set by run_sweep from the data itself: an edited dataset is not resumed
     model_fingerprint: str | None = None  # set by run_sweep from the weights' files: edited weights are not resumed
 
@@ -108,7 +109,8 @@ def _lens_version() -> str:
 def _write_records(path: Path, records: pd.DataFrame, cfg: SweepConfig, backend: dict) -> None:
     """records.parquet: the rows, with the columns that let sweeps be concatenated (model,
     dataset, dtype, backend, lens_version) and the schema in the file's metadata."""
-    frame = records.assign(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=backend.get("kernel", ""),
+    engine = "nnsight" if cfg.backend == "nnsight" else backend.get("kernel", "")
+    frame = records.assign(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=engine,
                            lens_version=_lens_version())
     _write_parquet_atomic(path, frame, {b"lens_records_format": str(SWEEP_FORMAT).encode(),
                                         b"lens_sweep": json.dumps({"format": SWEEP_FORMAT, **asdict(cfg)}).encode()})
@@ -163,6 +165,12 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
 
     dtype = resolve_dtype(cfg.dtype)
     cfg = replace(cfg, dtype=dtype_name(dtype))  # the records name the dtype that ran, not "auto"
+    if cfg.backend not in (None, "lens", "nnsight"):
+        raise LensError(f"backend {cfg.backend!r}: choose lens or nnsight")
+    cfg = replace(cfg, backend=None if cfg.backend == "lens" else cfg.backend)  # lens's own: as sweeps before it
+    if cfg.backend == "nnsight" and cfg.kv != "memory":
+        raise LensError("--kv disk: the nnsight backend keeps no KV cache (each pass runs the whole context); "
+                        "use --kv memory, or --backend lens")
     if cfg.baseline not in (None, "minilm"):
         raise LensError(f"baseline {cfg.baseline!r}: the dense baseline available is 'minilm'")
     if cfg.beam < 1 or not cfg.n or min(cfg.n) < 1 or cfg.queries < 1 or cfg.batch < 1:
@@ -277,7 +285,8 @@ def _run_locked(cfg, out, data, specs, dtype, progress, on_unit, ray) -> dict:
         from lens.runtime.timing import throughput, throughput_text
 
         total = throughput(ran)
-        log.info(f"this run: {throughput_text(total)} ({stamp(dtype)}; every unit in {out}/timing.json)")
+        engine = " backend=nnsight (dense, transformers eager)" if cfg.backend == "nnsight" else ""
+        log.info(f"this run: {throughput_text(total)} ({stamp(dtype)}{engine}; every unit in {out}/timing.json)")
         summary = {**summary, "timing": total}  # the run's speed, not part of the records' summary.json
     return summary
 

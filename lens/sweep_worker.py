@@ -20,8 +20,9 @@ class SweepWorker:
         """``cfg``: a :class:`lens.sweep.SweepConfig` with its content keys set; ``data``: the
         dataset when the caller holds it (else loaded from ``cfg`` and checked against its key);
         ``shared_kv``: other workers may be building the same disk KV cache (wait for them)."""
-        from lens.models.registry import load_model, weights_fingerprint
-        from lens.runtime import BlockSearchRunner
+        from lens.models.backends import load_model
+        from lens.models.registry import weights_fingerprint
+        from lens.runtime import make_runner
 
         if threads is not None:
             torch.set_num_threads(threads)
@@ -37,12 +38,12 @@ class SweepWorker:
         self.cfg, self.data = cfg, data
         self.score_fns = [parse_intervention(s) for s in cfg.interventions]
         self.specs = [fn.spec() for fn in self.score_fns]
-        model = load_model(cfg.model, dtype=options.torch_dtype())
+        model = load_model(cfg.model, dtype=options.torch_dtype(), backend=cfg.backend or "lens")
         self.layout = options.layout(model)
         # a unit's streams are fixed by the sweep's arguments (resumed, or on Ray, the same), so their
         # dense layers run as one batch
-        self.runner = BlockSearchRunner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv, batch_dense=True,
-                                        kv_wait=shared_kv)
+        self.runner = make_runner(model, data, self.layout, seed=cfg.seed, progress=progress, kv=cfg.kv, batch_dense=True,
+                                  kv_wait=shared_kv)
         from lens.runtime.timing import Breakdown
 
         self.breakdown = Breakdown(self.runner)

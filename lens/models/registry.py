@@ -173,7 +173,8 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     """A registry name (``lens models``) or a local HF checkpoint folder of a supported architecture.
 
     The returned decoder carries ``.tokenizer``, ``.name`` and ``.fingerprint`` (identifies
-    the weights and dtype, for cache keys)."""
+    the weights and dtype, for cache keys).  :func:`lens.load_model` also takes
+    ``backend="nnsight"`` (any transformers causal LM)."""
     name = str(name_or_path)
     if name in TINY_CONFIGS:
         cfg = TINY_CONFIGS[name]

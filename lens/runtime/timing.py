@@ -14,9 +14,11 @@ REST = "dense layers, decoding, Python"
 class Breakdown:
     def __init__(self, runner):
         self.runner, self.spent = runner, dict.fromkeys(PARTS, 0.0)
-        for attr, owner, name in (("prefill", runner.source, "prefill"), ("feed", runner.source, "corpus attention"),
+        source = getattr(runner, "source", None)
+        for attr, owner, name in (("prefill", source, "prefill"), ("feed", source, "corpus attention"),
                                   ("_close_stream", runner, "finish"), ("_record", runner, "readout statistics")):
-            setattr(owner, attr, self._timed(getattr(owner, attr), name))
+            if hasattr(owner, attr):  # the nnsight backend has no KV source: its passes count as the rest
+                setattr(owner, attr, self._timed(getattr(owner, attr), name))
 
     def _timed(self, fn, name):
         def wrapper(*a, **kw):

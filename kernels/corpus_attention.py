@@ -30,7 +30,7 @@ from torch import Tensor
 
 from kernels.fused import update_fused_streams
 from kernels.online_softmax import (
-    OnlineSoftmax, add_doc_sums, gold_part, grouped_row_max, grouped_scores, merge_doc_stats,
+    ChunkMeans, OnlineSoftmax, add_doc_sums, gold_part, grouped_row_max, grouped_scores, merge_doc_stats,
 )
 from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_function
 
@@ -44,6 +44,8 @@ class CorpusAttentionResult:
     gold_output: Tensor | None = None  # [Q, head, d] the part of output contributed by gold_docs' tokens
     route_max: Tensor | None = None  # [head, N] max over query tokens and each document's keys of the raw scaled q.k
     route_mean: Tensor | None = None  # [head, N] max over query tokens of q . mean(K_doc), scaled (mean-key routing)
+    # keys per chunk -> [head, N], the readout row's best q . mean(K_chunk) over the document's chunks (chunk-mean routing)
+    route_chunk: dict | None = None
 
     def document_mass(self, row: int = -1) -> Tensor:
         """Each document's softmax mass at one statistics row (default: the readout), [head, N],
@@ -104,7 +106,7 @@ class CorpusAttentionStream:
         scale: float, score_fn: ScoreFunction | None = None, gold_docs: list[int] | None = None,
         stats: bool = True, route_stats: bool = False, stats_rows: str = "all", self_mask: Tensor | None = None,
         route_rows: slice = slice(None), route_mean: bool = False, row_entropy: Tensor | None = None,
-        entropy: bool = False,
+        entropy: bool = False, route_chunks: dict[int, int] | None = None,
     ):
         n_heads, n_q, d = q.shape
         self.q, self.scale, self.layer, self.score_fn = q, scale, layer, score_fn
@@ -123,6 +125,8 @@ class CorpusAttentionStream:
         n_route = len(range(n_q)[route_rows])
         self.route_sum = torch.zeros(n_heads, n_route, n_docs) if route_mean else None
         self.route_count = torch.zeros(n_docs) if route_mean else None
+        # chunk-mean routing scores of the readout row: {keys per chunk: chunks per document at most}
+        self.route_chunks = [ChunkMeans(n_heads, n_docs, c, k) for c, k in route_chunks.items()] if route_chunks else None
         # Fast path: a score function that only scales each (head, row) folds into q, the bulk
         # goes through PyTorch's fused flash kernel, and per-document statistics are computed
         # for the readout row alone (the generic path keeps them for every row if asked).
@@ -147,6 +151,8 @@ class CorpusAttentionStream:
             merge_doc_stats(raw[:, self.route_rows].amax(1, keepdim=True), key_doc, self.route_max[:, None])
         if self.route_sum is not None:
             add_doc_sums(raw[:, self.route_rows], key_doc, self.route_sum, self.route_count)
+        for means in self.route_chunks or ():
+            means.add(raw[:, -1], key_doc)
         scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
         self._accumulate(scores, values, key_doc)
 
@@ -168,7 +174,7 @@ class CorpusAttentionStream:
         """Whether the chunks' document ids matter to this stream (statistics, routing scores, or
         a score function on the generic path); if not, any numbering may be passed."""
         return (self.folded_q is None or self.doc_max is not None or self.keeps_gold or self.route_max is not None
-                or self.route_sum is not None)
+                or self.route_sum is not None or self.route_chunks is not None)
 
     @property
     def wants_readout_scores(self) -> bool:
@@ -192,6 +198,10 @@ class CorpusAttentionStream:
             merge_doc_stats(row_max, key_doc, self.route_max[:, None])
         if raw is not None:
             add_doc_sums(raw, key_doc, self.route_sum, self.route_count)
+        if self.route_chunks is not None:
+            readout = raw[:, -1] if raw is not None else grouped_scores(self.q[:, -1:], keys, self.scale)[:, 0]
+            for means in self.route_chunks:
+                means.add(readout, key_doc)
         m, alpha, beta = self.state.add_flash(out.reshape(n_heads, n_q, d).float(), lse.reshape(n_heads, n_q).float())
         if chunk_stats is not None:
             chunk_max, chunk_lse, chunk_gold = chunk_stats
@@ -234,7 +244,8 @@ class CorpusAttentionStream:
             route_mean = (self.route_sum / self.route_count.clamp(min=1)).amax(1)
             route_mean[:, self.route_count == 0] = float("-inf")
         return CorpusAttentionResult(output.transpose(0, 1).to(self.q.dtype), lse, self.doc_max, self.doc_lse, gold,
-                                     self.route_max, route_mean)
+                                     self.route_max, route_mean,
+                                     None if self.route_chunks is None else {m.chunk: m.result() for m in self.route_chunks})
 
     def _accumulate(self, scores: Tensor, values: Tensor, key_doc: Tensor | None) -> None:
         alpha, p = self.state.add_scores(scores, values)

@@ -180,3 +180,50 @@ def add_doc_sums(scores: Tensor, key_doc: Tensor, sums: Tensor, counts: Tensor) 
     s, index, docs, n_local = found
     sums[..., docs] += torch.zeros(*s.shape[:2], n_local).scatter_add(-1, index, s)
     counts[docs] += torch.bincount(index[0, 0], minlength=n_local)
+
+
+class ChunkMeans:
+    """Chunk-mean routing scores, accumulated chunk by chunk: each document's keys cut into
+    chunks of ``chunk`` tokens (at most ``n_chunks``, the last one taking the rest), each chunk
+    scored by the mean of one query row's raw scores over its keys (q . mean K_chunk), and a
+    document by its best chunk.  Keys of a document must arrive in order (they do from every
+    KV source), so a key's place in its document is the count seen before it."""
+
+    def __init__(self, n_heads: int, n_docs: int, chunk: int, n_chunks: int):
+        self.chunk, self.n_chunks = chunk, n_chunks
+        self.sums = torch.zeros(n_heads, n_docs * n_chunks)
+        self.counts = torch.zeros(n_docs * n_chunks)
+        self.seen = torch.zeros(n_docs, dtype=torch.long)
+
+    def add(self, scores: Tensor, key_doc: Tensor) -> None:
+        """One chunk of keys: ``scores`` [head, C] (the row's raw scores), ``key_doc`` [C]."""
+        keys = (key_doc >= 0).nonzero().squeeze(1)
+        if keys.numel() == 0:
+            return
+        docs = key_doc[keys]
+        first = torch.full_like(self.seen, key_doc.numel()).scatter_reduce(0, docs, keys, "amin")
+        place = self.seen[docs] + keys - first[docs]  # a document's keys are contiguous within a chunk
+        slot = docs * self.n_chunks + (place // self.chunk).clamp(max=self.n_chunks - 1)
+        self.sums.index_add_(1, slot, scores[:, keys].float())
+        self.counts.index_add_(0, slot, torch.ones(slot.numel()))
+        self.seen.index_add_(0, docs, torch.ones_like(docs))
+
+    def cut(self, docs: slice) -> "ChunkMeans":
+        """The part for documents ``docs`` (a shard's run of whole documents)."""
+        part = ChunkMeans.__new__(ChunkMeans)
+        part.chunk, part.n_chunks, k = self.chunk, self.n_chunks, self.n_chunks
+        keys = slice(docs.start * k if docs.start else None, docs.stop * k if docs.stop is not None else None)
+        part.sums, part.counts, part.seen = self.sums[:, keys], self.counts[keys], self.seen[docs]
+        return part
+
+    def merge(self, part: "ChunkMeans", docs: slice) -> None:
+        k = self.n_chunks
+        keys = slice(docs.start * k if docs.start else None, docs.stop * k if docs.stop is not None else None)
+        self.sums[:, keys] += part.sums
+        self.counts[keys] += part.counts
+        self.seen[docs] += part.seen
+
+    def result(self) -> Tensor:
+        """[head, N]: each document's best chunk mean (-inf for documents not seen)."""
+        means = (self.sums / self.counts.clamp(min=1)).masked_fill(self.counts == 0, float("-inf"))
+        return means.view(means.shape[0], -1, self.n_chunks).amax(-1)

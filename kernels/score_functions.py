@@ -249,15 +249,18 @@ def entropy_probe(fn: ScoreFunction | None, layer: int) -> ScoreFunction | None:
 class Route(Spec):
     """Top-B document routing.  At ``layer`` each document is scored by QK-MaxSim (the max over
     its tokens of the scaled q.k, before other interventions) or, ``by="mean-key"``, by q times
-    the mean of its keys (MoBA-style block selection), reduced over the query tokens by max and
-    over heads by ``reduce`` (max or mean); layers after ``layer`` attend only to the top ``B``
-    documents (plus instruction and query)."""
+    the mean of its keys (MoBA-style block selection), reduced over the query tokens by max, or,
+    ``by="chunk-mean"``, by the best of its chunks of ``chunk`` keys, each scored by the readout
+    token's q times the chunk's mean key; then over heads by ``reduce`` (max or mean); layers
+    after ``layer`` attend only to the top ``B`` documents (plus instruction and query)."""
 
     layer: int = param(help="the layer whose scores choose the documents", kind="int", control=(0, None, 1))
     B: int = param(help="documents kept", kind="int", control=(1, 100_000, 1))
     reduce: str = param("max", help="reduction over heads", kind="choice", choices=("max", "mean"), quiet=True)
-    by: str = param("maxsim", help="document score: maxsim (max of q.k over its keys) or mean-key (q . mean K, MoBA)",
-                    kind="choice", choices=("maxsim", "mean-key"), quiet=True)
+    by: str = param("maxsim", help="document score: maxsim (max of q.k over its keys), mean-key (q . mean K, MoBA) "
+                    "or chunk-mean (best q . mean K over chunks of `chunk` keys, the readout token's q)",
+                    kind="choice", choices=("maxsim", "mean-key", "chunk-mean"), quiet=True)
+    chunk: int = param(16, help="keys per chunk (by=chunk-mean)", kind="int", control=(1, 512, 1), quiet=True)
 
     def __post_init__(self):
         super().__post_init__()
@@ -265,8 +268,12 @@ class Route(Spec):
             raise ValueError(f"route B must be >= 1, got {self.B}")
         if self.reduce not in ("max", "mean"):
             raise ValueError(f"route reduce must be 'max' or 'mean', got {self.reduce!r}")
-        if self.by not in ("maxsim", "mean-key"):
-            raise ValueError(f"route by must be 'maxsim' or 'mean-key', got {self.by!r}")
+        if self.by not in ("maxsim", "mean-key", "chunk-mean"):
+            raise ValueError(f"route by must be 'maxsim', 'mean-key' or 'chunk-mean', got {self.by!r}")
+        if self.chunk < 1:
+            raise ValueError(f"route chunk must be >= 1 keys, got {self.chunk}")
+        if self.chunk != 16 and self.by != "chunk-mean":
+            raise ValueError(f"route chunk={self.chunk} applies to by=chunk-mean only (by={self.by})")
 
     def scores(self, route_max: Tensor) -> Tensor:
         """Document routing scores [N] from raw per-document maxima over query tokens [head, N]."""
@@ -281,6 +288,8 @@ class Route(Spec):
 
     def document_scores(self, result) -> Tensor:
         """The per-head document scores this route ranks by, from a corpus-attention result."""
+        if self.by == "chunk-mean":
+            return result.route_chunk[self.chunk]
         return result.route_max if self.by == "maxsim" else result.route_mean
 
     def first_layer(self) -> int:

@@ -36,10 +36,14 @@ class ShardPart:
     route_max: Tensor | None  # [head, n]
     route_sum: Tensor | None  # [head, rows, n] sums of raw scores per document (mean-key routing)
     route_count: Tensor | None  # [n] keys per document
+    route_chunks: list | None  # ChunkMeans of the shard's documents (chunk-mean routing)
     docs: slice = field(default_factory=lambda: slice(None))  # which of the corpus's documents the statistics are for
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in vars(self).values() if isinstance(t, Tensor))
+        tensors = [t for t in vars(self).values() if isinstance(t, Tensor)]
+        for means in self.route_chunks or ():
+            tensors += [means.sums, means.counts, means.seen]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def shard_part(stream: CorpusAttentionStream, docs: slice = slice(None)) -> ShardPart:
@@ -48,7 +52,8 @@ def shard_part(stream: CorpusAttentionStream, docs: slice = slice(None)) -> Shar
     state = stream.state
     cut = lambda t: None if t is None else t[..., docs]  # noqa: E731
     return ShardPart(state.m, state.l, state.acc, state.gold_acc, cut(stream.doc_max), cut(stream.doc_lse),
-                     cut(stream.route_max), cut(stream.route_sum), cut(stream.route_count), docs)
+                     cut(stream.route_max), cut(stream.route_sum), cut(stream.route_count),
+                     None if stream.route_chunks is None else [m.cut(docs) for m in stream.route_chunks], docs)
 
 
 def merge_parts(stream: CorpusAttentionStream, parts: list[ShardPart]) -> CorpusAttentionStream:
@@ -69,6 +74,8 @@ def merge_parts(stream: CorpusAttentionStream, parts: list[ShardPart]) -> Corpus
         if stream.route_sum is not None:
             stream.route_sum[..., d] += part.route_sum
             stream.route_count[d] += part.route_count
+        for means, got in zip(stream.route_chunks or (), part.route_chunks or ()):
+            means.merge(got, d)
     return stream
 
 

@@ -31,7 +31,7 @@ from lens.runtime.records import QueryRun
 
 ROUTING_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RECALL_K = (1, 2, 5, 10)
-ROUTERS = ("maxsim", "meankey")  # the order of QueryRun.route_scores' rows (each reduced by max, then mean)
+ROUTERS = ("maxsim", "meankey", "chunkmean")  # the order of QueryRun.route_scores' rows (each reduced by max, then mean)
 REDUCES = ("max", "mean")
 RECORDS_FORMAT = 2
 
@@ -165,7 +165,7 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
             first_digit_hit=int(run.logit_lens[layer].argmax()) in first_digits,
         )
         scores = [] if run.route_scores is None else run.route_scores[layer]  # [routers x reduces, N]
-        for i, values in enumerate(scores):
+        for i, values in enumerate(scores):  # older runs may carry fewer routers
             router, reduce = ROUTERS[i // len(REDUCES)], REDUCES[i % len(REDUCES)]
             order = torch.argsort(values, descending=True)
             best_gold_rank = min(int((order == g).nonzero()) for g in gold)  # 0-based

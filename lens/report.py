@@ -139,7 +139,7 @@ def fig_routing_recall(records: pd.DataFrame, summary: dict, layer: int) -> go.F
     n = int(rows.n_docs.max())
     rows = rows[rows.n_docs == n]
     fig = go.Figure()
-    names = {"maxsim": "QK-MaxSim", "meankey": "mean key"}
+    names = {"maxsim": "QK-MaxSim", "meankey": "mean key", "chunkmean": "chunk mean"}
     for router in ROUTERS:
         for reduce in REDUCES:
             cols = [(b, c) for b, c in routing_cols(rows.columns, router, reduce) if rows[c].notna().any()]

@@ -22,7 +22,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kernels.corpus_attention import CorpusAttentionResult, kept_keys
-from kernels.online_softmax import add_doc_sums, merge_doc_stats
+from kernels.online_softmax import ChunkMeans, add_doc_sums, merge_doc_stats
 from kernels.score_functions import ScoreContext, apply_score_function
 from lens.data.datasets import Dataset
 from lens.data.layout import LayoutConfig, build_pool_layout, dense_layout
@@ -134,7 +134,8 @@ class HFRunner:
                 deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
                 keep_raw = raw.masked_fill(~allowed, float("-inf"))
                 if deciding:
-                    s.keep_docs = s.route.keep(_route_stats(keep_raw[0], key_doc, s.n_docs, s.route.by), s.n_docs)
+                    stats = _route_stats(keep_raw[0], key_doc, s.n_docs, s.route.by, s.route_chunks(True, False))
+                    s.keep_docs = s.route.keep(stats, s.n_docs)
                 if record:
                     attn_out = attn.output[0][0, -1].float()
                     resid = layer_envoy.output
@@ -167,7 +168,8 @@ class HFRunner:
         rec.append(dict(  # gold_attn_out and logit_lens are filled in after the pass (modules run outside the trace)
             result=CorpusAttentionResult(output, lse, doc_max, doc_lse, gold_output),
             attn_out=attn_out, gold_attn_out=None, resid_post=resid.float(), logit_lens=None,
-            route_scores=torch.stack([x for by in ("maxsim", "mean-key") for stat in [_route_stats(raw, key_doc, n, by)]
+            route_scores=torch.stack([x for by in ("maxsim", "mean-key", "chunk-mean")
+                                      for stat in [_route_stats(raw, key_doc, n, by, s.route_chunks(False, True))]
                                       for x in (stat.amax(0), stat.mean(0))]) if s.route_record else None,
         ))
 
@@ -192,11 +194,18 @@ class HFRunner:
         return run
 
 
-def _route_stats(raw: Tensor, key_doc: Tensor, n_docs: int, by: str) -> Tensor:
+def _route_stats(raw: Tensor, key_doc: Tensor, n_docs: int, by: str, chunks: dict[int, int] | None = None) -> Tensor:
     """Per-head document scores ``[head, N]`` from the query rows' raw scores ``[head, Q, T]``
-    (-inf where not attended): QK-MaxSim (max over rows and the document's keys) or mean key
-    (max over rows of the mean of q.k over the document's keys)."""
+    (-inf where not attended): QK-MaxSim (max over rows and the document's keys), mean key (max
+    over rows of the mean of q.k over the document's keys) or chunk mean (the last row's best
+    mean of q.k over a chunk of the document's keys; ``chunks``: {keys per chunk: chunks at most})."""
     h = raw.shape[0]
+    if by == "chunk-mean":
+        attended = torch.isfinite(raw[:, -1]).all(0) & (key_doc >= 0)
+        (chunk, n_chunks), = chunks.items()
+        means = ChunkMeans(h, n_docs, chunk, n_chunks)
+        means.add(raw[:, -1][:, attended], key_doc[attended])
+        return means.result()
     if by == "maxsim":
         out = torch.full((h, 1, n_docs), float("-inf"))
         merge_doc_stats(raw.amax(1, keepdim=True), key_doc, out)

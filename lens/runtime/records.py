@@ -36,8 +36,9 @@ class QueryRun:
     gold_attn_out: Tensor | None = None  # [layer, d_model] W_O applied to the gold part a^G
     resid_post: Tensor | None = None  # [layer, d_model] residual stream after each layer, readout token
     logit_lens: Tensor | None = None  # [layer, 10] digit logits of final norm + unembedding of resid_post
-    # [layer, 4, N] routing scores per document: QK-MaxSim reduced over heads by max and by mean,
-    # then mean key (q . mean K_doc) by max and by mean (lens.metrics.ROUTERS x REDUCES)
+    # [layer, 6, N] routing scores per document: QK-MaxSim reduced over heads by max and by mean,
+    # then mean key (q . mean K_doc), then chunk mean (the readout token's best q . mean K_chunk,
+    # chunks of ROUTE_CHUNK keys), each by max and by mean (lens.metrics.ROUTERS x REDUCES)
     route_scores: Tensor | None = None
     routed: list[int] | None = None  # corpus positions kept by a route intervention (after its layer)
     ranked_codes: list[str] = field(default_factory=list)  # best first (one code when greedy)

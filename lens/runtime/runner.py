@@ -27,7 +27,7 @@ from lens.models.decoder import Decoder
 from lens.runtime.decode import beam_step, check_drafts, draft_rows, leave_drafts, plant_drafts
 from lens.runtime.kv.source import KVSource
 from lens.runtime.records import CODE_DIGITS, QueryRun
-from lens.runtime.stream import QueryStream, model_score_function
+from lens.runtime.stream import ROUTE_CHUNK, QueryStream, model_score_function
 
 RECORD_FIELDS = ("attn_out", "gold_attn_out", "resid_post", "logit_lens", "route_scores")
 
@@ -96,7 +96,7 @@ class BlockSearchRunner:
         q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
         return QueryStream(
             query_id, corpus, gold_positions, self.pool.query_token_ids(self.model.tokenizer, query_id),
-            intervention, record, q_start, n_layers, route_scores,
+            intervention, record, q_start, n_layers, route_scores, max(lengths),
         )
 
     def run_query(self, query_id: str, n_docs: int, intervention=None, record: bool = True, beam: int = 1) -> QueryRun:
@@ -303,6 +303,7 @@ class BlockSearchRunner:
             stats_rows="last", self_mask=s.self_mask,
             route_rows=slice(None) if s.self_mask is None else slice(len(s.drafted), None),
             route_mean=(deciding and s.route.by == "mean-key") or (record and s.record and s.route_record),
+            route_chunks=s.route_chunks(deciding, record and s.record and s.route_record),
         )
         q_rows = q[0].transpose(0, 1)
         probe = entropy_probe(score_fn, layer)
@@ -312,7 +313,8 @@ class BlockSearchRunner:
         # adaptive temperature: a first pass for each row's entropy, then the layer's stream
         s.pending = (q_rows, kw)
         s.attention = CorpusAttentionStream(q_rows, s.n_docs, **{**kw, "score_fn": probe, "gold_docs": None, "stats": False,
-                                                                 "route_stats": False, "route_mean": False}, entropy=True)
+                                                                 "route_stats": False, "route_mean": False,
+                                                                 "route_chunks": None}, entropy=True)
 
     def _first_pass(self, layer: int, streams: list[QueryStream]) -> None:
         """The streams' first pass over the corpus (each row's entropy), then their layer's stream."""
@@ -342,8 +344,8 @@ class BlockSearchRunner:
             gold_attn_out=attn.o_proj(gold.reshape(1, -1).to(res.output.dtype))[0].float(),
             resid_post=s.resid[0, -1].float(),
             logit_lens=self._digit_logit_lens(s.resid[0, -1]),
-            route_scores=torch.stack([res.route_max.amax(0), res.route_max.mean(0), res.route_mean.amax(0),
-                                      res.route_mean.mean(0)]) if s.route_record else None,
+            route_scores=torch.stack([x for stat in (res.route_max, res.route_mean, res.route_chunk[ROUTE_CHUNK])
+                                      for x in (stat.amax(0), stat.mean(0))]) if s.route_record else None,
         ))
 
     def _digit_logit_lens(self, resid: Tensor) -> Tensor:

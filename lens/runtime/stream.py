@@ -20,6 +20,9 @@ def model_score_function(model, score_fn: ScoreFunction | None) -> ScoreFunction
     return builtin if score_fn is None else builtin + score_fn
 
 
+ROUTE_CHUNK = 16  # keys per chunk of the chunk-mean routing scores a record carries
+
+
 @dataclass
 class QueryStream:
     """One (query, N, intervention) moving through the layers; grows by each decoded digit."""
@@ -33,6 +36,7 @@ class QueryStream:
     next_position: int
     n_layers: int
     route_record: bool = True  # record every layer's QK-MaxSim routing scores (routing recall)
+    longest_doc: int = 0  # tokens of the corpus's longest document (chunk-mean routing's chunks per document)
     self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
     self_v: list = field(default_factory=list)
     keep_docs: Tensor | None = None  # bool [N], set at the route layer
@@ -83,6 +87,17 @@ class QueryStream:
     @property
     def n_docs(self) -> int:
         return len(self.corpus)
+
+    def route_chunks(self, deciding: bool, recording: bool) -> dict[int, int] | None:
+        """Chunk-mean routing's {keys per chunk: chunks per document at most} where a layer needs
+        its scores: the route's own chunk to decide a chunk-mean route, ``ROUTE_CHUNK`` for the
+        record (the same in every run, so records compare); None where neither is needed."""
+        sizes = set()
+        if deciding and self.route is not None and self.route.by == "chunk-mean":
+            sizes.add(self.route.chunk)
+        if recording:
+            sizes.add(ROUTE_CHUNK)
+        return {c: max(1, -(-self.longest_doc // c)) for c in sorted(sizes)} or None
 
     def attends_routed(self, layer: int) -> bool:
         return self.route is not None and layer > self.route.layer and self.keep_docs is not None

@@ -20,7 +20,7 @@ from lens.runtime import BlockSearchRunner, make_runner
 from lens.runtime.hf_runner import HFRunner
 
 SPECS = [None, "ssmax:s=0.6,n=docs", "sink:b=2", "temperature:t=0.7", "adaptive:h=0.5", "log-n:train=4",
-         "route:layer=1,B=3", "route:layer=1,B=3,by=mean-key", "ssmax:s=0.5,n=keys+route:layer=0,B=2"]
+         "route:layer=1,B=3", "route:layer=1,B=3,by=mean-key", "route:layer=1,B=3,by=chunk-mean,chunk=4", "ssmax:s=0.5,n=keys+route:layer=0,B=2"]
 FIELDS = ("attn_out", "gold_attn_out", "resid_post", "logit_lens", "route_scores")
 
 

@@ -71,6 +71,32 @@ def test_route_keeping_every_document_changes_nothing(models, small_limit):
     assert torch.allclose(c.readout_logits, d.readout_logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [3, 1000])
+def test_chunk_mean_routing_is_the_readout_rows_best_chunk_mean_key(models, small_limit, chunk):
+    """route by=chunk-mean: each document's keys cut into chunks of ``chunk``, each chunk scored by
+    the readout token's mean raw scaled q.k over it (= q . mean(K_chunk)), a document by its best
+    chunk, heads by max; a chunk longer than every document is the readout row's mean key."""
+    model = models("tiny-llama")
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    n, layer, b = 12, 1, 4
+    run = runner.run_query("q3", n, intervention=parse_intervention(f"route:layer={layer},B={b},by=chunk-mean,chunk={chunk}"))
+    query_ids = runner.pool.query_token_ids(model.tokenizer, "q3")
+    layout = dense_layout(runner.pool, run.corpus, query_ids)
+    _, cache = model.run_with_cache(layout.tokens[None], attention_mask=layout.mask[None, None],
+                                    position_ids=layout.positions[None], names_filter=f"blocks.{layer}.attn.hook_attn_scores")
+    readout = cache[f"blocks.{layer}.attn.hook_attn_scores"][0][:, layout.query_slice.stop - 1]  # [head, T]
+    per_doc = []
+    for j in range(n):
+        keys = readout[:, layout.key_doc == j]
+        per_doc.append(torch.stack([keys[:, i : i + chunk].mean(-1) for i in range(0, keys.shape[1], chunk)], -1).amax(-1))
+    routing = torch.stack(per_doc, -1).amax(0)
+    assert sorted(run.routed) == sorted(routing.topk(b).indices.tolist())
+    if chunk == 1000:
+        means = torch.stack([readout[:, layout.key_doc == j].mean(-1) for j in range(n)], -1).amax(0)
+        assert torch.allclose(routing, means)
+    assert run.intervention == f"route:layer={layer},B={b},by=chunk-mean,chunk={chunk}"
+
+
 def test_bad_routes(models, small_limit):
     runner = BlockSearchRunner(models("tiny-llama"), small_limit, progress=False)
     with pytest.raises(LensError, match="route layer 2: must be 0..1"):
@@ -79,6 +105,8 @@ def test_bad_routes(models, small_limit):
         parse_intervention("route:B=3")
     with pytest.raises(InterventionSpecError, match="reduce must be"):
         parse_intervention("route:layer=1,B=3,reduce=sum")
+    with pytest.raises(InterventionSpecError, match="applies to by=chunk-mean only"):
+        parse_intervention("route:layer=1,B=3,chunk=8")
 
 
 def test_many_streams_together_equal_one_at_a_time(models, small_limit):

@@ -23,7 +23,8 @@ def _corpus(seed=0, heads=6, kv=2, d=16, n_docs=40, q=3, s=5):
 def _stream(c, fn, n_keys, n_attended, stats_rows):
     return CorpusAttentionStream(c["q"], c["n_docs"], n_corpus_keys=n_keys, n_docs_attended=n_attended,
                                  n_self=c["self_k"].shape[1], layer=1, scale=0.25, score_fn=fn, gold_docs=[3, 17],
-                                 stats=True, route_stats=True, stats_rows=stats_rows, route_mean=True)
+                                 stats=True, route_stats=True, stats_rows=stats_rows, route_mean=True,
+                                 route_chunks={4: 8, 16: 2})
 
 
 def _whole(c, fn, keep, stats_rows):
@@ -54,6 +55,9 @@ def _close(a, b):
     for name in ("output", "lse", "doc_max", "doc_lse", "gold_output", "route_max", "route_mean"):
         x, y = getattr(a, name).float(), getattr(b, name).float()
         assert torch.allclose(x, y, atol=1e-6, rtol=1e-6, equal_nan=True), (name, float((x - y).abs().nan_to_num().max()))
+    assert a.route_chunk.keys() == b.route_chunk.keys() == {4, 16}
+    for chunk in (4, 16):  # chunk-mean routing: documents of up to 29 keys, 8 chunks of 4 or 2 of 16 (the last takes the rest)
+        assert torch.allclose(a.route_chunk[chunk], b.route_chunk[chunk], atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("n_shards", [1, 2, 4])

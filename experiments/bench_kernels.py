@@ -23,6 +23,7 @@
             statistics, the dense layers and Python).  To time an AVX2-only machine's paths on a
             bigger CPU, also cap PyTorch, oneDNN and MKL at AVX2 (ATEN_CPU_CAPABILITY=avx2
             ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2; the header prints what ran).
+  kv        the lab's call in fp32 over KV cached in fp32 or bf16
   ablate    where the compiled kernel's time goes: builds of it with one part of the work left
             out (q.k, the exponentials, p.v, the key transposes; their results are wrong, only
             their time is read), timed against the full kernel in turns, on one layer of
@@ -466,6 +467,64 @@ def part_paths(args) -> None:
     print(f"ranked codes equal across paths in {same} of {len(codes)} calls (paths differ in fp32 summation order)")
 
 
+# ------------------------------------------------------------------------------------ kv
+def part_kv(args) -> None:
+    """The lab's call in fp32 with the corpus's KV cached in fp32 or in bf16 (the compiled fp32
+    kernel reads bf16 KV, halving the bytes each layer reads), and PyTorch's path over fp32 KV,
+    timed in turns in one run."""
+    from kernels.native import chosen_path
+    from kernels.spec import parse_intervention
+    from lens.data.datasets import limit_dataset
+    from lens.models.registry import load_model
+    from lens.runtime import BlockSearchRunner
+    from lens.runtime.records import DocumentKV
+
+    torch.set_grad_enabled(False)
+    path, n = chosen_path(torch.float32), args.rerun_docs
+    print(f"== the lab's call in fp32, KV cached in fp32 or bf16: SmolLM2, PyTorch dispatch "
+          f"{torch.backends.cpu.get_cpu_capability()}, compiled path {path} (timed in turns)")
+    model = load_model("smollm2-135m", dtype=torch.float32)
+    data = limit_dataset(n_docs=n, items_per_doc=28, n_queries=8, seed=0)
+    runners = {"fp32": BlockSearchRunner(model, data, progress=True),
+               "bf16": BlockSearchRunner(model, data, progress=False, kv_dtype=torch.bfloat16)}
+    t0 = time.perf_counter()
+    runners["fp32"].prefill(list(range(n)))
+    print(f"prefill (once): {time.perf_counter() - t0:.0f}s")
+    # the bf16 cache holds the fp32 prefill's KV rounded, which is what its own prefill stores
+    runners["bf16"].source._store = {k: DocumentKV(v.keys.bfloat16(), v.values.bfloat16())
+                                     for k, v in runners["fp32"].source._store.items()}
+    ways = [(path, "fp32"), (path, "bf16"), ("pytorch", "fp32")]
+    queries = [q.id for q in data.queries[:4]]
+    fn = parse_intervention("ssmax:s=0.43")
+    times, codes, saved = {w: [] for w in ways}, {}, os.environ.get("LENS_KERNEL")
+    try:
+        for rep in range(args.repeats + 1):  # the first turn warms each way (plain runs, corpus concatenation)
+            for way in ways:
+                os.environ["LENS_KERNEL"] = way[0]
+                runner = runners[way[1]]
+                q = queries[rep % 4]
+                if rep == 0:
+                    runner.run_streams([runner.stream(q, n, route_scores=False)], beam=2)
+                t0 = time.perf_counter()
+                run = runner.run_streams([runner.stream(q, n, fn, route_scores=False)], beam=2)[0]
+                if rep:
+                    times[way].append(time.perf_counter() - t0)
+                codes.setdefault(rep, []).append(run.ranked_codes)
+    finally:
+        if saved is None:
+            os.environ.pop("LENS_KERNEL", None)
+        else:
+            os.environ["LENS_KERNEL"] = saved
+    mean = {w: sum(t) / len(t) for w, t in times.items()}
+    for w in ways:
+        print(f"lab, 1 query (beam 2, ssmax:s=0.43), N={n} ({run.n_tokens} tokens): {w[0]} over {w[1]} KV "
+              f"{mean[w]:.2f} s ({', '.join(f'{t:.2f}' for t in times[w])})")
+    print(f"    {path} over bf16 KV is {mean[path, 'fp32'] / mean[path, 'bf16']:.2f}x its speed over fp32 KV and "
+          f"{mean['pytorch', 'fp32'] / mean[path, 'bf16']:.2f}x the PyTorch path's over fp32 KV ({args.repeats} repeats)")
+    same = sum(len(set(map(str, c))) == 1 for c in codes.values())
+    print(f"ranked codes equal across the three in {same} of {len(codes)} turns")
+
+
 # ------------------------------------------------------------------------------------ overhead
 def part_overhead(args) -> None:
     """The lab's call where the corpus costs next to nothing: what the dense layers and the
@@ -553,7 +612,7 @@ def main() -> None:
     print(stamp(resolve_dtype(args.dtype)))
     for part in args.part.split(","):
         {"tl": part_tl, "roof": part_roof, "rerun": part_rerun, "ablate": part_ablate,
-         "overhead": part_overhead, "paths": part_paths}[part](args)
+         "overhead": part_overhead, "paths": part_paths, "kv": part_kv}[part](args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ BENCHMARKS = {  # name -> (what it measures, command)
               [PY, "experiments/bench_sweep.py", "--n", "16,64", "--queries", "16"]),
     "paths": ("the lab's call on a cached 1,000-document corpus on lens's kernel path and PyTorch's, in turns",
               [PY, "experiments/bench_kernels.py", "--part", "paths"]),
+    "kv": ("the lab's call in fp32 with the corpus's KV cached in fp32 or in bf16, in turns",
+           [PY, "experiments/bench_kernels.py", "--part", "kv"]),
 }
 CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "LENS_KERNEL")
 BEGIN, END = "<!-- measured: {} -->", "<!-- end measured -->"

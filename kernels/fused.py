@@ -18,8 +18,10 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
     per-document statistics and gold output in the same pass, and of PyTorch's flash kernel for
     the streams the compiled kernel does not take (its statistics then need a second pass)."""
     kv = keys.shape[0]
-    rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]
-    kernel = _native_for(rows[0], keys, values)
+    kernel = _native_for(fused[0][0].q, keys, values)
+    # fp32 queries over bf16 KV stay fp32 in the compiled kernel (it reads bf16 keys and values);
+    # elsewhere the queries take the keys' dtype
+    rows = [s._grouped_q(s.q.dtype if kernel is not None else keys.dtype, kv) for s, _ in fused]
     if kernel is not None:
         limit = row_limit(kernel)
         mine = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores or rows[i].shape[1] <= limit]
@@ -45,15 +47,18 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
 
 
 def _native_for(q: Tensor, keys: Tensor, values: Tensor):
-    """The compiled kernel for these keys' dtype when it applies here (fp32 or bf16, no autograd,
-    a built head size, a build for this CPU), else None."""
-    if keys.dtype not in (torch.float32, torch.bfloat16) or not (q.dtype == keys.dtype == values.dtype):
+    """The compiled kernel for these queries and keys when it applies here (fp32 or bf16 alike,
+    or fp32 queries over bf16 KV: the fp32 build, which reads either; no autograd, a built head
+    size, a build for this CPU), else None."""
+    if keys.dtype not in (torch.float32, torch.bfloat16) or keys.dtype != values.dtype:
+        return None
+    if q.dtype != keys.dtype and not (q.dtype == torch.float32 and keys.dtype == torch.bfloat16):
         return None
     if keys.shape[-1] not in (32, 64, 128):
         return None
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad or values.requires_grad):
         return None
-    return decode_kernel(keys.dtype)
+    return decode_kernel(q.dtype)
 
 
 def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:

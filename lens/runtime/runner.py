@@ -38,7 +38,7 @@ class BlockSearchRunner:
     def __init__(
         self, model: Decoder, dataset: Dataset, layout: LayoutConfig | None = None, seed: int = 0,
         batch_tokens: int | None = None, progress: bool = True, kv: str = "memory", kv_folder=None,
-        kv_wait: bool = False, batch_dense: bool = False,
+        kv_wait: bool = False, batch_dense: bool = False, kv_dtype: torch.dtype | None = None,
     ):
         """``kv="memory"`` prefills documents on demand into RAM; ``kv="disk"`` prefills the whole
         pool once into a verified on-disk cache (``kv_folder``, default ``$LENS_CACHE/kv``).
@@ -49,7 +49,9 @@ class BlockSearchRunner:
         stacked rows, where by default each stream (or beam) runs its own: several times faster for
         many streams at small N, but a stream's numbers then depend, at rounding level, on which
         streams ran beside it (fp32 GEMMs sum differently for a few rows than for many), so it is
-        for callers whose batches are fixed, such as a sweep's units; never with hooks attached."""
+        for callers whose batches are fixed, such as a sweep's units; never with hooks attached.
+        ``kv_dtype``: the cached documents' KV dtype (default the model's; bf16 under an fp32 model
+        halves what corpus attention reads, :func:`lens.backend.resolve_kv_dtype`)."""
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)
@@ -57,11 +59,12 @@ class BlockSearchRunner:
         if kv == "memory":
             from lens.runtime.kv.memory import MemoryKV
 
-            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens or 2048, progress, seed)
+            self.source: KVSource = MemoryKV(model, self.pool, batch_tokens or 2048, progress, seed, kv_dtype)
         elif kv == "disk":
             from lens.runtime.kv.disk import DiskKV
 
-            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens or 8192, progress=progress, wait=kv_wait)
+            self.source = DiskKV(model, self.pool, seed, kv_folder, batch_tokens or 8192, progress=progress, wait=kv_wait,
+                                 kv_dtype=kv_dtype)
         else:
             raise LensError(f"kv={kv!r}: choose memory or disk")
         self.digit_ids = torch.tensor(

@@ -192,3 +192,18 @@ def test_two_builds_of_one_cache_one_is_refused(models, data, tmp_path):
         with pytest.raises(LensError, match="in use by another lens process"):
             BlockSearchRunner(models("tiny-llama"), data, progress=False, kv="disk", kv_folder=tmp_path)
     BlockSearchRunner(models("tiny-llama"), data, progress=False, kv="disk", kv_folder=tmp_path).source.close()
+
+
+def test_bf16_kv_under_an_fp32_model(models, data, tmp_path):
+    """KV cached in bf16 under an fp32 model (fp32 queries over bf16 keys and values): memory and
+    disk hold the same bits, and the runs stay within bf16 rounding of the fp32 cache's."""
+    model = models("tiny-qwen3")
+    exact = BlockSearchRunner(model, data, progress=False, batch_tokens=100)
+    memory = BlockSearchRunner(model, data, progress=False, batch_tokens=100, kv_dtype=torch.bfloat16)
+    disk = BlockSearchRunner(model, data, progress=False, batch_tokens=100, kv="disk", kv_folder=tmp_path,
+                             kv_dtype=torch.bfloat16)
+    assert disk.source.itemsize == 2 and memory.source.instruction.keys.dtype == torch.bfloat16
+    _same(_runs(disk), _runs(memory))
+    for a, b in zip(_runs(memory), _runs(exact)):
+        assert torch.allclose(a.readout_logits, b.readout_logits, atol=0.05)
+        assert (a.readout_logits - b.readout_logits).abs().max() > 0  # the KV was rounded

@@ -57,16 +57,19 @@ class DiskKV(KVSource):
     def __init__(
         self, model: Decoder, pool: PoolLayout, seed: int = 0, folder: str | Path | None = None,
         batch_tokens: int = 8192, chunk_tokens: int = 65536, progress: bool = True, wait: bool = False,
+        kv_dtype: torch.dtype | None = None,
     ):
         """``wait``: when another process is building this cache, wait for it and open its result
-        (sweep workers sharing a KV folder) instead of refusing."""
+        (sweep workers sharing a KV folder) instead of refusing.  ``kv_dtype``: the stored KV's
+        dtype (default the model's; bf16 under an fp32 model halves what each layer reads)."""
+        self.dtype = kv_dtype or model.dtype
         if pool.config.positions == "sequential":
             raise LensError(
                 "the disk KV cache needs position-independent documents: under `sequential` positions a "
                 "document's KV depends on its place in each corpus; use positions shared or restart"
             )
-        if model.dtype not in _NUMPY:
-            raise LensError(f"disk KV cache: dtype {model.dtype} not supported (use bfloat16 or float32)")
+        if self.dtype not in _NUMPY:
+            raise LensError(f"disk KV cache: dtype {self.dtype} not supported (use bfloat16 or float32)")
         self.model, self.pool, self.seed = model, pool, seed
         self.batch_tokens, self.chunk_tokens, self.progress = batch_tokens, chunk_tokens, progress
         cfg = model.cfg
@@ -81,7 +84,7 @@ class DiskKV(KVSource):
         self.key = self._content_key()
         base = Path(folder).expanduser() if folder is not None else cache_dir() / "kv"
         self.root = base / self.key
-        self.itemsize = torch.empty((), dtype=model.dtype).element_size()
+        self.itemsize = torch.empty((), dtype=self.dtype).element_size()
         if not self._open():
             with exclusive_lock(base / f".{self.key}.lock", f"the KV cache {self.root}", wait=wait):
                 if not self._open():  # another process may have finished it while we waited to look
@@ -96,7 +99,7 @@ class DiskKV(KVSource):
     # -------------------------------------------------------------------------- identity
     def _content_key(self) -> str:
         h = hashlib.sha256()
-        h.update(f"lens-kv{FORMAT}|{self.model.fingerprint}|{self.pool.config.document_fingerprint()}|{self.model.dtype}|".encode())
+        h.update(f"lens-kv{FORMAT}|{self.model.fingerprint}|{self.pool.config.document_fingerprint()}|{self.dtype}|".encode())
         if self.batch_tokens != 8192:  # the batches shape the KV's last bits; the default is left out of
             h.update(f"batch{self.batch_tokens}|".encode())  # the key so caches built before stay valid
         h.update(np.asarray(self.pool.instruction_ids, dtype=np.int64).tobytes())
@@ -162,7 +165,7 @@ class DiskKV(KVSource):
             raise LensError(f"{partial}: the KV cache needs {need / 1e9:.1f} GB, only {free / 1e9:.1f} GB free; "
                             "set LENS_CACHE to a bigger disk")
         instruction = run_instruction(self.model, self.pool.instruction_ids)
-        save_file({"keys": instruction.keys.contiguous(), "values": instruction.values.contiguous()},
+        save_file({"keys": instruction.keys.to(self.dtype).contiguous(), "values": instruction.values.to(self.dtype).contiguous()},
                   partial / "instruction.safetensors")
         fds = []
         for layer in range(self.n_layers):
@@ -192,7 +195,7 @@ class DiskKV(KVSource):
                 for layer in range(self.n_layers):
                     for which, tensor in enumerate((keys, values)):
                         valid = torch.cat([tensor[row, layer, :n] for row, n in enumerate(lengths)])  # [tok, kv, d]
-                        self._write(fds[layer], which, first, valid.transpose(0, 1).contiguous())
+                        self._write(fds[layer], which, first, valid.transpose(0, 1).to(self.dtype).contiguous())
                 done = batch[-1] + 1
                 for fd in fds:  # the data is on disk before the progress file says so
                     os.fsync(fd)
@@ -212,7 +215,7 @@ class DiskKV(KVSource):
             crc = {f.name: _crc32_file(f, bar) for f in files}
         progress_path.unlink()
         (partial / "manifest.json").write_text(json.dumps({
-            "format": FORMAT, "key": self.key, "model": self.model.name, "dtype": str(self.model.dtype),
+            "format": FORMAT, "key": self.key, "model": self.model.name, "dtype": str(self.dtype),
             "n_docs": len(self.order), "n_tokens": self.n_tokens, "layers": self.n_layers, "crc32": crc,
         }, indent=1))
         if self.root.exists():
@@ -265,7 +268,7 @@ class DiskKV(KVSource):
     def _read(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Storage tokens [start, stop) of a layer: keys, values [kv_head, stop - start, d]."""
         n = stop - start
-        out = np.empty((2, self.n_kv, n, self.d_head), dtype=_NUMPY[self.model.dtype])
+        out = np.empty((2, self.n_kv, n, self.d_head), dtype=_NUMPY[self.dtype])
         for which in range(2):
             for head in range(self.n_kv):
                 offset = ((which * self.n_kv + head) * self.n_tokens + start) * self.d_head * self.itemsize
@@ -273,7 +276,7 @@ class DiskKV(KVSource):
                 out[which, head] = np.frombuffer(buf, dtype=out.dtype).reshape(n, self.d_head)
         t = torch.from_numpy(out)
         if self.itemsize == 2:
-            t = t.view(self.model.dtype)
+            t = t.view(self.dtype)
         return t[0], t[1]
 
     # -------------------------------------------------------------------------- the engine's side

@@ -25,6 +25,7 @@ class MemoryKV(KVSource):
 
     def __init__(
         self, model: Decoder, pool: PoolLayout, batch_tokens: int = 2048, progress: bool = True, seed: int = 0,
+        kv_dtype: torch.dtype | None = None,
     ):
         """``batch_tokens`` sizes the fixed batches.  A small N prefills whole the batches its
         documents fall in, so smaller batches keep a first query's prefill near its own documents;
@@ -34,8 +35,10 @@ class MemoryKV(KVSource):
         self.batches = pool_batches(pool, seed, batch_tokens)  # the disk cache's too
         self._batch_of = {d: b for b, docs in enumerate(self.batches) for d in docs}
         self._start = document_start(self.layout, len(pool.instruction_ids), 0)  # all (not under sequential)
+        self.dtype = kv_dtype or model.dtype  # bf16 under an fp32 model halves what each layer reads
         with torch.no_grad():
-            self.instruction = run_instruction(model, pool.instruction_ids)
+            self._instruction = run_instruction(model, pool.instruction_ids)  # the prefill's, in the model's dtype
+        self.instruction = DocumentKV(self._instruction.keys.to(self.dtype), self._instruction.values.to(self.dtype))
         self._store: dict[str, DocumentKV] = {}
         self._keys: dict[tuple[int, int], str] = {}
         self._concat: OrderedDict = OrderedDict()
@@ -103,13 +106,14 @@ class MemoryKV(KVSource):
                   leave=False) as bar:
             for items in groups:
                 keys, values = prefill_batch(
-                    self.model, self.instruction, [self.pool.doc_token_ids[d] for d, _, _ in items],
+                    self.model, self._instruction, [self.pool.doc_token_ids[d] for d, _, _ in items],
                     [s for _, s, _ in items], self.model.tokenizer.pad_token_id or 0,
                 )
                 for row, (d, _, key) in enumerate(items):
                     n = len(self.pool.doc_token_ids[d])
                     self._store[key] = DocumentKV(
-                        keys[row, :, :n].transpose(1, 2).contiguous(), values[row, :, :n].transpose(1, 2).contiguous()
+                        keys[row, :, :n].transpose(1, 2).to(self.dtype).contiguous(),
+                        values[row, :, :n].transpose(1, 2).to(self.dtype).contiguous(),
                     )
                 bar.update(len(items))
 

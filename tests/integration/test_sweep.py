@@ -28,7 +28,19 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "full"
     done = lens("sweep", *ARGS, "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
+    (out.parent / "stderr.txt").write_text(done.stderr)
     return out
+
+
+def test_the_sweep_times_its_units(uninterrupted):
+    timing = json.loads((uninterrupted / "timing.json").read_text())
+    assert set(timing) == {f"n{n}-b{b}" for n in (4, 12, 30) for b in range(3)}
+    unit = timing["n12-b1"]
+    assert unit["queries"] == 2 and unit["interventions"] == 3 and unit["seconds"] > 0
+    parts = ("prefill", "corpus attention", "finish", "readout statistics")
+    assert 0 <= sum(unit[k] for k in parts) <= unit["seconds"]
+    log = (uninterrupted.parent / "stderr.txt").read_text()
+    assert "this run: query work" in log and "for 54 queries x cells" in log and "kernel=" in log
 
 
 def test_records_and_summary(uninterrupted):
@@ -52,7 +64,7 @@ def test_records_and_summary(uninterrupted):
     assert entry["recall_at_k"]["2"] == pytest.approx(q["recall_at_2"].mean())
     # every router's routing recall, with intervals; plain column names, codes as lists
     by = run["layers"][1]["routing_recall_by"]
-    assert set(by) == {"maxsim_max", "maxsim_mean", "meankey_max", "meankey_mean"}
+    assert set(by) == {"maxsim_max", "maxsim_mean", "meankey_max", "meankey_mean", "chunkmean_max", "chunkmean_mean"}
     assert by["maxsim_max"] == run["layers"][1]["routing_recall"] and set(run["layers"][1]["routing_recall_by_ci"]) == set(by)
     assert not any("@" in c for c in records.columns)
     assert all(len(codes) == 2 for codes in per_query.ranked_codes)

@@ -31,7 +31,7 @@ from lens.log import show_progress
 from lens.models.hf import MAX_TOKENS, HFModel
 from lens.runtime.decode import beam_step
 from lens.runtime.records import CODE_DIGITS, QueryRun
-from lens.runtime.runner import RECORD_FIELDS, BlockSearchRunner
+from lens.runtime.runner import BlockSearchRunner
 from lens.runtime.stream import QueryStream, model_score_function
 
 
@@ -43,6 +43,7 @@ class HFRunner:
     corpus = BlockSearchRunner.corpus
     stream = BlockSearchRunner.stream
     run_query = BlockSearchRunner.run_query
+    _result = BlockSearchRunner._result  # the record of a run, as the native engine assembles it
 
     def __init__(self, model: HFModel, dataset: Dataset, layout: LayoutConfig | None = None, seed: int = 0,
                  progress: bool = True, max_tokens: int = MAX_TOKENS):
@@ -172,26 +173,6 @@ class HFRunner:
                                       for stat in [_route_stats(raw, key_doc, n, by, s.route_chunks(False, True))]
                                       for x in (stat.amax(0), stat.mean(0))]) if s.route_record else None,
         ))
-
-    def _result(self, s: QueryStream, ranked: list[QueryStream], readout: Tensor) -> QueryRun:
-        best = ranked[0]
-        run = QueryRun(
-            query_id=s.query_id, n_docs=s.n_docs, intervention=s.intervention.spec(),
-            corpus=s.corpus, gold_positions=s.gold_positions, codes=[self.pool.codes[d] for d in s.corpus],
-            decoded="".join(map(str, best.digits)), digit_logprobs=torch.stack(best.step_logprobs),
-            readout_logits=readout,
-            ranked_codes=["".join(map(str, h.digits)) for h in ranked], ranked_logprobs=[h.score for h in ranked],
-            routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.keep_docs is not None else None,
-            n_tokens=len(self.pool.instruction_ids) + sum(len(self.pool.doc_token_ids[d]) for d in s.corpus)
-            + len(s.query_ids),
-        )
-        layers = s.recording.get("layers")
-        if layers:
-            run.layers = [r["result"] for r in layers]
-            for name in RECORD_FIELDS:
-                if layers[0][name] is not None:
-                    setattr(run, name, torch.stack([r[name] for r in layers]))
-        return run
 
 
 def _route_stats(raw: Tensor, key_doc: Tensor, n_docs: int, by: str, chunks: dict[int, int] | None = None) -> Tensor:

@@ -32,20 +32,22 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    parser.add_argument("--kv", default="memory", choices=["memory", "disk"],
+                        help="the KV source (disk: the shared distractors read once per layer for every stream)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     dtype = resolve_dtype(args.dtype)
     print(stamp(dtype))
     model = load_model(args.model, dtype=dtype)
     data = load_dataset(args.dataset)
-    runner = BlockSearchRunner(model, data, progress=False)
+    runner = BlockSearchRunner(model, data, progress=False, kv=args.kv)
     queries = [q.id for q in data.queries[: args.queries]]
     fns = [parse_intervention(s) for s in SPECS]
     t0 = time.perf_counter()
     for n in args.n:
         for q in queries:
             runner.prefill(runner.corpus(q, n)[0])
-    print(f"== {args.model} on {args.dataset}: {len(queries)} queries x {len(SPECS)} interventions per unit "
+    print(f"== {args.model} on {args.dataset}, {args.kv} KV: {len(queries)} queries x {len(SPECS)} interventions per unit "
           f"({', '.join(SPECS)}), beam 2; prefill (once, untimed): {time.perf_counter() - t0:.0f}s")
     breakdown = Breakdown(runner)
     for n in args.n:

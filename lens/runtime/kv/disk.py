@@ -321,11 +321,24 @@ class DiskKV(KVSource):
                     update(s, keys[:, :end], values[:, :end], lookup[docs[:end]])
             if whole:
                 update_shared([s.attention for s, _ in whole], keys, values, [lookup[docs] for _, lookup in whole])
-        for s, (_, extra, lookup) in zip(streams, plans):  # gold documents past the prefix
+        # documents past the prefix (the queries' gold documents): each read once, and one kernel
+        # call for every stream that holds it and attends it whole
+        holders: dict[int, list[int]] = {}
+        for i, (_, extra, _) in enumerate(plans):
             for r in extra:
-                a, b = int(self.doc_offsets[r]), int(self.doc_offsets[r + 1])
-                keys, values = self._read(layer, a, b)
-                update(s, keys, values, lookup[self.token_doc[a:b]])
+                holders.setdefault(r, []).append(i)
+        for r in sorted(holders):
+            a, b = int(self.doc_offsets[r]), int(self.doc_offsets[r + 1])
+            keys, values = self._read(layer, a, b)
+            docs = self.token_doc[a:b]
+            whole = [i for i in holders[r] if not streams[i].attends_routed(layer)]
+            for i in holders[r]:
+                if i not in whole:
+                    update(streams[i], keys, values, plans[i][2][docs])
+            if len(whole) == 1:
+                update(streams[whole[0]], keys, values, plans[whole[0]][2][docs])
+            elif whole:
+                update_shared([streams[i].attention for i in whole], keys, values, [plans[i][2][docs] for i in whole])
 
     def close(self) -> None:
         for fd in getattr(self, "_fds", []):

@@ -301,8 +301,8 @@ class DiskKV(KVSource):
         plans = [s.source_plan for s in streams]
         inst_k, inst_v = self.instruction.keys[layer], self.instruction.values[layer]
         inst_doc = torch.full((inst_k.shape[1],), -1, dtype=torch.long)
-        for s in streams:
-            s.attention.update(inst_k, inst_v, inst_doc)
+        # the instruction: attended by every stream (routed or not), one kernel call for all
+        update_shared([s.attention for s in streams], inst_k, inst_v, [inst_doc] * len(streams))
 
         def update(s, keys, values, key_doc):
             self.update(s, layer, keys, values, key_doc)

@@ -51,7 +51,8 @@ class BlockSearchRunner:
         streams ran beside it (fp32 GEMMs sum differently for a few rows than for many), so it is
         for callers whose batches are fixed, such as a sweep's units; never with hooks attached.
         ``kv_dtype``: the cached documents' KV dtype (default the model's; bf16 under an fp32 model
-        halves what corpus attention reads, :func:`lens.backend.resolve_kv_dtype`)."""
+        halves the cache, and the compiled fp32 kernel reads it; not faster where that kernel is
+        bound by arithmetic, as on AVX2: docs/performance.md)."""
         self.model, self.dataset, self.seed = model, dataset, seed
         self.layout = layout or LayoutConfig.for_model(model)
         self.pool: PoolLayout = build_pool_layout(dataset, model.tokenizer, self.layout)

@@ -61,7 +61,7 @@ class DiskKV(KVSource):
     ):
         """``wait``: when another process is building this cache, wait for it and open its result
         (sweep workers sharing a KV folder) instead of refusing.  ``kv_dtype``: the stored KV's
-        dtype (default the model's; bf16 under an fp32 model halves what each layer reads)."""
+        dtype (default the model's; bf16 under an fp32 model halves the cache on disk)."""
         self.dtype = kv_dtype or model.dtype
         if pool.config.positions == "sequential":
             raise LensError(

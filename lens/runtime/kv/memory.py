@@ -35,7 +35,7 @@ class MemoryKV(KVSource):
         self.batches = pool_batches(pool, seed, batch_tokens)  # the disk cache's too
         self._batch_of = {d: b for b, docs in enumerate(self.batches) for d in docs}
         self._start = document_start(self.layout, len(pool.instruction_ids), 0)  # all (not under sequential)
-        self.dtype = kv_dtype or model.dtype  # bf16 under an fp32 model halves what each layer reads
+        self.dtype = kv_dtype or model.dtype  # bf16 under an fp32 model halves the cache's memory
         with torch.no_grad():
             self._instruction = run_instruction(model, pool.instruction_ids)  # the prefill's, in the model's dtype
         self.instruction = DocumentKV(self._instruction.keys.to(self.dtype), self._instruction.values.to(self.dtype))

@@ -64,32 +64,36 @@ class HFRunner:
         if drafts is not None:
             raise LensError("drafts: the nnsight backend decodes without them (every pass is dense)")
         for s in streams:  # every context's size is checked before anything runs
-            self._layout(s, [])
+            self._check(s)
         bar = tqdm(streams, desc=desc or "queries (nnsight)", disable=not self.progress or len(streams) < 2, leave=False)
         return [self._run(s, beam) for s in bar]
 
-    def _layout(self, s: QueryStream, digits: list[int]):
-        layout = dense_layout(self.pool, s.corpus, list(s.query_ids) + [int(self.digit_ids[d]) for d in digits])
-        t = len(layout.tokens) + CODE_DIGITS - 1 - len(digits)
+    def _check(self, s: QueryStream) -> None:
+        """The longest context and position a stream's decoding reaches, against the limits."""
+        n_query = len(s.query_ids) + CODE_DIGITS - 1  # the query, then three decoded digits fed back
+        t = len(self.pool.instruction_ids) + sum(len(self.pool.doc_token_ids[d]) for d in s.corpus) + n_query
         if t > self.max_tokens:
             raise LensError(f"{s.query_id} at N={s.n_docs}: {t} tokens; the nnsight backend materialises every "
                             f"layer's T x T scores and runs at most {self.max_tokens} (max_tokens=); use a smaller N, "
                             "or lens's own engine (backend='lens', Llama and Qwen3) for long contexts")
-        last = int(layout.positions.max()) + CODE_DIGITS - 1 - len(digits)
+        last = s.next_position + n_query - 1  # the stream starts at the query's first position
         if self.model.max_position is not None and last >= self.model.max_position:
             raise LensError(f"{self.model.name}: positions up to {last} at N={s.n_docs}, but its learned position table "
                             f"ends at {self.model.max_position - 1}; lay the query closer (LayoutConfig(query_offset=...), "
                             f"now {self.layout.query_offset}) or use a smaller N")
-        return layout
 
     def _run(self, s: QueryStream, beam: int) -> QueryRun:
         codes = {self.pool.codes[d] for d in s.corpus}
         score_fn = model_score_function(self.model, s.score_fn)
         hypotheses, readout = [s], None
         for step in range(CODE_DIGITS):
-            layouts = [self._layout(s, h.digits) for h in hypotheses]
-            tokens = torch.stack([lay.tokens for lay in layouts])
-            logits = self._pass(s, layouts[0], tokens, score_fn, record=step == 0 and s.record)
+            # the hypotheses differ only in their digits: one layout, their tokens stacked
+            digits = [int(self.digit_ids[d]) for d in hypotheses[0].digits]
+            layout = dense_layout(self.pool, s.corpus, list(s.query_ids) + digits)
+            tokens = layout.tokens.repeat(len(hypotheses), 1)
+            for i, h in enumerate(hypotheses[1:], 1):
+                tokens[i, len(tokens[i]) - step:] = self.digit_ids[h.digits]
+            logits = self._pass(s, layout, tokens, score_fn, record=step == 0 and s.record)
             if step == 0:
                 readout = logits[0]
             hypotheses = beam_step(hypotheses, [row[self.digit_ids] for row in logits], step, beam, codes)
@@ -130,14 +134,15 @@ class HFRunner:
                     out = softmax.output.clone()
                     out[:, :, rows] = probs.to(out.dtype)
                     softmax.output = out
-                matmul = [n for n in inner.names if "matmul" in n][-1]
-                values = getattr(inner, matmul).inputs[0][1].float()  # [B, head, T, d]
                 deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
-                keep_raw = raw.masked_fill(~allowed, float("-inf"))
+                if deciding or record:
+                    keep_raw = raw.masked_fill(~allowed, float("-inf"))
                 if deciding:
                     stats = _route_stats(keep_raw[0], key_doc, s.n_docs, s.route.by, s.route_chunks(True, False))
                     s.keep_docs = s.route.keep(stats, s.n_docs)
                 if record:
+                    matmul = [n for n in inner.names if "matmul" in n][-1]
+                    values = getattr(inner, matmul).inputs[0][1].float()  # [B, head, T, d]
                     attn_out = attn.output[0][0, -1].float()
                     resid = layer_envoy.output
                     resid = (resid[0] if isinstance(resid, tuple) else resid)[0, -1]

@@ -65,7 +65,7 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
         kind = rng.choices(kinds, weights)[0]
         if kind == "pairs":
             data = limit_pairs_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs * (n_docs - 1) // 2),
-                                       split="train", seed=seed)
+                                       split="train", seed=seed, order="pairs")
         elif kind == "limit":
             n_docs = min(n_docs, args.limit_max_docs)
             items = rng.choice(args.items)

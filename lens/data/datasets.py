@@ -211,8 +211,12 @@ def limit_dataset(n_docs: int = 256, items_per_doc: int = 20, n_queries: int = 6
     return Dataset(f"synthetic-limit-{n_docs}x{items_per_doc}-s{seed}", documents, queries, qrels)
 
 
+PAIR_ORDERS = ("random", "pairs")
+
+
 def limit_pairs_dataset(n_docs: int = 46, core: int | None = None, n_queries: int | None = None,
-                        items_per_doc: int | None = None, split: str = "eval", seed: int = 0) -> Dataset:
+                        items_per_doc: int | None = None, split: str = "eval", seed: int = 0,
+                        order: str = "random") -> Dataset:
     """LIMIT's design (google-deepmind LIMIT, "LIMIT-small"): over ``core`` documents, every pair
     of documents shares exactly one item that no other document likes, so each core document
     carries core-1 items and every other core document is a hard negative; a query "Who likes X?"
@@ -221,12 +225,16 @@ def limit_pairs_dataset(n_docs: int = 46, core: int | None = None, n_queries: in
     the vocabulary, never a query's item.  Items and names come from one half of a vocabulary
     split in two (``split``: ``eval``, the default, or ``train``; lens.data.limit_words), so
     evaluation never sees a training item or name.  Queries: ``n_queries`` pairs drawn at random
-    (default: all C(core, 2))."""
+    (default: all C(core, 2)), listed in a seeded random ``order`` so that the first K (what a sweep
+    of K queries takes) are a uniform sample of the pairs; ``order="pairs"`` lists them in pair
+    order, (0, 1), (0, 2), ..., whose first K all name the first few documents."""
     from lens.data.limit_words import SPLITS, limit_items, limit_names
 
     core = n_docs if core is None else core
     if split not in SPLITS:
         raise LensError(f"limit-pairs: split={split!r}; choose one of {', '.join(SPLITS)}")
+    if order not in PAIR_ORDERS:
+        raise LensError(f"limit-pairs: order={order!r}; choose one of {', '.join(PAIR_ORDERS)}")
     if not 2 <= core <= n_docs:
         raise LensError(f"limit-pairs: core must be 2..docs ({n_docs}), got {core}")
     vocab = list(limit_items(split))
@@ -261,9 +269,12 @@ def limit_pairs_dataset(n_docs: int = 46, core: int | None = None, n_queries: in
         rng.shuffle(liked[d])
         documents.append(Document(f"d{d}", f"{people[d]} likes {_join_items(liked[d])}."))
     asked = sorted(rng.sample(range(n_pairs), n_queries))
+    if order == "random":
+        random.Random(f"limit-pairs-order:{split}:{seed}").shuffle(asked)
     queries = [Query(f"q{p}", f"Who likes {pair_items[p]}?") for p in asked]
     qrels = {f"q{p}": {f"d{pairs[p][0]}": 1, f"d{pairs[p][1]}": 1} for p in asked}
-    tag = f"limit-pairs-{n_docs}" + (f"c{core}" if core != n_docs else "") + f"-{split}-s{seed}"
+    tag = (f"limit-pairs-{n_docs}" + (f"c{core}" if core != n_docs else "") + f"-{split}-s{seed}"
+           + ("-pairorder" if order == "pairs" else ""))
     return Dataset(tag, documents, queries, qrels)
 
 
@@ -300,7 +311,7 @@ def _parse_options(spec: str, allowed: dict[str, type]) -> dict:
 
 def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False, split: str | None = None) -> Dataset:
     """``synthetic-limit[:docs=..,items=..,queries=..]``,
-    ``limit-pairs[:docs=..,core=..,items=..,queries=..,split=eval|train]``, ``needle[:docs=..,queries=..]``
+    ``limit-pairs[:docs=..,core=..,items=..,queries=..,split=eval|train,order=random|pairs]``, ``needle[:docs=..,queries=..]``
     or a BEIR folder (``split``: its qrels file, qrels/<split>.tsv, default test)."""
     if split is not None and not Path(spec).expanduser().is_dir():
         raise LensError(f"--split {split}: only a BEIR folder has qrels splits (limit-pairs takes split= in its spec)")
@@ -308,9 +319,10 @@ def load_dataset(spec: str, seed: int = 0, drop_unjudged: bool = False, split: s
         o = _parse_options(spec, {"docs": int, "items": int, "queries": int, "seed": int})
         return limit_dataset(o.get("docs", 256), o.get("items", 20), o.get("queries", 64), o.get("seed", seed))
     if spec.split(":")[0] == "limit-pairs":
-        o = _parse_options(spec, {"docs": int, "core": int, "items": int, "queries": int, "split": str, "seed": int})
+        o = _parse_options(spec, {"docs": int, "core": int, "items": int, "queries": int, "split": str, "seed": int,
+                                  "order": str})
         return limit_pairs_dataset(o.get("docs", 46), o.get("core"), o.get("queries"), o.get("items"),
-                                   o.get("split", "eval"), o.get("seed", seed))
+                                   o.get("split", "eval"), o.get("seed", seed), o.get("order", "random"))
     if spec.split(":")[0] == "needle":
         o = _parse_options(spec, {"docs": int, "queries": int, "seed": int})
         return needle_dataset(o.get("docs", 256), o.get("queries", 64), o.get("seed", seed))

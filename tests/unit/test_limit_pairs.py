@@ -63,6 +63,26 @@ def test_spec_and_bad_options():
     assert load_dataset("limit-pairs:docs=10,seed=2").content_hash() != load_dataset("limit-pairs:docs=10,seed=3").content_hash()
     for spec, message in [("limit-pairs:docs=80", "use core <= 64"), ("limit-pairs:docs=10,queries=99", "1..45"),
                           ("limit-pairs:docs=10,split=test", "choose one of train, eval"),
-                          ("limit-pairs:docs=10,core=20", "core must be")]:
+                          ("limit-pairs:docs=10,core=20", "core must be"),
+                          ("limit-pairs:docs=10,order=sorted", "choose one of random, pairs")]:
         with pytest.raises(LensError, match=re.escape(message)):
             load_dataset(spec)
+
+
+def test_the_first_queries_are_a_uniform_sample_of_the_pairs():
+    """A sweep takes the first K queries: in the default order they name every document about
+    equally often; in pair order they name the first few documents."""
+    def relevant_counts(order):
+        data = load_dataset(f"limit-pairs:docs=46,order={order}")
+        counts = [0] * 46
+        for q in data.queries[:128]:
+            for d in data.qrels[q.id]:
+                counts[int(d[1:])] += 1
+        return counts
+
+    uniform, paired = relevant_counts("random"), relevant_counts("pairs")
+    assert sum(uniform) == sum(paired) == 256
+    assert paired[0] == paired[1] == 45 and max(uniform) <= 15  # 256/46 = 5.6 per document on average
+    same = {o: load_dataset(f"limit-pairs:docs=46,order={o}") for o in ("random", "pairs")}
+    assert {q.id for q in same["random"].queries} == {q.id for q in same["pairs"].queries}
+    assert same["random"].qrels == same["pairs"].qrels

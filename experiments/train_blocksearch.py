@@ -3,14 +3,18 @@
 Each step is one corpus in the exact inference layout (instruction, N documents with fresh
 random unique four-digit codes) and several queries over it, run through the same code as
 inference (block-sparse prefill + corpus attention, lens.training).  The documents never see
-the query, so one prefill (and its backward) serves all the step's queries.  Loss: minus the log
-probability of decoding a relevant document's four digits (summed over the relevant documents:
-LIMIT queries have two), optionally plus a BlockRank-style InfoNCE on the readout token's
+the query, so one prefill (and its backward) serves all the step's queries.  Loss (--loss):
+``marginal``, minus the log probability of decoding any relevant document's four digits (LIMIT
+queries have two: their probabilities summed), or ``each``, the mean over the relevant documents
+of minus the log probability of decoding that one (which Recall@k, asking for every relevant
+document in the top k, rewards: the optimum splits the mass evenly), optionally plus a BlockRank-style InfoNCE on the readout token's
 per-document attention mass at one layer (--aux-layer).  Data (--mix): LIMIT's pairs design
 from the training half of the vocabulary (every other document a hard negative), the
 synthetic-limit generator and key-value needles, from seeds >= 1,000,000 (evaluation uses small
 seeds and the evaluation half of the vocabulary), or a BEIR folder (--beir).  Mixed N
-(--n-docs).  --ssmax trains one length-aware softmax scale s_L per layer with the adapter.
+(--n-docs), and ``pairs-large``: LIMIT's large-corpus design, the pairs of --large-core documents
+among others up to --large-n-docs, so the softmax meets hundreds of documents at the memory of a
+64-document pairs corpus.  --ssmax trains one length-aware softmax scale s_L per layer with the adapter.
 Codes sit at the end of each document by default (--code-position; docs/training.md says why).
 bf16 autocast where the CPU multiplies bf16 natively (--dtype); progress bar; a checkpoint
 every --save-every steps; rerunning the same command resumes.
@@ -41,7 +45,9 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
 
     ``pairs`` (LIMIT's design, lens.data.datasets.limit_pairs_dataset on the training half of the
     vocabulary): every pair of the N documents shares one item nobody else likes, each document
-    carries N-1 items and the queries name pair items (two relevant documents); ``limit``: the
+    carries N-1 items and the queries name pair items (two relevant documents); ``pairs-large``:
+    the same over --large-core documents among N from --large-n-docs (the others like core-1
+    items nobody is asked about); ``limit``: the
     synthetic-limit generator (items per document from --items, hard negatives sharing filler
     items); ``needle``: N key-value documents, one relevant each; BEIR (``beir``): the judged
     documents of a few queries plus random others.  Codes are fresh, random and unique per corpus."""
@@ -65,6 +71,10 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
         kind = rng.choices(kinds, weights)[0]
         if kind == "pairs":
             data = limit_pairs_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs * (n_docs - 1) // 2),
+                                       split="train", seed=seed, order="pairs")
+        elif kind == "pairs-large":
+            n_docs, core = rng.choice(args.large_n_docs), args.large_core
+            data = limit_pairs_dataset(n_docs=n_docs, core=core, n_queries=min(args.queries, core * (core - 1) // 2),
                                        split="train", seed=seed, order="pairs")
         elif kind == "limit":
             n_docs = min(n_docs, args.limit_max_docs)
@@ -102,7 +112,7 @@ def _mix(text: str) -> dict[str, float]:
     out = {}
     for part in text.split(","):
         name, _, weight = part.partition("=")
-        if name not in ("pairs", "limit", "needle") or not weight:
+        if name not in ("pairs", "pairs-large", "limit", "needle") or not weight:
             raise argparse.ArgumentTypeError(f"--mix {text!r}: expected e.g. pairs=0.7,limit=0.15,needle=0.15")
         out[name] = float(weight)
     return out
@@ -116,7 +126,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[16, 24, 32, 46, 64])
     parser.add_argument("--mix", type=_mix, default=_mix("pairs=0.7,limit=0.15,needle=0.15"),
-                        help="corpus kinds and their weights: pairs (LIMIT design), limit (synthetic-limit), needle")
+                        help="corpus kinds and their weights: pairs (LIMIT design), pairs-large (its large corpus), "
+                             "limit (synthetic-limit), needle")
+    parser.add_argument("--large-n-docs", type=lambda s: [int(x) for x in s.split(",")], default=[128, 256],
+                        help="N of the pairs-large kind")
+    parser.add_argument("--large-core", type=int, default=16, help="documents whose pairs the pairs-large queries name")
+    parser.add_argument("--loss", default="marginal", choices=["marginal", "each"],
+                        help="marginal: -log P(any relevant code); each: mean over relevant codes of -log P(that code)")
     parser.add_argument("--items", type=lambda s: [int(x) for x in s.split(",")], default=[8, 12, 16, 20],
                         help="items per document of the synthetic-limit kind")
     parser.add_argument("--limit-max-docs", type=int, default=16, help="N cap of the synthetic-limit kind")
@@ -125,6 +141,7 @@ def main() -> None:
                         help="train a length-aware softmax (one s_L per layer, s_L log N on the query rows) with the adapter")
     parser.add_argument("--ssmax-init-n", type=float, default=None,
                         help="s_L starts at 1/log(this): the identity at this N (default: the geometric mean of --n-docs)")
+    parser.add_argument("--ssmax-lr", type=float, default=None, help="learning rate of the s_L (default: --lr)")
     parser.add_argument("--init-adapter", default=None, help="start the LoRA from this adapter folder")
     parser.add_argument("--code-position", default="end", choices=["start", "end"],
                         help="where the code sits in a document (README: code-first did not learn in budget)")
@@ -161,17 +178,22 @@ def main() -> None:
     if args.init_adapter:
         from safetensors.torch import load_file
 
-        start = {k: v.float() for k, v in load_file(Path(args.init_adapter) / "adapter.safetensors").items() if "lora_" in k}
+        init_tensors = load_file(Path(args.init_adapter) / "adapter.safetensors")
+        start = {k: v.float() for k, v in init_tensors.items() if "lora_" in k}
         missing = set(start) - {n for n, _ in model.named_parameters()}
         if missing:
             raise SystemExit(f"{args.init_adapter}: {len(missing)} tensors do not match this model's LoRA")
         model.load_state_dict(start, strict=False)
     ssmax = None
+    groups = [dict(params=params)]
     if args.ssmax:
         init_n = args.ssmax_init_n or math.exp(sum(map(math.log, args.n_docs)) / len(args.n_docs))
         ssmax = LearnedSSMax(model.cfg.n_layers, init_n)
+        if args.init_adapter and "ssmax.s" in init_tensors and args.ssmax_init_n is None:  # continue its s_L
+            ssmax.s.data.copy_(init_tensors["ssmax.s"].float())
+        groups.append(dict(params=list(ssmax.parameters()), lr=args.ssmax_lr or args.lr))
         params = params + list(ssmax.parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps))
     layout = LayoutConfig(code_position=args.code_position, max_doc_tokens=args.max_doc_tokens)
@@ -212,7 +234,7 @@ def main() -> None:
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,
                                           query_offset=layout.query_offset, mass_layer=args.aux_layer, ssmax=ssmax,
                                           checkpoint=sum(map(len, ex["docs"])) > 4000)
-        # loss: -log of the probability of decoding any relevant document's code (marginal over golds)
+        # loss: -log P(any relevant code) (marginal) or the mean over relevant codes of -log P(code) (each)
         losses, auxes, first_right, all_right = [], [], 0, 0
         i = 0
         for q in ex["queries"]:
@@ -229,7 +251,8 @@ def main() -> None:
                     # (raw mass is ~1e-3 per document here, too flat to be a logit itself)
                     log_doc_mass = torch.logsumexp(log_mass.float(), 0)
                     auxes.append(-torch.log_softmax(log_doc_mass / args.aux_tau, -1)[q["gold"]].logsumexp(0))
-            losses.append(-torch.logsumexp(torch.stack(code_lp), 0))
+            code_lp = torch.stack(code_lp)
+            losses.append(-code_lp.mean() if args.loss == "each" else -torch.logsumexp(code_lp, 0))
             first_right += int(logits.argmax(-1)[0].item() in {c[0] for c in q["codes"]})
             all_right += int(hit)
         loss = torch.stack(losses).mean()

@@ -67,7 +67,16 @@ class SweepWorker:
         """A unit's frame and where its time went (:mod:`lens.runtime.timing`)."""
         self.breakdown.reset()
         t0 = time.perf_counter()
-        runs = self.runner.run_streams(self.streams(n, query_ids), desc=desc, beam=self.cfg.beam)
+        streams = self.streams(n, query_ids)
+        runs = [None] * len(streams)
+        # unrouted streams first: a routed one then starts at its route layer, from the states the
+        # run of its score function alone left (the layers before are the same computation)
+        for routed in (False, True):
+            which = [i for i, s in enumerate(streams) if (s.route is not None) == routed]
+            if which:
+                part = self.runner.run_streams([streams[i] for i in which], desc=desc, beam=self.cfg.beam)
+                for i, run in zip(which, part):
+                    runs[i] = run
         timing = dict(n=n, queries=len(query_ids), interventions=len(self.specs), seconds=time.perf_counter() - t0,
                       threads=torch.get_num_threads(), **self.breakdown.spent)
         return unit_rows(runs, self.specs), timing

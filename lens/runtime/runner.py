@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from kernels.corpus_attention import CorpusAttentionResult, CorpusAttentionStream
-from kernels.score_functions import as_intervention, entropy_probe
+from kernels.score_functions import Intervention, as_intervention, entropy_probe
 from kernels.spec import validate_for_model
 from lens.data.datasets import Dataset
 from lens.data.layout import LayoutConfig, PoolLayout, build_pool_layout, corpus_for_query, query_start
@@ -71,10 +71,11 @@ class BlockSearchRunner:
         self.digit_ids = torch.tensor(
             [model.tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)], dtype=torch.long
         )
-        # plain runs' first-step states per layer, so an intervention that leaves the first layers
-        # alone (routing at L, SSMax on a layer range, head scaling) reruns from its first layer
+        # unrouted runs' first-step states per layer, so an intervention that leaves the first
+        # layers alone (routing at L, SSMax on a layer range, head scaling) reruns from its first
+        # layer: after the plain run, or, for X+route, after the run of X by itself
         self._plain: OrderedDict = OrderedDict()
-        self.plain_cache_size = 16
+        self.plain_cache_size = 64
         self.batch_dense = batch_dense
 
     def corpus(self, query_id: str, n_docs: int) -> tuple[list[int], list[int]]:
@@ -145,7 +146,7 @@ class BlockSearchRunner:
                 computing = [h for h in active if self._step_inputs(h, step, root_of[id(h)])]
                 saving = {}
                 if step == 0:
-                    saving = {id(h): (h, [], self._plain_key(h)) for h in active if h.plain and h.drafted is None}
+                    saving = {id(h): (h, [], self._plain_key(h)) for h in active if h.route is None and h.drafted is None}
                     for h in active:
                         self._restore_plain(h)
                 for layer in range(self.model.cfg.n_layers):
@@ -198,8 +199,11 @@ class BlockSearchRunner:
             return h.draft_logits[tuple(h.digits)]
         return self._digit_logit_lens(h.resid[0, -1])  # later steps need only the ten digits' rows
 
-    def _plain_key(self, s: QueryStream) -> tuple:
-        return (s.query_id, tuple(s.query_ids), tuple(s.corpus), s.next_position, s.record, s.route_record)
+    def _plain_key(self, s: QueryStream, intervention=None) -> tuple:
+        """What fixes an unrouted run's states: the query over its corpus, what it records, and its
+        intervention (``intervention``, default the stream's own)."""
+        spec = (s.intervention if intervention is None else intervention).spec()
+        return (s.query_id, tuple(s.query_ids), tuple(s.corpus), s.next_position, s.record, s.route_record, spec)
 
     def _save_plain(self, saving) -> None:
         for h, inputs, key in saving:
@@ -210,13 +214,21 @@ class BlockSearchRunner:
                 self._plain.popitem(last=False)
 
     def _restore_plain(self, s: QueryStream) -> None:
-        """Start ``s`` at its intervention's first layer when a plain run of the same query over
-        the same corpus left its states: the layers before that one are exactly the plain run's."""
-        if s.plain or s.drafted is not None:  # drafted rows: not in a plain run
+        """Start ``s`` at a later layer when an earlier run of the same query over the same corpus
+        left the states of the layers before it: a routed stream after the run of its score
+        function alone (the two are the same up to the route layer), any intervention after the
+        plain run (the same up to its first layer)."""
+        if s.plain or s.drafted is not None:  # drafted rows: not in an unrouted run
             return
-        first = min(s.intervention.first_layer(), self.model.cfg.n_layers - 1)
-        plain = self._plain.get(self._plain_key(s)) if first > 0 else None
-        if plain is None:
+        last = self.model.cfg.n_layers - 1
+        bases = [(Intervention(score=s.score_fn), s.route.layer)] if s.route is not None and s.score_fn is not None else []
+        bases.append((Intervention(), s.intervention.first_layer()))
+        for base, first in bases:
+            first = min(first, last)
+            plain = self._plain.get(self._plain_key(s, base)) if first > 0 else None
+            if plain is not None:
+                break
+        else:
             return
         s.self_k[:first], s.self_v[:first] = plain["self_k"][:first], plain["self_v"][:first]
         if s.record:

@@ -180,3 +180,31 @@ def test_rerun_after_a_plain_run_starts_at_the_first_touched_layer(models, small
         assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5) and torch.allclose(a.output, b.output, atol=1e-5)
     for name in ("attn_out", "resid_post", "logit_lens", "route_scores"):
         assert torch.allclose(getattr(rerun, name), getattr(fresh, name), atol=1e-5), name
+
+
+def test_a_routed_rerun_after_its_score_function_alone_starts_at_the_route_layer(models, small_limit):
+    """X+route after a run of X: computed from the route layer on (the earlier layers are X's),
+    every number equal to a from-scratch run; a sweep unit runs its unrouted streams first for this."""
+    model = models("tiny-llama")
+    base, routed = parse_intervention("ssmax:s=0.5"), parse_intervention("ssmax:s=0.5+route:layer=1,B=3")
+    runner = BlockSearchRunner(model, small_limit, progress=False)
+    runner.run_query("q2", 16, base)
+    computed = []
+    layer_fn = runner._layer
+    runner._layer = lambda layer, streams, record: (computed.append((layer, record)), layer_fn(layer, streams, record))
+    rerun = runner.run_query("q2", 16, routed, beam=2)
+    assert min(layer for layer, record in computed if record) == 1
+    fresh = BlockSearchRunner(model, small_limit, progress=False).run_query("q2", 16, routed, beam=2)
+    assert rerun.ranked_codes == fresh.ranked_codes and rerun.routed == fresh.routed
+    assert torch.allclose(rerun.digit_logprobs, fresh.digit_logprobs, atol=1e-5)
+    for a, b in zip(rerun.layers, fresh.layers):
+        assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5) and torch.allclose(a.output, b.output, atol=1e-5)
+    for name in ("attn_out", "resid_post", "logit_lens", "route_scores"):
+        assert torch.allclose(getattr(rerun, name), getattr(fresh, name), atol=1e-5), name
+    # a run of another score function leaves nothing a routed stream of this one could start from
+    other = BlockSearchRunner(model, small_limit, progress=False)
+    other.run_query("q2", 16, parse_intervention("ssmax:s=0.7"))
+    computed.clear()
+    other._layer = lambda layer, streams, record: (computed.append((layer, record)), BlockSearchRunner._layer(other, layer, streams, record))
+    other.run_query("q2", 16, routed)
+    assert min(layer for layer, record in computed if record) == 0

@@ -110,7 +110,8 @@ def test_bad_routes(models, small_limit):
 
 
 def test_many_streams_together_equal_one_at_a_time(models, small_limit):
-    """Layer-major batching of (query, N, intervention) streams changes no number."""
+    """Layer-major batching of (query, N, intervention) streams changes no number beyond fp32
+    summation order (documents shared by every stream are read first, the others after)."""
     model = models("tiny-qwen3")
     runner = BlockSearchRunner(model, small_limit, progress=False)
     requests = [("q0", 5, None), ("q1", 12, parse_intervention("ssmax:s=0.4")),
@@ -119,26 +120,38 @@ def test_many_streams_together_equal_one_at_a_time(models, small_limit):
     for run, (q, n, fn) in zip(together, requests):
         alone = runner.run_query(q, n, fn)
         assert run.decoded == alone.decoded and run.routed == alone.routed
-        assert torch.allclose(run.readout_logits, alone.readout_logits, atol=1e-5)
+        assert torch.allclose(run.readout_logits, alone.readout_logits, atol=5e-5)
         for a, b in zip(run.layers, alone.layers):
             assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5)
 
 
 def test_streams_over_the_same_documents_share_one_read(models, small_limit):
-    """Queries over the whole pool (the same documents in different orders) and a beam's
-    hypotheses share each corpus chunk: only one concatenated corpus is built for them, and every
-    number equals running each stream alone."""
+    """Streams share each read of the documents they all attend (queries over overlapping
+    corpora, a beam's hypotheses): at every layer each document goes to the kernel once for all
+    unrouted streams that hold it; a later call over the same documents reuses their
+    concatenation; and every number equals running each stream alone, to fp32 summation order."""
     model = models("tiny-llama")
     fns = [None, parse_intervention("ssmax:s=0.4,n=docs"), parse_intervention("sink:b=1"),
            parse_intervention("route:layer=0,B=5")]
     requests = [(q, 24, fn) for q, fn in zip(["q0", "q1", "q2", "q3"], fns)] + [("q4", 12, None)]
     runner = BlockSearchRunner(model, small_limit, progress=False)
+    runner.source.concat_min_docs = 8
     assert runner.corpus("q0", 24)[0] != runner.corpus("q1", 24)[0]
+    fed, calls = [], []
+    feed, feed_docs = runner.source.feed, runner.source._feed_docs
+    runner.source.feed = lambda layer, streams: (calls.append(layer), feed(layer, streams))
+    runner.source._feed_docs = lambda layer, streams, docs, *rest: (
+        fed.append((len(calls), [s.attends_routed(layer) for s in streams], docs)), feed_docs(layer, streams, docs, *rest))
     together = runner.run_streams([runner.stream(q, n, fn) for q, n, fn in requests], beam=3)
-    assert len(runner.source._concat) == 2  # one for the four whole-pool corpora, one for q4 at N=12
-    # later calls over the same documents (any query at N = the pool) reuse that concatenation
+    for call in range(1, len(calls) + 1):  # one layer of one pass
+        unrouted = [d for c, routed, docs in fed if c == call and not any(routed) for d in docs]
+        assert sorted(unrouted) == sorted(set(unrouted)) and len(set(unrouted)) == 24
+    assert any(len(routed) == 5 for c, routed, docs in fed if c == 1 and len(docs) == 12)  # q4's documents, in all five
+    runner.source.feed = feed
+    runner.source._feed_docs = feed_docs
     later = runner.run_query("q5", 24, fns[1])
-    assert len(runner.source._concat) == 2
+    held = len(runner.source._concat)
+    assert runner.run_query("q5", 24, fns[1]).decoded == later.decoded and len(runner.source._concat) == held
     fresh = BlockSearchRunner(model, small_limit, progress=False).run_query("q5", 24, fns[1])
     assert later.decoded == fresh.decoded and torch.allclose(later.readout_logits, fresh.readout_logits, atol=1e-5)
     for a, b in zip(later.layers, fresh.layers):
@@ -146,8 +159,8 @@ def test_streams_over_the_same_documents_share_one_read(models, small_limit):
     for run, (q, n, fn) in zip(together, requests):
         alone = BlockSearchRunner(model, small_limit, progress=False).run_streams([runner.stream(q, n, fn)], beam=3)[0]
         assert run.ranked_codes == alone.ranked_codes and run.routed == alone.routed
-        assert torch.allclose(torch.tensor(run.ranked_logprobs), torch.tensor(alone.ranked_logprobs), atol=1e-5)
-        assert torch.allclose(run.readout_logits, alone.readout_logits, atol=1e-5)
+        assert torch.allclose(torch.tensor(run.ranked_logprobs), torch.tensor(alone.ranked_logprobs), atol=1e-4)
+        assert torch.allclose(run.readout_logits, alone.readout_logits, atol=1e-4)
         assert torch.allclose(run.gold_attn_out, alone.gold_attn_out, atol=1e-5)
         for a, b in zip(run.layers, alone.layers):
             assert torch.allclose(a.doc_lse, b.doc_lse, atol=1e-5) and torch.allclose(a.doc_max, b.doc_max, atol=1e-5)

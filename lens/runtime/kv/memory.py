@@ -43,6 +43,7 @@ class MemoryKV(KVSource):
         self._keys: dict[tuple[int, int], str] = {}
         self._concat: OrderedDict = OrderedDict()
         self.concat_budget_bytes = int(float(os.environ.get("LENS_CORPUS_CACHE_GB", "4")) * 1e9)
+        self.concat_min_docs = 65  # sets of documents this large are concatenated once and kept
         self._fingerprint = self.layout.document_fingerprint()
 
     def _key(self, doc: int, start: int) -> str:
@@ -140,10 +141,94 @@ class MemoryKV(KVSource):
         return self._concat[key]
 
     def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 65536) -> None:
-        """Streams over the same documents (a beam's hypotheses; queries whose corpora hold the same
-        documents, when positions do not depend on order) share each chunk: one read, one kernel
-        call for all of them (:func:`kernels.corpus_attention.update_shared`).  Routed streams,
-        past their route layer, read their kept documents alone."""
+        """Where a document's positions do not depend on the corpus (``shared`` and ``restart``
+        positions), the documents every stream attends (a sweep unit's shared distractors; a
+        beam's whole corpus) are read once for all of them, one kernel call per chunk
+        (:func:`kernels.corpus_attention.update_shared`), and each other document once for the
+        streams that hold it.  Routed streams, past their route layer, read the instruction and
+        their kept documents alone.  Under ``sequential`` positions streams share a chunk when
+        their corpora are the same documents in the same order."""
+        if self.layout.positions == "sequential":
+            self._feed_by_corpus(layer, streams, chunk_size)
+            return
+        whole = []
+        for s in streams:
+            if s.attends_routed(layer):
+                index = s.keep_docs.nonzero().squeeze(1)
+                kept = tuple(s.corpus[i] for i in index.tolist())
+                self._feed_docs(layer, [s], kept, True, [index], chunk_size)
+            else:
+                whole.append(s)
+        if whole:
+            for members, docs, instruction, positions in self._feed_plan(whole):
+                self._feed_docs(layer, [whole[i] for i in members], docs, instruction, positions, chunk_size)
+
+    def _feed_plan(self, streams: list[QueryStream]) -> list[tuple]:
+        """(stream indices, documents, with the instruction?, each stream's positions of them): the
+        documents all streams hold with the instruction, then the others grouped by their holders.
+        The same for every layer of a pass: made once per set of corpora."""
+        corpora = [s.corpus for s in streams]
+
+        def compute() -> list[tuple]:
+            common = set(corpora[0]).intersection(*corpora[1:])
+            holders: dict[int, list[int]] = {}
+            for i, corpus in enumerate(corpora):
+                for d in corpus:
+                    if d not in common:
+                        holders.setdefault(d, []).append(i)
+            by_holders: dict[tuple, list[int]] = {}
+            for d, hs in holders.items():
+                by_holders.setdefault(tuple(hs), []).append(d)
+            parts = [(tuple(range(len(corpora))), tuple(sorted(common)), True)]
+            parts += [(hs, tuple(sorted(docs)), False) for hs, docs in by_holders.items()]
+            wheres = [{d: i for i, d in enumerate(corpus)} for corpus in corpora]
+            return [(hs, docs, inst, [torch.tensor([wheres[i][d] for d in docs], dtype=torch.long) for i in hs])
+                    for hs, docs, inst in parts]
+
+        return self._per_corpus("plan", tuple(corpora), compute)
+
+    def _feed_docs(self, layer: int, streams: list[QueryStream], docs: tuple, instruction: bool,
+                   positions: list[Tensor], chunk_size: int) -> None:
+        """``docs`` (pool indices, the instruction first where ``instruction``) to each of
+        ``streams``, one kernel call per chunk; ``positions``: each stream's positions of them."""
+        if not docs and not instruction:
+            return
+        keys, values, key_doc = self._docs_kv(docs, instruction, layer)
+        for k, v, kd in iter_chunks(keys, values, key_doc, chunk_size):
+            if len(streams) == 1:
+                streams[0].attention.update(k, v, renumber(kd, positions[0]))
+            else:  # streams that do not read document ids (decoding steps without statistics) skip the renumbering
+                update_shared([s.attention for s in streams], k, v,
+                              [renumber(kd, p) if s.attention.uses_key_doc else kd for s, p in zip(streams, positions)])
+
+    def _docs_kv(self, docs: tuple, instruction: bool, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``docs``' keys and values at ``layer`` concatenated (the instruction first where
+        ``instruction``) and each key's index in ``docs`` (-1: the instruction).  Large sets of
+        documents are concatenated at every layer at once and kept (most recent first)
+        within ``concat_budget_bytes``, so a pass's layers, its decoding steps and intervention
+        reruns reuse them; smaller ones (kept or gold documents) are cut per layer (``concat_min_docs``)."""
+        kvs = ([self.instruction] if instruction else []) + [self._store[self._key(d, self._start)] for d in docs]
+        key_doc = torch.cat([torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(kvs)])
+        if instruction:
+            key_doc -= 1
+        if len(docs) < self.concat_min_docs:
+            return (torch.cat([kv.keys[layer] for kv in kvs], dim=1), torch.cat([kv.values[layer] for kv in kvs], dim=1),
+                    key_doc)
+        key = (docs, instruction)
+        if key not in self._concat:
+            n_layers = self.instruction.keys.shape[0]
+            self._concat[key] = ([torch.cat([kv.keys[l] for kv in kvs], dim=1) for l in range(n_layers)],
+                                 [torch.cat([kv.values[l] for kv in kvs], dim=1) for l in range(n_layers)], key_doc)
+            size = lambda e: sum(t.numel() * t.element_size() for t in e[0] + e[1])  # noqa: E731
+            while len(self._concat) > 1 and sum(size(e) for e in self._concat.values()) > self.concat_budget_bytes:
+                self._concat.popitem(last=False)
+        self._concat.move_to_end(key)
+        keys, values, key_doc = self._concat[key]
+        return keys[layer], values[layer], key_doc
+
+    def _feed_by_corpus(self, layer: int, streams: list[QueryStream], chunk_size: int) -> None:
+        """Streams over the same documents in the same order share each chunk; routed streams, past
+        their route layer, read their kept documents alone."""
         groups: dict = {}
         for stream in streams:
             groups.setdefault(self._group_key(stream.corpus), []).append(stream)

@@ -134,11 +134,15 @@ class MemoryKV(KVSource):
             [torch.full((self.instruction.keys.shape[2],), -1, dtype=torch.long)]
             + [torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(docs)]
         )
-        self._concat[key] = (keys, values, key_doc)
-        size = lambda entry: sum(t.numel() * t.element_size() for t in entry[0] + entry[1])  # noqa: E731
+        return self._keep(key, (keys, values, key_doc))
+
+    def _keep(self, key, entry: tuple) -> tuple:
+        """A concatenation kept (most recent first) within ``concat_budget_bytes``."""
+        self._concat[key] = entry
+        size = lambda e: sum(t.numel() * t.element_size() for t in e[0] + e[1])  # noqa: E731
         while len(self._concat) > 1 and sum(size(e) for e in self._concat.values()) > self.concat_budget_bytes:
             self._concat.popitem(last=False)
-        return self._concat[key]
+        return entry
 
     def feed(self, layer: int, streams: list[QueryStream], chunk_size: int = 65536) -> None:
         """Where a document's positions do not depend on the corpus (``shared`` and ``restart``
@@ -217,11 +221,8 @@ class MemoryKV(KVSource):
         key = (docs, instruction)
         if key not in self._concat:
             n_layers = self.instruction.keys.shape[0]
-            self._concat[key] = ([torch.cat([kv.keys[l] for kv in kvs], dim=1) for l in range(n_layers)],
-                                 [torch.cat([kv.values[l] for kv in kvs], dim=1) for l in range(n_layers)], key_doc)
-            size = lambda e: sum(t.numel() * t.element_size() for t in e[0] + e[1])  # noqa: E731
-            while len(self._concat) > 1 and sum(size(e) for e in self._concat.values()) > self.concat_budget_bytes:
-                self._concat.popitem(last=False)
+            self._keep(key, ([torch.cat([kv.keys[l] for kv in kvs], dim=1) for l in range(n_layers)],
+                             [torch.cat([kv.values[l] for kv in kvs], dim=1) for l in range(n_layers)], key_doc))
         self._concat.move_to_end(key)
         keys, values, key_doc = self._concat[key]
         return keys[layer], values[layer], key_doc

@@ -270,12 +270,12 @@ def part_roof(args) -> None:
 
 
 class Roof:
-    """This box's roof, measured on call: the bf16 matmul rate (2048^3) and the memory bandwidth
-    (a 1 GB copy, read + write), each the best of 3 like the kernels' times."""
+    """This box's roof, measured on call: the matmul rate in ``dtype`` (2048^3; bf16 unless told)
+    and the memory bandwidth (a 1 GB copy, read + write), each the best of 3 like the kernels' times."""
 
-    def __init__(self):
-        self.a = torch.randn(2048, 2048, dtype=torch.bfloat16)
-        self.b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    def __init__(self, dtype: torch.dtype = torch.bfloat16):
+        self.a = torch.randn(2048, 2048, dtype=dtype)
+        self.b = torch.randn(2048, 2048, dtype=dtype)
         self.src = torch.empty(1 << 29, dtype=torch.int16)
         self.dst = torch.empty_like(self.src)
         self.a @ self.b
@@ -285,6 +285,26 @@ class Roof:
         peak = 2 * 2048**3 / min(_timed(lambda: self.a @ self.b) for _ in range(3))
         bandwidth = 2 * self.src.numel() * 2 / min(_timed(lambda: self.dst.copy_(self.src)) for _ in range(3))
         return peak, bandwidth
+
+
+class FlopCount:
+    """The multiply-adds of corpus attention (q.k and p.v, 4 flops per query row, key and head
+    dim) that go through the fused path, counted by wrapping it while the object lives."""
+
+    def __init__(self):
+        import kernels.corpus_attention as ca
+
+        self.total, inner = 0, ca.update_fused_streams
+
+        def counted(fused, keys, values):
+            kv, c, d = keys.shape
+            self.total += sum(4 * s.q.shape[0] * s.q.shape[1] * c * d for s, _ in fused)
+            return inner(fused, keys, values)
+
+        ca.update_fused_streams = counted
+
+    def reset(self) -> None:
+        self.total = 0
 
 
 def _timed(fn) -> float:
@@ -419,6 +439,7 @@ def part_paths(args) -> None:
     runner.prefill(list(range(n)))
     print(f"prefill (once): {time.perf_counter() - t0:.0f}s")
     breakdown = Breakdown(runner)
+    flops = FlopCount()
     queries = [q.id for q in data.queries[:4]]
     for q in queries:  # the lab's plain runs come first (untimed)
         runner.run_streams([runner.stream(q, n, route_scores=False)], beam=2)
@@ -426,7 +447,7 @@ def part_paths(args) -> None:
     specs = ("ssmax:s=0.43", "sink:b=4")
     times = {(p, w, sp): [] for p in paths for w in ways for sp in specs}
     spent = {(p, w): dict.fromkeys(breakdown.spent, 0.0) for p in paths for w in ways}
-    codes = {}
+    codes, work = {}, {}
     saved = os.environ.get("LENS_KERNEL")
     try:
         for rep in range(args.repeats + 1):  # the first turn warms each path (builds, caches), untimed
@@ -436,10 +457,12 @@ def part_paths(args) -> None:
                         os.environ["LENS_KERNEL"] = path
                         picked = queries if n_q == 4 else [queries[rep % 4]]
                         breakdown.reset()
+                        flops.reset()
                         t0 = time.perf_counter()
                         runs = runner.run_streams([runner.stream(q, n, parse_intervention(spec), route_scores=False)
                                                    for q in picked], beam=2)
                         el = time.perf_counter() - t0
+                        work[path, way, spec] = flops.total
                         codes.setdefault((way, spec, rep), {})[path] = [r.ranked_codes for r in runs]
                         if rep:
                             times[path, way, spec].append(el / n_q)
@@ -463,6 +486,19 @@ def part_paths(args) -> None:
         for p in paths:
             total = sum(sum(times[p, way, sp]) for sp in specs) * ways[way]
             print(f"    {p:<14} where the time goes: {Breakdown.text(spent[p, way], total)}")
+        # the ceiling the matmul roof puts on the ratio: corpus attention at the roof, the rest as measured
+        calls = args.repeats * len(specs)
+        per_call = {p: {k: v / calls for k, v in spent[p, way].items()} for p in paths}
+        gflop = sum(work[paths[0], way, sp] for sp in specs) / len(specs) / 1e9
+        peak = Roof(dtype)()[0] / 1e9
+        ours = per_call[paths[0]]["corpus attention"]
+        rest = sum(sum(times[paths[0], way, sp]) for sp in specs) * ways[way] / calls - ours
+        theirs = sum(sum(times[base, way, sp]) for sp in specs) * ways[way] / calls
+        print(f"    roof: corpus attention is {gflop:.0f} GFLOP per call ({str(dtype).split('.')[-1]} q.k and p.v); "
+              f"{paths[0]} runs it at {gflop / ours:.0f} GFLOP/s = {gflop / ours / peak:.0%} of this box's "
+              f"{peak:.0f} GFLOP/s {str(dtype).split('.')[-1]} matmul; at that roof the call would take "
+              f"{rest + gflop / peak:.2f} s (the rest as measured), at most {theirs / (rest + gflop / peak):.2f}x "
+              f"the speed of {base}")
     same = sum(len(set(map(str, c.values()))) == 1 for c in codes.values())
     print(f"ranked codes equal across paths in {same} of {len(codes)} calls (paths differ in fp32 summation order)")
 

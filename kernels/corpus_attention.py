@@ -30,7 +30,8 @@ from torch import Tensor
 
 from kernels.fused import update_fused_streams
 from kernels.online_softmax import (
-    ChunkMeans, OnlineSoftmax, add_doc_sums, gold_part, grouped_row_max, grouped_scores, merge_doc_stats,
+    ChunkMeans, OnlineSoftmax, add_doc_sums, add_key_sum_scores, gold_part, grouped_row_max, grouped_scores,
+    merge_doc_stats,
 )
 from kernels.score_functions import ScoreContext, ScoreFunction, apply_score_function
 
@@ -133,9 +134,10 @@ class CorpusAttentionStream:
         scale_rows = (torch.ones(n_heads, 1, 1) if score_fn is None
                       else score_fn.row_scale(ScoreContext(layer, n_heads, self.n_keys, n_docs_attended, None,
                                                            row_entropy=row_entropy)))
-        self.folded_q = None
+        self.folded_q = self.row_scales = None
         if scale_rows is not None and stats_rows == "last" and not entropy:  # a first pass sees raw scores
             self.folded_q = (q.float() * scale_rows).to(q.dtype)
+            self.row_scales = scale_rows.float().expand(n_heads, n_q, 1)
 
     def _context(self, key_doc: Tensor) -> ScoreContext:
         return ScoreContext(self.layer, self.q.shape[0], self.n_keys, self.n_docs_attended, key_doc,
@@ -156,11 +158,22 @@ class CorpusAttentionStream:
         scores, _ = apply_score_function(raw, self.score_fn, self._context(key_doc))
         self._accumulate(scores, values, key_doc)
 
-    def _grouped_q(self, dtype: torch.dtype, n_kv: int) -> Tensor:
-        """The folded queries as [kv_head, rows, d]: the heads of a KV group become extra query
-        rows of that KV head (no K/V expansion)."""
+    def _grouped_q(self, dtype: torch.dtype, n_kv: int, folded: bool = True) -> Tensor:
+        """The folded (or, ``folded=False``, raw) queries as [kv_head, rows, d]: the heads of a KV
+        group become extra query rows of that KV head (no K/V expansion)."""
         n_heads, n_q, d = self.q.shape
-        return self.folded_q.to(dtype).reshape(n_kv, (n_heads // n_kv) * n_q, d)
+        return (self.folded_q if folded else self.q).to(dtype).reshape(n_kv, (n_heads // n_kv) * n_q, d)
+
+    def grouped_row_scale(self, n_kv: int) -> Tensor:
+        """Each row's score scale in :meth:`_grouped_q`'s layout, [kv_head, rows] fp32."""
+        return self.row_scales.reshape(n_kv, -1)
+
+    @property
+    def raw_routable(self) -> bool:
+        """Whether the raw routing scores can be had from the scaled ones (every routing row's
+        scale positive and finite), so the compiled kernel can give them in its pass."""
+        scales = self.row_scales[:, self.route_rows]
+        return bool(((scales > 0) & torch.isfinite(scales)).all())
 
     def _update_fused(self, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
         update_fused_streams([(self, key_doc)], keys, values)
@@ -182,24 +195,30 @@ class CorpusAttentionStream:
 
     def _merge_flash(
         self, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, key_doc: Tensor, last: Tensor | None = None,
-        chunk_stats: tuple[Tensor, Tensor, Tensor] | None = None,
+        chunk_stats: tuple[Tensor, Tensor, Tensor] | None = None, chunk_route: Tensor | None = None,
+        key_sums=None,
     ) -> None:
         """Fold one chunk's flash result (out [kv_head, rows, d], lse [kv_head, rows]) into the
         running softmax, and take the chunk's statistics: ``last``, the readout row's scores
         [head, 1, C] if already computed, or ``chunk_stats``, the statistics themselves as the
         compiled kernel gives them (per-document max and log-sum-exp [head, 1, N] in this stream's
         numbering, -inf for documents not in the chunk; gold output [head, 1, d] normalised by
-        the chunk's log-sum-exp)."""
+        the chunk's log-sum-exp).  ``chunk_route``: the chunk's MaxSim routing scores [head, N]
+        from the kernel; ``key_sums``: the chunk's :class:`kernels.fused.KeySums` (mean-key
+        routing from each document's key sum)."""
         n_heads, n_q, d = self.q.shape
-        # routing scores from the raw scores (before interventions): one QK pass serves both
-        raw = grouped_scores(self.q[:, self.route_rows], keys, self.scale) if self.route_sum is not None else None
+        # routing scores from the raw scores (before interventions)
         if self.route_max is not None:  # max over query rows
-            row_max = raw.amax(1, keepdim=True) if raw is not None else grouped_row_max(self.q[:, self.route_rows], keys, self.scale)
-            merge_doc_stats(row_max, key_doc, self.route_max[:, None])
-        if raw is not None:
-            add_doc_sums(raw, key_doc, self.route_sum, self.route_count)
+            if chunk_route is not None:
+                self.route_max = torch.maximum(self.route_max, chunk_route)
+            else:
+                merge_doc_stats(grouped_row_max(self.q[:, self.route_rows], keys, self.scale), key_doc,
+                                self.route_max[:, None])
+        if self.route_sum is not None:
+            add_key_sum_scores(self.q[:, self.route_rows], keys, key_doc, self.scale, self.route_sum, self.route_count,
+                               key_sums)
         if self.route_chunks is not None:
-            readout = raw[:, -1] if raw is not None else grouped_scores(self.q[:, -1:], keys, self.scale)[:, 0]
+            readout = grouped_scores(self.q[:, -1:], keys, self.scale)[:, 0]
             for means in self.route_chunks:
                 means.add(readout, key_doc)
         m, alpha, beta = self.state.add_flash(out.reshape(n_heads, n_q, d).float(), lse.reshape(n_heads, n_q).float())

@@ -15,21 +15,22 @@ from kernels.online_softmax import grouped_scores
 def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> None:
     """One chunk for streams on the fused path (same scale): their rows stacked into one call of
     the compiled kernel (:mod:`kernels.native`), which also computes the readout rows'
-    per-document statistics and gold output in the same pass, and of PyTorch's flash kernel for
-    the streams the compiled kernel does not take (its statistics then need a second pass)."""
+    per-document statistics, gold output and raw routing scores in the same pass, and of
+    PyTorch's flash kernel for the streams the compiled kernel does not take (its statistics then
+    need a second pass)."""
     kv = keys.shape[0]
     kernel = _native_for(fused[0][0].q, keys, values)
-    # fp32 queries over bf16 KV stay fp32 in the compiled kernel (it reads bf16 keys and values);
-    # elsewhere the queries take the keys' dtype
-    rows = [s._grouped_q(s.q.dtype if kernel is not None else keys.dtype, kv) for s, _ in fused]
+    sums = KeySums(keys)
     if kernel is not None:
         limit = row_limit(kernel)
+        # fp32 queries over bf16 KV stay fp32 in the compiled kernel (it reads bf16 keys and values)
+        rows = [s._grouped_q(s.q.dtype, kv, folded=False) for s, _ in fused]
         mine = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores or rows[i].shape[1] <= limit]
-        if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values):
+        if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values, sums):
             fused = [f for i, f in enumerate(fused) if i not in mine]
-            rows = [r for i, r in enumerate(rows) if i not in mine]
     if not fused:
         return
+    rows = [s._grouped_q(keys.dtype, kv) for s, _ in fused]  # the queries take the keys' dtype
     q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
     sizes = [r.shape[1] for r in rows]
     scale = fused[0][0].scale
@@ -43,7 +44,26 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
         for j, i in enumerate(asking):
             lasts[i] = scores[:, j : j + 1]
     for (s, kd), o, l, last in zip(fused, out.split(sizes, 1), lse.split(sizes, 1), lasts):
-        s._merge_flash(o, l, keys, values, kd, last)
+        s._merge_flash(o, l, keys, values, kd, last, key_sums=sums)
+
+
+class KeySums:
+    """Each document's key sum in one chunk, [kv_head, documents, d] fp32, made once for all the
+    streams that share the chunk and a document numbering (mean-key routing scores are linear in
+    the keys: the sum over a document's keys of q.k is q . the sum of its keys)."""
+
+    def __init__(self, keys: Tensor):
+        self.keys, self.made = keys, {}
+
+    def of(self, key_doc: Tensor, found: tuple) -> Tensor:
+        hit = self.made.get(id(key_doc))
+        if hit is not None and hit[0] is key_doc:
+            return hit[1]
+        mask, local, _, n_local = found
+        keys = self.keys if mask is None else self.keys[:, mask]
+        sums = torch.zeros(keys.shape[0], n_local, keys.shape[2]).index_add_(1, local, keys.float())
+        self.made[id(key_doc)] = (key_doc, sums)
+        return sums
 
 
 def _native_for(q: Tensor, keys: Tensor, values: Tensor):
@@ -61,59 +81,77 @@ def _native_for(q: Tensor, keys: Tensor, values: Tensor):
     return decode_kernel(q.dtype)
 
 
-def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:
-    """The compiled kernel's pass over the streams' stacked rows: statistics in the first asking
-    stream's document numbering, handed to each stream in its own.  False (nothing done) when a
-    document's keys are not one run in the chunk, which the kernel's per-document statistics need."""
+def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor, sums: KeySums) -> bool:
+    """The compiled kernel's pass over the streams' stacked rows (raw queries, each row's scaling
+    applied in the kernel): statistics and routing scores in the first asking stream's document
+    numbering, handed to each stream in its own.  False (nothing done) when a document's keys are
+    not one run in the chunk, which the kernel's per-document statistics need."""
     kv = keys.shape[0]
     q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
     sizes = [r.shape[1] for r in rows]
     asking = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores]
+    routing = [i for i, (s, _) in enumerate(fused) if s.route_max is not None and s.raw_routable]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     empty = torch.empty(0, dtype=torch.long)
     # the document ids always go in: they place the kernel's parts, so a row's summation order is
     # the same whether or not other rows keep statistics
-    base = fused[asking[0] if asking else 0][1].long().contiguous()
-    n_docs = fused[asking[0]][0].n_docs if asking else 0  # the base numbering's size
-    stat_rows, gold_rows, to_base = [], [], {}
+    first = (asking + routing + [0])[0]
+    base = fused[first][1].long().contiguous()
+    n_docs = fused[first][0].n_docs if asking or routing else 0  # the base numbering's size
+    stat_rows, gold_rows, to_base, route_rows, route_group = [], [], {}, [], []
+    for i in sorted(set(asking + routing)):
+        s, kd = fused[i]
+        same = kd is fused[first][1] and s.n_docs == n_docs  # streams of other corpora (other N) share chunks too
+        to_base[i] = None if same else _to_base(base, kd, s.n_docs, n_docs)
     for i in asking:
         s, kd = fused[i]
         n_heads, n_q, _ = s.q.shape
         rep = n_heads // kv
         stat_rows += [offsets[i] + e * n_q + n_q - 1 for e in range(rep)]  # head g*rep+e's readout row
-        # streams of other corpora (other N) share chunks too: their numbering and size may differ
-        same = kd is fused[asking[0]][1] and s.n_docs == n_docs
-        to_base[i] = None if same else _to_base(base, kd, s.n_docs, n_docs)
         gold = torch.zeros(n_docs, dtype=torch.bool)
         if s.keeps_gold:
             own = torch.zeros(s.n_docs + 1, dtype=torch.bool)
             own[s.gold] = True
-            gold = own[:n_docs] if same else own[_inverse(to_base[i], s.n_docs, n_docs)]
+            gold = own[:n_docs] if to_base[i] is None else own[_inverse(to_base[i], s.n_docs, n_docs)]
         gold_rows += [gold] * rep
+    for j, i in enumerate(routing):  # group j * rep + e: head g*rep+e of routing stream j
+        s = fused[i][0]
+        n_heads, n_q, _ = s.q.shape
+        rep = n_heads // kv
+        own = range(n_q)[s.route_rows]
+        for e in range(rep):
+            route_rows += [offsets[i] + e * n_q + r for r in own]
+            route_group += [j * rep + e] * len(own)
     gold_mask = torch.stack(gold_rows) if asking and any(bool(g.any()) for g in gold_rows) else empty
+    row_scale = torch.cat([s.grouped_row_scale(kv) for s, _ in fused], 1).contiguous()
     try:
-        out, lse, doc_max, doc_lse, gold_out = kernel.decode_attention(
+        out, lse, doc_max, doc_lse, gold_out, route_max = kernel.decode_attention(
             q.contiguous(), _rows_contiguous(keys), _rows_contiguous(values), float(fused[0][0].scale), base, n_docs,
-            torch.tensor(stat_rows, dtype=torch.long), gold_mask)
+            torch.tensor(stat_rows, dtype=torch.long), gold_mask, row_scale,
+            torch.tensor(route_rows, dtype=torch.long), torch.tensor(route_group, dtype=torch.long))
     except RuntimeError as e:  # checked before any work: scattered documents -> the flash path
         if "not one run" in str(e):
             return False
         raise
-    stats = {}
-    start = 0
+
+    def own_numbering(i: int, x: Tensor) -> Tensor:  # base numbering -> stream i's (absent documents: -inf)
+        if to_base[i] is None:
+            return x
+        return torch.cat([x, torch.full((*x.shape[:-1], 1), float("-inf"))], -1)[..., to_base[i]]
+
+    stats, routes, start = {}, {}, 0
     for i in asking:
-        s = fused[i][0]
-        rep = s.q.shape[0] // kv
+        rep = fused[i][0].q.shape[0] // kv
         part = slice(start, start + rep)
         start += rep
         shape = (kv * rep, 1, -1)
-        m, l, g = doc_max[:, part].reshape(shape), doc_lse[:, part].reshape(shape), gold_out[:, part].reshape(shape)
-        if to_base[i] is not None:  # base numbering -> this stream's (absent documents: -inf)
-            pad = torch.full((kv * rep, 1, 1), float("-inf"))
-            m, l = torch.cat([m, pad], -1)[..., to_base[i]], torch.cat([l, pad], -1)[..., to_base[i]]
-        stats[i] = (m, l, g)
+        stats[i] = (own_numbering(i, doc_max[:, part].reshape(shape)), own_numbering(i, doc_lse[:, part].reshape(shape)),
+                    gold_out[:, part].reshape(shape))
+    for j, i in enumerate(routing):
+        rep = fused[i][0].q.shape[0] // kv
+        routes[i] = own_numbering(i, route_max[:, j * rep : (j + 1) * rep].reshape(kv * rep, -1))
     for i, ((s, kd), o, ls) in enumerate(zip(fused, out.split(sizes, 1), lse.split(sizes, 1))):
-        s._merge_flash(o, ls, keys, values, kd, chunk_stats=stats.get(i))
+        s._merge_flash(o, ls, keys, values, kd, chunk_stats=stats.get(i), chunk_route=routes.get(i), key_sums=sums)
     return True
 
 

@@ -79,21 +79,29 @@ struct DocRuns {
 // One call's checked inputs and its outputs.
 //
 // q [G, R, D]; keys, values [G, T, D] (rows contiguous); key_doc int64 [T] (-1: no document) or
-// empty; stat_rows int64 [S]; gold_mask bool [S, n_docs] or empty.  Outputs: out [G, R, D] fp32
-// (normalised), lse [G, R], doc_max / doc_lse [G, S, n_docs] (-inf where a document has no key in
-// the chunk), gold_out [G, S, D] (normalised by the row's lse).  The dtypes are the caller's to
-// check.
+// empty; stat_rows int64 [S]; gold_mask bool [S, n_docs] or empty; row_scale fp32 [G, R] or empty
+// (each row's scores are scale * q.k * row_scale: an intervention that scales rows, applied in
+// fp32); route_rows, route_group int64 [RR] (both empty: no routing scores).  Outputs: out
+// [G, R, D] fp32 (normalised), lse [G, R], doc_max / doc_lse [G, S, n_docs] (-inf where a document
+// has no key in the chunk), gold_out [G, S, D] (normalised by the row's lse), route_max
+// [G, groups, n_docs]: per group (route_group's values), the max over its rows and each document's
+// keys of the raw score scale * q.k (routing ranks documents before any intervention).  The
+// dtypes of q, keys and values are the caller's to check.
 struct Call {
-  int64_t G = 0, T = 0, D = 0, R = 0, S = 0, n_docs = 0;
-  bool stats = false;
+  int64_t G = 0, T = 0, D = 0, R = 0, R_pad = 0, S = 0, n_docs = 0, RR = 0, n_groups = 0;  // R_pad: R to a multiple of the kernel's row group
+  bool stats = false, route = false;
   const int64_t* kd = nullptr;  // key_doc, or null
   const bool* gmask = nullptr;  // gold_mask, or null
   std::vector<int64_t> srow;    // the stat rows
+  std::vector<int64_t> rrow, rgroup;  // the routing rows and their groups
+  std::vector<float> rscale;          // [G, R_pad] each row's score scale (scale * row_scale), 0 past R
+  std::vector<float> rfactor;         // [G, RR] 1 / row_scale of each routing row
   std::vector<int64_t> bounds;  // the parts: [bounds[p], bounds[p + 1]) of the chunk's keys
-  at::Tensor q, out, lse, doc_max, doc_lse, gold_out;
+  at::Tensor q, out, lse, doc_max, doc_lse, gold_out, route_max;
 
   Call(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& key_doc,
-       int64_t docs, const at::Tensor& stat_rows, const at::Tensor& gold_mask)
+       int64_t docs, const at::Tensor& stat_rows, const at::Tensor& gold_mask, double scale,
+       const at::Tensor& row_scale, const at::Tensor& route_rows, const at::Tensor& route_group, int64_t row_multiple = 1)
       : n_docs(docs) {
     TORCH_CHECK(q_in.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
     G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q_in.size(1);
@@ -129,6 +137,37 @@ struct Call {
     }
     gmask = has_gold ? gold_mask.data_ptr<bool>() : nullptr;
 
+    TORCH_CHECK(row_scale.numel() == 0 || (row_scale.scalar_type() == at::kFloat && row_scale.dim() == 2 &&
+                                           row_scale.size(0) == G && row_scale.size(1) == R && row_scale.is_contiguous()),
+                "decode_attention: row_scale must be empty or fp32 [G, R], contiguous");
+    R_pad = (R + row_multiple - 1) / row_multiple * row_multiple;
+    rscale.assign(G * R_pad, 0.f);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = 0; r < R; ++r)
+        rscale[g * R_pad + r] = (float)scale * (row_scale.numel() ? row_scale.data_ptr<float>()[g * R + r] : 1.f);
+
+    route = key_doc.numel() > 0 && route_rows.numel() > 0;
+    RR = route ? route_rows.numel() : 0;
+    TORCH_CHECK(!route || (route_rows.scalar_type() == at::kLong && route_group.scalar_type() == at::kLong &&
+                           route_group.numel() == RR && route_rows.is_contiguous() && route_group.is_contiguous()),
+                "decode_attention: route_rows and route_group must be int64 of one length");
+    for (int64_t j = 0; j < RR; ++j) {
+      rrow.push_back(route_rows.data_ptr<int64_t>()[j]);
+      rgroup.push_back(route_group.data_ptr<int64_t>()[j]);
+      TORCH_CHECK(rrow[j] >= 0 && rrow[j] < R, "decode_attention: route row ", rrow[j], " outside 0..", R - 1);
+      TORCH_CHECK(rgroup[j] >= 0, "decode_attention: route group ", rgroup[j], " < 0");
+      n_groups = std::max(n_groups, rgroup[j] + 1);
+    }
+    rfactor.resize(G * RR);
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < RR; ++j) {
+        const float rs = row_scale.numel() ? row_scale.data_ptr<float>()[g * R + rrow[j]] : 1.f;
+        TORCH_CHECK(rs > 0.f && std::isfinite(rs), "decode_attention: route row ", rrow[j], "'s row_scale ", rs,
+                    " is not positive and finite (its raw scores cannot be recovered)");
+        rfactor[g * RR + j] = 1.f / rs;
+      }
+    route_max = at::full({G, n_groups, route ? n_docs : 0}, kNegInf, f32);
+
     // parts of the chunk, starting at document boundaries when key_doc is given; with
     // statistics each document's keys must be one run (so one task owns each document's statistics)
     const int64_t threads = at::get_num_threads();
@@ -140,7 +179,7 @@ struct Call {
       if (t > bounds.back() && t < T) bounds.push_back(t);
     }
     bounds.push_back(T);
-    if (stats) {
+    if (stats || route) {
       std::vector<uint8_t> seen(n_docs, 0);
       for (int64_t t = 0; t < T; ++t) {
         const int64_t d = kd[t];
@@ -154,6 +193,20 @@ struct Call {
   }
 
   int64_t n_parts() const { return (int64_t)bounds.size() - 1; }
+
+  // Routing scores of one run of document d's keys in a block (scores sc [rows][ld], the run at
+  // columns i..e-1, each row already times its row_scale) for KV head g; max_of is the kernel's
+  // own max over n floats.  A task owns its
+  // documents, so no two tasks write one slot.
+  template <typename MaxOf>
+  void route_run(int64_t g, int64_t d, const float* sc, int64_t ld, int i, int e, const MaxOf& max_of) {
+    float* rm = route_max.data_ptr<float>() + g * n_groups * n_docs + d;
+    const float* f = rfactor.data() + g * RR;
+    for (int64_t j = 0; j < RR; ++j) {
+      float* slot = rm + rgroup[j] * n_docs;
+      *slot = std::max(*slot, max_of(sc + rrow[j] * ld + i, e - i) * f[j]);
+    }
+  }
 
   // The parts of each KV head (parts[g * n_parts + p]) into out, lse and gold_out.
   void combine(const std::vector<Partial>& parts) {
@@ -188,7 +241,7 @@ struct Call {
     }
   }
 
-  std::vector<at::Tensor> results() const { return {out, lse, doc_max, doc_lse, gold_out}; }
+  std::vector<at::Tensor> results() const { return {out, lse, doc_max, doc_lse, gold_out, route_max}; }
 };
 
 }  // namespace lens

@@ -22,6 +22,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -99,10 +100,10 @@ inline void sums8(const Vec* a, float scale, float* out) {
 #endif
 }
 
-// sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys; lanes past nb get -inf.  Eight
-// keys share each load of q; key(i) points at key i's D fp32 values, zero past nb.
+// sc[r * kBlock + i] = scale[r] * q_r . k_i for the block's nb keys; lanes past nb get -inf.
+// Eight keys share each load of q; key(i) points at key i's D fp32 values, zero past nb.
 template <int D, typename KeyAt>
-inline void block_scores(const KeyAt& key, int nb, const float* qf, int64_t R, float scale, float* sc) {
+inline void block_scores(const KeyAt& key, int nb, const float* qf, int64_t R, const float* scale, float* sc) {
   for (int i = 0; i < nb; i += 8) {
     const float* k[8];
     for (int j = 0; j < 8; ++j) k[j] = key(i + j);
@@ -114,7 +115,7 @@ inline void block_scores(const KeyAt& key, int nb, const float* qf, int64_t R, f
         const Vec qv = Vec::loadu(q + c);
         for (int j = 0; j < 8; ++j) a[j] = at::vec::fmadd(qv, Vec::loadu(k[j] + c), a[j]);
       }
-      sums8(a, scale, sc + r * kBlock + i);
+      sums8(a, scale[r], sc + r * kBlock + i);
     }
   }
   for (int64_t r = 0; r < R; ++r)
@@ -166,9 +167,9 @@ struct FlushDenormals {
 };
 
 template <int D, typename QT, typename KT>
-void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0, float scale) {
+void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, int64_t vs0) {
   const int64_t G = c.G, R = c.R, S = c.S, n_docs = c.n_docs, n_parts = c.n_parts();
-  const bool stats = c.stats;
+  const bool stats = c.stats, route = c.route;
   const int64_t* kd = c.kd;
   const bool* gmask = c.gmask;
   const std::vector<int64_t>& srow = c.srow;
@@ -189,6 +190,7 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
       lens::DocRuns runs(S, n_docs, dmax + g * S * n_docs, dlse + g * S * n_docs);
       const KT* kbase = kp + g * ks0;
       const KT* vbase = vp + g * vs0;
+      const float* rs = c.rscale.data() + g * c.R_pad;
       for (int64_t b = t0; b < t1; b += kBlock) {
         const int nb = (int)std::min<int64_t>(kBlock, t1 - b);
         // fp32 keys are read in place; bf16 ones (and an fp32 block's last, partial group of 8)
@@ -198,7 +200,7 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
         std::fill(kf.begin() + (int64_t)nb * D, kf.begin() + (int64_t)(nb + 8) * D, 0.f);
         const float* kin = reinterpret_cast<const float*>(kbase + b * D);
         auto key = [&](int i) { return i < whole ? kin + (int64_t)i * D : kf.data() + (int64_t)i * D; };
-        block_scores<D>(key, nb, qf.data(), R, scale, sc.data());
+        block_scores<D>(key, nb, qf.data(), R, rs, sc.data());
         for (int64_t r = 0; r < R; ++r) {  // online softmax: rescale, probabilities
           float* s_r = sc.data() + r * kBlock;
           const float m_new = std::max(P.m[r], max_of(s_r, nb));
@@ -218,11 +220,12 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
         else
           to_float(vbase + b * D, vf.data(), (int64_t)nb * D);
         block_values<D>(vrows, nb, pr.data(), R, P.acc.data());
-        if (!stats) continue;
-        for (int i = 0; i < nb;) {  // per-document statistics of the stat rows, one run of equal key_doc at a time
+        if (!stats && !route) continue;
+        for (int i = 0; i < nb;) {  // per-document statistics of the stat and routing rows, one run of equal key_doc at a time
           const int64_t d = kd[b + i];
           int e = i + 1;
           while (e < nb && kd[b + e] == d) ++e;
+          if (d >= 0 && route) c.route_run(g, d, sc.data(), kBlock, i, e, max_of);
           if (d >= 0) {
             for (int64_t s = 0; s < S; ++s) {
               const int64_t r = srow[s];
@@ -245,13 +248,13 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
 }
 
 template <int D>
-void dispatch_types(lens::Call& c, const at::Tensor& keys, const at::Tensor& values, float scale) {
+void dispatch_types(lens::Call& c, const at::Tensor& keys, const at::Tensor& values) {
   const int64_t ks0 = keys.stride(0), vs0 = values.stride(0);
   auto go_with = [&](auto* qp) {
     if (keys.scalar_type() == at::kBFloat16)
-      run<D>(c, qp, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), ks0, vs0, scale);
+      run<D>(c, qp, keys.data_ptr<at::BFloat16>(), values.data_ptr<at::BFloat16>(), ks0, vs0);
     else
-      run<D>(c, qp, keys.data_ptr<float>(), values.data_ptr<float>(), ks0, vs0, scale);
+      run<D>(c, qp, keys.data_ptr<float>(), values.data_ptr<float>(), ks0, vs0);
   };
   if (c.q.scalar_type() == at::kBFloat16)
     go_with(c.q.data_ptr<at::BFloat16>());
@@ -262,26 +265,30 @@ void dispatch_types(lens::Call& c, const at::Tensor& keys, const at::Tensor& val
 }  // namespace
 
 // q [G, R, D]; keys, values [G, T, D] (rows contiguous); q and keys/values each fp32 or bf16
-// (keys and values alike); key_doc int64 [T] (-1: no document) or empty; stat_rows int64 [S];
-// gold_mask bool [S, n_docs] or empty.  Returns out [G, R, D] fp32 (normalised), lse [G, R],
-// doc_max / doc_lse [G, S, n_docs] (-inf where a document has no key in the chunk), gold_out
-// [G, S, D] (normalised by the row's lse).
+// (keys and values alike); the rest as lens::Call says.  Returns out, lse, doc_max, doc_lse,
+// gold_out, route_max (lens::Call).
 std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                          double scale, const at::Tensor& key_doc, int64_t n_docs,
-                                         const at::Tensor& stat_rows, const at::Tensor& gold_mask) {
+                                         const at::Tensor& stat_rows, const at::Tensor& gold_mask,
+                                         const std::optional<at::Tensor>& row_scale,
+                                         const std::optional<at::Tensor>& route_rows,
+                                         const std::optional<at::Tensor>& route_group) {
+  const at::Tensor none = at::empty({0}, at::kLong);
+  auto given = [&](const std::optional<at::Tensor>& t) -> const at::Tensor& { return t.has_value() ? *t : none; };
   auto ok_type = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
   TORCH_CHECK(ok_type(q) && ok_type(keys) && keys.scalar_type() == values.scalar_type(),
               "decode_attention: q, keys and values must be fp32 or bf16 (keys and values alike)");
-  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask);
+  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask, scale, given(row_scale), given(route_rows),
+               given(route_group));
   if (c.T == 0) {
     c.out.zero_();
     c.lse.fill_(kNegInf);
     return c.results();
   }
   switch (c.D) {
-    case 32: dispatch_types<32>(c, keys, values, (float)scale); break;
-    case 64: dispatch_types<64>(c, keys, values, (float)scale); break;
-    default: dispatch_types<128>(c, keys, values, (float)scale);
+    case 32: dispatch_types<32>(c, keys, values); break;
+    case 64: dispatch_types<64>(c, keys, values); break;
+    default: dispatch_types<128>(c, keys, values);
   }
   return c.results();
 }
@@ -290,7 +297,11 @@ bool uses_amx() { return false; }
 std::string isa() { return LENS_STR(LENS_ISA); }  // the path name, "-" written "_"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics");
+  namespace py = pybind11;
+  m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics",
+        py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"), py::arg("key_doc"), py::arg("n_docs"),
+        py::arg("stat_rows"), py::arg("gold_mask"), py::arg("row_scale") = py::none(),
+        py::arg("route_rows") = py::none(), py::arg("route_group") = py::none());
   m.def("uses_amx", &uses_amx, "whether q.k runs on AMX tiles (never in this build)");
   m.def("isa", &isa, "the instruction set this build was compiled for");
   m.def("vector_floats", [] { return (int)L; }, "fp32 lanes of one vector in this build");

@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -130,10 +131,10 @@ inline void store_scores(float* out, __m512 dots, float scale, __mmask16 valid) 
 
 constexpr int kRowGroup = 4;  // query rows computed together (buffers are padded to a multiple)
 
-// sc[r * kBlock + i] = scale * q_r . k_i for the block's nb keys (lanes past nb: -inf).  q.k with
-// vdpbf16ps: bf16 pairs multiplied exactly and summed in fp32.  The keys of 16 at a time are
+// sc[r * kBlock + i] = scale[r] * q_r . k_i for the block's nb keys (lanes past nb: -inf).  q.k
+// with vdpbf16ps: bf16 pairs multiplied exactly and summed in fp32.  The keys of 16 at a time are
 // transposed (kt: [D/2][16] words) so each instruction computes 16 keys' partial dot products.
-inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32_t* qd, int64_t R_pad, float scale,
+inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32_t* qd, int64_t R_pad, const float* scale,
                          float* sc, uint32_t* kt) {
   const int W = (int)(D / 2);
   for (int k0 = 0; k0 < nb; k0 += 16) {
@@ -152,7 +153,7 @@ inline void block_scores(const uint16_t* kblock, int nb, int64_t D, const uint32
         }
       }
       for (int rr = 0; rr < kRowGroup; ++rr)
-        store_scores(sc + (r0 + rr) * kBlock + k0, _mm512_add_ps(acc[0][rr], acc[1][rr]), scale, valid);
+        store_scores(sc + (r0 + rr) * kBlock + k0, _mm512_add_ps(acc[0][rr], acc[1][rr]), scale[r0 + rr], valid);
     }
   }
 }
@@ -185,8 +186,8 @@ inline void amx_configure() {
 }
 
 // qd has R_tiles * 16 rows (zero past R); sc receives rows < R_pad.
-inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const uint32_t* qd, int64_t R_pad, float scale,
-                             float* sc, uint32_t* kt, float* ctile) {
+inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const uint32_t* qd, int64_t R_pad,
+                             const float* scale, float* sc, uint32_t* kt, float* ctile) {
   const int W = (int)(D / 2);
   for (int k0 = 0; k0 < nb; k0 += 16) {
     const int n = std::min(16, nb - k0);
@@ -204,7 +205,8 @@ inline void block_scores_amx(const uint16_t* kblock, int nb, int64_t D, const ui
       }
       _tile_stored(0, ctile, 64);
       const int64_t rn = std::min<int64_t>(16, R_pad - r0);
-      for (int64_t rr = 0; rr < rn; ++rr) store_scores(sc + (r0 + rr) * kBlock + k0, _mm512_loadu_ps(ctile + rr * 16), scale, valid);
+      for (int64_t rr = 0; rr < rn; ++rr)
+        store_scores(sc + (r0 + rr) * kBlock + k0, _mm512_loadu_ps(ctile + rr * 16), scale[r0 + rr], valid);
     }
   }
 }
@@ -261,18 +263,22 @@ inline void block_values_any(const uint16_t* vblock, int nb, int64_t D, const fl
 
 }  // namespace
 
-// q [G, R, D] bf16; keys, values [G, T, D] bf16 (rows contiguous); key_doc int64 [T] (-1: no
-// document) or empty; stat_rows int64 [S]; gold_mask bool [S, n_docs] or empty.
-// Returns out [G, R, D] fp32 (normalised), lse [G, R], doc_max / doc_lse [G, S, n_docs] (-inf
-// where a document has no key in the chunk), gold_out [G, S, D] (normalised by the row's lse).
+// q [G, R, D] bf16; keys, values [G, T, D] bf16 (rows contiguous); the rest as lens::Call says.
+// Returns out, lse, doc_max, doc_lse, gold_out, route_max (lens::Call).
 std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                          double scale, const at::Tensor& key_doc, int64_t n_docs,
-                                         const at::Tensor& stat_rows, const at::Tensor& gold_mask) {
+                                         const at::Tensor& stat_rows, const at::Tensor& gold_mask,
+                                         const std::optional<at::Tensor>& row_scale,
+                                         const std::optional<at::Tensor>& route_rows,
+                                         const std::optional<at::Tensor>& route_group) {
+  const at::Tensor none = at::empty({0}, at::kLong);
+  auto given = [&](const std::optional<at::Tensor>& t) -> const at::Tensor& { return t.has_value() ? *t : none; };
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
               values.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, keys and values");
-  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask);
+  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask, scale, given(row_scale), given(route_rows), given(route_group),
+               kRowGroup);
   const int64_t G = c.G, D = c.D, R = c.R, S = c.S, n_parts = c.n_parts();
-  const bool stats = c.stats;
+  const bool stats = c.stats, route = c.route;
   const int64_t* kd = c.kd;
   const bool* gmask = c.gmask;
   const bool has_gold = gmask != nullptr;
@@ -288,7 +294,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
   const int nv = (int)(D / 16);
   const auto* qp = reinterpret_cast<const uint16_t*>(qc.data_ptr<at::BFloat16>());
 
-  const int64_t R_pad = (R + kRowGroup - 1) / kRowGroup * kRowGroup;
+  const int64_t R_pad = c.R_pad;
   const bool use_amx = amx_available();
   at::parallel_for(0, G * n_parts, 1, [&](int64_t begin, int64_t end) {
     // flush denormals to zero: probabilities far below the row's max (real attention has gaps of
@@ -310,6 +316,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
       lens::DocRuns runs(S, n_docs, dmax + g * S * n_docs, dlse + g * S * n_docs);
       const uint16_t* kbase = kp + g * ks0;
       const uint16_t* vbase = vp + g * vs0;
+      const float* rs = c.rscale.data() + g * R_pad;
       for (int64_t b = t0; b < t1; b += kBlock) {
         const int nb = (int)std::min<int64_t>(kBlock, t1 - b);
         {  // prefetch the keys and values two blocks ahead (two streams per task; the hardware
@@ -322,9 +329,9 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
         }
         if constexpr (kAblate & 1) {
         } else if (use_amx) {
-          block_scores_amx(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data(), ctile.data());
+          block_scores_amx(kbase + b * D, nb, D, qd.data(), R_pad, rs, sc.data(), kt.data(), ctile.data());
         } else {
-          block_scores(kbase + b * D, nb, D, qd.data(), R_pad, (float)scale, sc.data(), kt.data());
+          block_scores(kbase + b * D, nb, D, qd.data(), R_pad, rs, sc.data(), kt.data());
         }
         // online softmax: rescale, probabilities
         for (int64_t r = 0; r < R_pad; ++r) {
@@ -342,12 +349,13 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           if constexpr (!(kAblate & 2)) P.l[r] += exp_sum(s_r, nb, m_new, pr.data() + r * kBlock);
         }
         if constexpr (!(kAblate & 4)) block_values_any(vbase + b * D, nb, D, pr.data(), R_pad, P.acc.data(), vf.data());
-        if (!stats) continue;
-        // per-document statistics of the stat rows, one run of equal key_doc at a time
+        if (!stats && !route) continue;
+        // per-document statistics of the stat rows and routing rows, one run of equal key_doc at a time
         for (int i = 0; i < nb;) {
           const int64_t d = kd[b + i];
           int e = i + 1;
           while (e < nb && kd[b + e] == d) ++e;
+          if (d >= 0 && route) c.route_run(g, d, sc.data(), kBlock, i, e, max_of);
           if (d >= 0) {
             for (int64_t s = 0; s < S; ++s) {
               const int64_t r = srow[s];
@@ -380,6 +388,10 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics");
+  namespace py = pybind11;
+  m.def("decode_attention", &decode_attention, "corpus attention for a few rows with per-document statistics",
+        py::arg("q"), py::arg("keys"), py::arg("values"), py::arg("scale"), py::arg("key_doc"), py::arg("n_docs"),
+        py::arg("stat_rows"), py::arg("gold_mask"), py::arg("row_scale") = py::none(),
+        py::arg("route_rows") = py::none(), py::arg("route_group") = py::none());
   m.def("uses_amx", &amx_available, "whether q.k runs on AMX tiles (else AVX-512 BF16 dot products)");
 }

@@ -32,8 +32,10 @@ def forced(monkeypatch):
     return lambda path: monkeypatch.setenv("LENS_KERNEL", path)
 
 
-def _reference(q, k, v, scale, key_doc, n_docs, stat_rows, gold_mask):
+def _reference(q, k, v, scale, key_doc, n_docs, stat_rows, gold_mask, row_scale=None):
     s = (q.double() @ k.double().transpose(-1, -2)) * scale  # [G, R, T]
+    if row_scale is not None:
+        s = s * row_scale.double()[..., None]
     lse = torch.logsumexp(s, -1)
     out = torch.softmax(s, -1) @ v.double()
     ss = s[:, stat_rows]
@@ -89,6 +91,41 @@ def check_against_reference(kernel, G, R, T, D, dtype=torch.bfloat16):
 
 
 @pytest.mark.parametrize("path,dtype", CASES)
+def test_row_scales_and_raw_routing_scores_equal_the_dense_reference(path, dtype, kernels):
+    """Rows scaled in the kernel (an intervention's per-row scale, in fp32) give the dense
+    reference of the scaled scores, and the routing rows' per-document max of the raw scores
+    (the scale undone), reduced over each group's rows, is the reference's over the same rows."""
+    kernel = kernels[path]
+    G, R, T, D, n_docs = 3, 10, 3000, 64, 45
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(G, R, D, generator=g).to(dtype)
+    k = (torch.randn(G, T, D, generator=g) * 2).to(dtype)
+    v = torch.randn(G, T, D, generator=g).to(dtype)
+    key_doc = torch.sort(torch.randint(-1, 40, (T,), generator=g)).values
+    row_scale = 0.5 + 1.5 * torch.rand(G, R, generator=g)
+    stat_rows, gold_mask = torch.tensor([4, 9]), torch.zeros(2, n_docs, dtype=torch.bool)
+    gold_mask[:, 3] = True
+    route_rows, route_group = torch.tensor([0, 1, 2, 3, 5, 6, 7, 8]), torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    ours = kernel.decode_attention(q, k, v, 0.125, key_doc, n_docs, stat_rows, gold_mask, row_scale, route_rows,
+                                   route_group)
+    ref = _reference(q, k, v, 0.125, key_doc, n_docs, stat_rows, gold_mask, row_scale)
+    raw = (q.double() @ k.double().transpose(-1, -2)) * 0.125
+    route = torch.full((G, 2, n_docs), float("-inf"), dtype=torch.double)
+    for d in range(n_docs):
+        keys_of_d = key_doc == d
+        if keys_of_d.any():
+            for grp in (0, 1):
+                route[:, grp, d] = raw[:, route_rows[route_group == grp]][..., keys_of_d].amax((-1, -2))
+    for name, a, b in zip(("out", "lse", "doc_max", "doc_lse", "gold", "route_max"), ours, (*ref, route)):
+        assert a.shape == b.shape and torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+        finite = torch.isfinite(b)
+        assert (a.double()[finite] - b[finite]).abs().max() <= 2e-5, name
+    with pytest.raises(RuntimeError, match="not positive and finite"):
+        kernel.decode_attention(q, k, v, 0.125, key_doc, n_docs, stat_rows, gold_mask, row_scale * 0, route_rows,
+                                route_group)
+
+
+@pytest.mark.parametrize("path,dtype", CASES)
 def test_kernel_without_statistics_and_on_strided_chunks(path, dtype, kernels):
     """No key_doc: output and lse only; a chunk sliced out of a longer corpus (rows contiguous,
     heads strided) reads the right keys."""
@@ -97,7 +134,7 @@ def test_kernel_without_statistics_and_on_strided_chunks(path, dtype, kernels):
     q = torch.randn(3, 4, 64, generator=g).to(dtype)
     k, v = (torch.randn(3, 9000, 64, generator=g).to(dtype) for _ in range(2))
     empty = torch.empty(0, dtype=torch.long)
-    out, lse, doc_max, _, _ = kernel.decode_attention(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, empty, 0, empty, empty)
+    out, lse, doc_max, *_ = kernel.decode_attention(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, empty, 0, empty, empty)
     ref = _reference(q, k[:, 1000:6000], v[:, 1000:6000], 0.125, torch.zeros(5000, dtype=torch.long), 1,
                      torch.tensor([0]), torch.zeros(1, 1, dtype=torch.bool))
     assert doc_max.numel() == 0

@@ -195,28 +195,32 @@ class CorpusAttentionStream:
 
     def _merge_flash(
         self, out: Tensor, lse: Tensor, keys: Tensor, values: Tensor, key_doc: Tensor, last: Tensor | None = None,
-        chunk_stats: tuple[Tensor, Tensor, Tensor] | None = None, chunk_route: Tensor | None = None,
-        key_sums=None,
+        chunk_stats: tuple[Tensor, Tensor, Tensor] | None = None, chunk_route: tuple | None = None,
     ) -> None:
         """Fold one chunk's flash result (out [kv_head, rows, d], lse [kv_head, rows]) into the
         running softmax, and take the chunk's statistics: ``last``, the readout row's scores
         [head, 1, C] if already computed, or ``chunk_stats``, the statistics themselves as the
         compiled kernel gives them (per-document max and log-sum-exp [head, 1, N] in this stream's
         numbering, -inf for documents not in the chunk; gold output [head, 1, d] normalised by
-        the chunk's log-sum-exp).  ``chunk_route``: the chunk's MaxSim routing scores [head, N]
-        from the kernel; ``key_sums``: the chunk's :class:`kernels.fused.KeySums` (mean-key
-        routing from each document's key sum)."""
+        the chunk's log-sum-exp).  ``chunk_route``: the chunk's routing scores from the kernel,
+        (documents in this stream's numbering, their MaxSim [head, docs], sums of raw scores
+        [head, routing rows, docs] and key counts [docs])."""
         n_heads, n_q, d = self.q.shape
         # routing scores from the raw scores (before interventions)
-        if self.route_max is not None:  # max over query rows
-            if chunk_route is not None:
-                self.route_max = torch.maximum(self.route_max, chunk_route)
-            else:
+        if chunk_route is not None:
+            docs, doc_max, doc_sum, count = chunk_route
+            if self.route_max is not None:
+                self.route_max[:, docs] = torch.maximum(self.route_max[:, docs], doc_max)
+            if self.route_sum is not None:
+                self.route_sum[..., docs] += doc_sum
+                self.route_count[docs] += count
+        else:
+            if self.route_max is not None:  # max over query rows
                 merge_doc_stats(grouped_row_max(self.q[:, self.route_rows], keys, self.scale), key_doc,
                                 self.route_max[:, None])
-        if self.route_sum is not None:
-            add_key_sum_scores(self.q[:, self.route_rows], keys, key_doc, self.scale, self.route_sum, self.route_count,
-                               key_sums)
+            if self.route_sum is not None:
+                add_key_sum_scores(self.q[:, self.route_rows], keys, key_doc, self.scale, self.route_sum,
+                                   self.route_count)
         if self.route_chunks is not None:
             readout = grouped_scores(self.q[:, -1:], keys, self.scale)[:, 0]
             for means in self.route_chunks:

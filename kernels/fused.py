@@ -20,13 +20,12 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
     need a second pass)."""
     kv = keys.shape[0]
     kernel = _native_for(fused[0][0].q, keys, values)
-    sums = KeySums(keys)
     if kernel is not None:
         limit = row_limit(kernel)
         # fp32 queries over bf16 KV stay fp32 in the compiled kernel (it reads bf16 keys and values)
         rows = [s._grouped_q(s.q.dtype, kv, folded=False) for s, _ in fused]
         mine = [i for i, (s, _) in enumerate(fused) if s.wants_readout_scores or rows[i].shape[1] <= limit]
-        if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values, sums):
+        if mine and _update_native(kernel, [fused[i] for i in mine], [rows[i] for i in mine], keys, values):
             fused = [f for i, f in enumerate(fused) if i not in mine]
     if not fused:
         return
@@ -44,26 +43,7 @@ def update_fused_streams(fused: list[tuple], keys: Tensor, values: Tensor) -> No
         for j, i in enumerate(asking):
             lasts[i] = scores[:, j : j + 1]
     for (s, kd), o, l, last in zip(fused, out.split(sizes, 1), lse.split(sizes, 1), lasts):
-        s._merge_flash(o, l, keys, values, kd, last, key_sums=sums)
-
-
-class KeySums:
-    """Each document's key sum in one chunk, [kv_head, documents, d] fp32, made once for all the
-    streams that share the chunk and a document numbering (mean-key routing scores are linear in
-    the keys: the sum over a document's keys of q.k is q . the sum of its keys)."""
-
-    def __init__(self, keys: Tensor):
-        self.keys, self.made = keys, {}
-
-    def of(self, key_doc: Tensor, found: tuple) -> Tensor:
-        hit = self.made.get(id(key_doc))
-        if hit is not None and hit[0] is key_doc:
-            return hit[1]
-        mask, local, _, n_local = found
-        keys = self.keys if mask is None else self.keys[:, mask]
-        sums = torch.zeros(keys.shape[0], n_local, keys.shape[2]).index_add_(1, local, keys.float())
-        self.made[id(key_doc)] = (key_doc, sums)
-        return sums
+        s._merge_flash(o, l, keys, values, kd, last)
 
 
 def _native_for(q: Tensor, keys: Tensor, values: Tensor):
@@ -81,10 +61,10 @@ def _native_for(q: Tensor, keys: Tensor, values: Tensor):
     return decode_kernel(q.dtype)
 
 
-def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor, sums: KeySums) -> bool:
+def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:
     """The compiled kernel's pass over the streams' stacked rows (raw queries, each row's scaling
-    applied in the kernel): statistics and routing scores in the first asking stream's document
-    numbering, handed to each stream in its own.  False (nothing done) when a document's keys are
+    applied in the kernel): statistics and routing scores (MaxSim and mean-key, from the raw
+    scores) in the first asking stream's document numbering, handed to each stream in its own.  False (nothing done) when a document's keys are
     not one run in the chunk, which the kernel's per-document statistics need."""
     kv = keys.shape[0]
     q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
@@ -125,7 +105,7 @@ def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tens
     gold_mask = torch.stack(gold_rows) if asking and any(bool(g.any()) for g in gold_rows) else empty
     row_scale = torch.cat([s.grouped_row_scale(kv) for s, _ in fused], 1).contiguous()
     try:
-        out, lse, doc_max, doc_lse, gold_out, route_max = kernel.decode_attention(
+        out, lse, doc_max, doc_lse, gold_out, route_max, route_sum, route_lo = kernel.decode_attention(
             q.contiguous(), _rows_contiguous(keys), _rows_contiguous(values), float(fused[0][0].scale), base, n_docs,
             torch.tensor(stat_rows, dtype=torch.long), gold_mask, row_scale,
             torch.tensor(route_rows, dtype=torch.long), torch.tensor(route_group, dtype=torch.long))
@@ -147,11 +127,24 @@ def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tens
         shape = (kv * rep, 1, -1)
         stats[i] = (own_numbering(i, doc_max[:, part].reshape(shape)), own_numbering(i, doc_lse[:, part].reshape(shape)),
                     gold_out[:, part].reshape(shape))
-    for j, i in enumerate(routing):
-        rep = fused[i][0].q.shape[0] // kv
-        routes[i] = own_numbering(i, route_max[:, j * rep : (j + 1) * rep].reshape(kv * rep, -1))
+    if routing:  # the chunk's documents lo..lo+width-1 in the base numbering
+        lo, width = int(route_lo), route_max.shape[-1]
+        counts = torch.bincount(base[base >= 0] - lo, minlength=width).float()
+        start = 0
+        for j, i in enumerate(routing):
+            s = fused[i][0]
+            rep, n_route = s.q.shape[0] // kv, len(range(s.q.shape[1])[s.route_rows])
+            mx = route_max[:, j * rep : (j + 1) * rep].reshape(kv * rep, width)
+            sm = route_sum[:, start : start + rep * n_route].reshape(kv * rep, n_route, width)
+            start += rep * n_route
+            if to_base[i] is None:
+                routes[i] = (slice(lo, lo + width), mx, sm, counts)
+                continue
+            own = _inverse(to_base[i], s.n_docs, n_docs)[lo : lo + width]  # each base document's own index
+            keep = (own < s.n_docs).nonzero().squeeze(1)
+            routes[i] = (own[keep], mx[:, keep], sm[..., keep], counts[keep])
     for i, ((s, kd), o, ls) in enumerate(zip(fused, out.split(sizes, 1), lse.split(sizes, 1))):
-        s._merge_flash(o, ls, keys, values, kd, chunk_stats=stats.get(i), chunk_route=routes.get(i), key_sums=sums)
+        s._merge_flash(o, ls, keys, values, kd, chunk_stats=stats.get(i), chunk_route=routes.get(i))
     return True
 
 

@@ -182,21 +182,16 @@ def add_doc_sums(scores: Tensor, key_doc: Tensor, sums: Tensor, counts: Tensor) 
     counts[docs] += torch.bincount(index[0, 0], minlength=n_local)
 
 
-def add_key_sum_scores(q: Tensor, keys: Tensor, key_doc: Tensor, scale: float, sums: Tensor, counts: Tensor,
-                       key_sums=None) -> None:
+def add_key_sum_scores(q: Tensor, keys: Tensor, key_doc: Tensor, scale: float, sums: Tensor, counts: Tensor) -> None:
     """:func:`add_doc_sums` for raw scores ``scale * q . k`` without laying the scores out: the
     sum over a document's keys of q.k is q . (the sum of its keys), so one small matmul per chunk
-    against each document's key sum (``key_sums``, a :class:`kernels.fused.KeySums` shared by the
-    streams of a chunk, or made here).  q [head, rows, d]; keys [kv_head, C, d]."""
+    against each document's key sum.  q [head, rows, d]; keys [kv_head, C, d]."""
     found = _chunk_docs(key_doc)
     if found is None:
         return
     mask, local, docs, n_local = found
-    if key_sums is not None:
-        doc_keys = key_sums.of(key_doc, found)
-    else:
-        k = keys if mask is None else keys[:, mask]
-        doc_keys = torch.zeros(k.shape[0], n_local, k.shape[2]).index_add_(1, local, k.float())
+    k = keys if mask is None else keys[:, mask]
+    doc_keys = torch.zeros(k.shape[0], n_local, k.shape[2]).index_add_(1, local, k.float())
     kv = keys.shape[0]
     n_heads, n_q, d = q.shape
     s = q.float().reshape(kv, (n_heads // kv) * n_q, d) @ doc_keys.transpose(1, 2)  # [kv, rep*Q, docs]

@@ -83,12 +83,16 @@ struct DocRuns {
 // (each row's scores are scale * q.k * row_scale: an intervention that scales rows, applied in
 // fp32); route_rows, route_group int64 [RR] (both empty: no routing scores).  Outputs: out
 // [G, R, D] fp32 (normalised), lse [G, R], doc_max / doc_lse [G, S, n_docs] (-inf where a document
-// has no key in the chunk), gold_out [G, S, D] (normalised by the row's lse), route_max
-// [G, groups, n_docs]: per group (route_group's values), the max over its rows and each document's
-// keys of the raw score scale * q.k (routing ranks documents before any intervention).  The
-// dtypes of q, keys and values are the caller's to check.
+// has no key in the chunk), gold_out [G, S, D] (normalised by the row's lse), and over the
+// chunk's documents d_lo..d_lo+width-1 (d_lo the least document id in key_doc, width up to its
+// greatest; results' last, route_lo, holds d_lo): route_max [G, groups, width], per group
+// (route_group's values) the max over its rows and each document's keys of the raw score
+// scale * q.k (routing ranks documents before any intervention, -inf for a document without
+// keys), and route_sum [G, RR, width], each routing row's sum of raw scores over each document's
+// keys (mean-key routing).  The dtypes of q, keys and values are the caller's to check.
 struct Call {
   int64_t G = 0, T = 0, D = 0, R = 0, R_pad = 0, S = 0, n_docs = 0, RR = 0, n_groups = 0;  // R_pad: R to a multiple of the kernel's row group
+  int64_t d_lo = 0, width = 0;  // the routing outputs' documents
   bool stats = false, route = false;
   const int64_t* kd = nullptr;  // key_doc, or null
   const bool* gmask = nullptr;  // gold_mask, or null
@@ -97,7 +101,7 @@ struct Call {
   std::vector<float> rscale;          // [G, R_pad] each row's score scale (scale * row_scale), 0 past R
   std::vector<float> rfactor;         // [G, RR] 1 / row_scale of each routing row
   std::vector<int64_t> bounds;  // the parts: [bounds[p], bounds[p + 1]) of the chunk's keys
-  at::Tensor q, out, lse, doc_max, doc_lse, gold_out, route_max;
+  at::Tensor q, out, lse, doc_max, doc_lse, gold_out, route_max, route_sum;
 
   Call(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& key_doc,
        int64_t docs, const at::Tensor& stat_rows, const at::Tensor& gold_mask, double scale,
@@ -166,7 +170,16 @@ struct Call {
                     " is not positive and finite (its raw scores cannot be recovered)");
         rfactor[g * RR + j] = 1.f / rs;
       }
-    route_max = at::full({G, n_groups, route ? n_docs : 0}, kNegInf, f32);
+    if (route) {
+      int64_t hi = -1;
+      d_lo = n_docs;
+      for (int64_t t = 0; t < T; ++t)
+        if (kd[t] >= 0) d_lo = std::min(d_lo, kd[t]), hi = std::max(hi, kd[t]);
+      width = hi >= d_lo ? hi - d_lo + 1 : 0;
+      if (!width) d_lo = 0;
+    }
+    route_max = at::full({G, n_groups, width}, kNegInf, f32);
+    route_sum = at::zeros({G, RR, width}, f32);
 
     // parts of the chunk, starting at document boundaries when key_doc is given; with
     // statistics each document's keys must be one run (so one task owns each document's statistics)
@@ -195,16 +208,20 @@ struct Call {
   int64_t n_parts() const { return (int64_t)bounds.size() - 1; }
 
   // Routing scores of one run of document d's keys in a block (scores sc [rows][ld], the run at
-  // columns i..e-1, each row already times its row_scale) for KV head g; max_of is the kernel's
-  // own max over n floats.  A task owns its
-  // documents, so no two tasks write one slot.
-  template <typename MaxOf>
-  void route_run(int64_t g, int64_t d, const float* sc, int64_t ld, int i, int e, const MaxOf& max_of) {
-    float* rm = route_max.data_ptr<float>() + g * n_groups * n_docs + d;
+  // columns i..e-1, each row already times its row_scale) for KV head g; max_of and sum_of are the
+  // kernel's own max and sum over n floats.  A task owns its documents, so no two tasks write one
+  // slot.
+  template <typename MaxOf, typename SumOf>
+  void route_run(int64_t g, int64_t d, const float* sc, int64_t ld, int i, int e, const MaxOf& max_of,
+                 const SumOf& sum_of) {
+    float* rm = route_max.data_ptr<float>() + g * n_groups * width + (d - d_lo);
+    float* rsum = route_sum.data_ptr<float>() + g * RR * width + (d - d_lo);
     const float* f = rfactor.data() + g * RR;
     for (int64_t j = 0; j < RR; ++j) {
-      float* slot = rm + rgroup[j] * n_docs;
-      *slot = std::max(*slot, max_of(sc + rrow[j] * ld + i, e - i) * f[j]);
+      const float* row = sc + rrow[j] * ld + i;
+      float* slot = rm + rgroup[j] * width;
+      *slot = std::max(*slot, max_of(row, e - i) * f[j]);
+      rsum[j * width] += sum_of(row, e - i) * f[j];
     }
   }
 
@@ -241,7 +258,9 @@ struct Call {
     }
   }
 
-  std::vector<at::Tensor> results() const { return {out, lse, doc_max, doc_lse, gold_out, route_max}; }
+  std::vector<at::Tensor> results() const {
+    return {out, lse, doc_max, doc_lse, gold_out, route_max, route_sum, at::full({}, d_lo, at::TensorOptions().dtype(at::kLong))};
+  }
 };
 
 }  // namespace lens

@@ -62,6 +62,15 @@ inline float max_of(const float* x, int n) {
   return r;
 }
 
+inline float sum_of(const float* x, int n) {
+  Vec m(0.f);
+  int i = 0;
+  for (; i + L <= n; i += L) m = m + Vec::loadu(x + i);
+  float r = hsum(m);
+  for (; i < n; ++i) r += x[i];
+  return r;
+}
+
 // sum of exp(x[i] - shift) for i < n; writes the terms to out (out may be null)
 inline float exp_sum(const float* x, int n, float shift, float* out) {
   Vec s(0.f), sh(shift);
@@ -225,7 +234,7 @@ void run(lens::Call& c, const QT* qp, const KT* kp, const KT* vp, int64_t ks0, i
           const int64_t d = kd[b + i];
           int e = i + 1;
           while (e < nb && kd[b + e] == d) ++e;
-          if (d >= 0 && route) c.route_run(g, d, sc.data(), kBlock, i, e, max_of);
+          if (d >= 0 && route) c.route_run(g, d, sc.data(), kBlock, i, e, max_of, sum_of);
           if (d >= 0) {
             for (int64_t s = 0; s < S; ++s) {
               const int64_t r = srow[s];

@@ -88,6 +88,14 @@ inline float max_of(const float* x, int n) {
   return _mm512_reduce_max_ps(m);
 }
 
+inline float sum_of(const float* x, int n) {
+  __m512 m = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 16 <= n; i += 16) m = _mm512_add_ps(m, _mm512_loadu_ps(x + i));
+  if (i < n) m = _mm512_add_ps(m, _mm512_maskz_loadu_ps((__mmask16)((1u << (n - i)) - 1), x + i));
+  return _mm512_reduce_add_ps(m);
+}
+
 // In-place transpose of a 16 x 16 matrix of 32-bit words (r[i] = row i -> r[j] = column j).
 inline void transpose16(__m512i* r) {
   __m512i t[16], u[16];
@@ -355,7 +363,7 @@ std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& 
           const int64_t d = kd[b + i];
           int e = i + 1;
           while (e < nb && kd[b + e] == d) ++e;
-          if (d >= 0 && route) c.route_run(g, d, sc.data(), kBlock, i, e, max_of);
+          if (d >= 0 && route) c.route_run(g, d, sc.data(), kBlock, i, e, max_of, sum_of);
           if (d >= 0) {
             for (int64_t s = 0; s < S; ++s) {
               const int64_t r = srow[s];

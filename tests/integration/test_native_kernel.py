@@ -93,8 +93,9 @@ def check_against_reference(kernel, G, R, T, D, dtype=torch.bfloat16):
 @pytest.mark.parametrize("path,dtype", CASES)
 def test_row_scales_and_raw_routing_scores_equal_the_dense_reference(path, dtype, kernels):
     """Rows scaled in the kernel (an intervention's per-row scale, in fp32) give the dense
-    reference of the scaled scores, and the routing rows' per-document max of the raw scores
-    (the scale undone), reduced over each group's rows, is the reference's over the same rows."""
+    reference of the scaled scores; the routing rows' per-document max of the raw scores (the
+    scale undone), reduced over each group's rows, and each row's per-document sum of raw scores
+    are the reference's, over the chunk's documents from the least id present."""
     kernel = kernels[path]
     G, R, T, D, n_docs = 3, 10, 3000, 64, 45
     g = torch.Generator().manual_seed(5)
@@ -110,13 +111,17 @@ def test_row_scales_and_raw_routing_scores_equal_the_dense_reference(path, dtype
                                    route_group)
     ref = _reference(q, k, v, 0.125, key_doc, n_docs, stat_rows, gold_mask, row_scale)
     raw = (q.double() @ k.double().transpose(-1, -2)) * 0.125
-    route = torch.full((G, 2, n_docs), float("-inf"), dtype=torch.double)
-    for d in range(n_docs):
+    lo, hi = int(key_doc[key_doc >= 0].min()), int(key_doc.max())
+    route = torch.full((G, 2, hi + 1 - lo), float("-inf"), dtype=torch.double)
+    sums = torch.zeros(G, len(route_rows), hi + 1 - lo, dtype=torch.double)
+    for d in range(lo, hi + 1):
         keys_of_d = key_doc == d
         if keys_of_d.any():
             for grp in (0, 1):
-                route[:, grp, d] = raw[:, route_rows[route_group == grp]][..., keys_of_d].amax((-1, -2))
-    for name, a, b in zip(("out", "lse", "doc_max", "doc_lse", "gold", "route_max"), ours, (*ref, route)):
+                route[:, grp, d - lo] = raw[:, route_rows[route_group == grp]][..., keys_of_d].amax((-1, -2))
+            sums[..., d - lo] = raw[:, route_rows][..., keys_of_d].sum(-1)
+    assert int(ours[7]) == lo
+    for name, a, b in zip(("out", "lse", "doc_max", "doc_lse", "gold", "route_max", "route_sum"), ours, (*ref, route, sums)):
         assert a.shape == b.shape and torch.equal(torch.isfinite(a), torch.isfinite(b)), name
         finite = torch.isfinite(b)
         assert (a.double()[finite] - b[finite]).abs().max() <= 2e-5, name

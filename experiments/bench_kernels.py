@@ -52,10 +52,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ------------------------------------------------------------------------------------ TL vs lens
-def _layout_for_tokens(runner, target_tokens: int, query_id: str = "q0"):
-    per_doc = sum(map(len, runner.pool.doc_token_ids)) / len(runner.pool.doc_token_ids)
-    n = max(2, min(len(runner.pool.doc_token_ids), round((target_tokens - 60) / per_doc)))
-    return n
+def _tl_data(target_tokens: int):
+    """The corpus both sides of the TransformerLens comparison get: a LIMIT-format dataset of as
+    many documents as make about ``target_tokens`` tokens, and that count (every document is in
+    the corpus, so neither side holds documents the other does not see)."""
+    from lens.data.datasets import limit_dataset
+    from lens.data.layout import build_pool_layout, LayoutConfig
+    from lens.models.registry import load_tokenizer, smollm2_folder
+
+    pool = build_pool_layout(limit_dataset(n_docs=200, items_per_doc=28, n_queries=4, seed=0),
+                             load_tokenizer(smollm2_folder()), LayoutConfig())
+    per_doc = sum(map(len, pool.doc_token_ids)) / len(pool.doc_token_ids)
+    n = max(2, round((target_tokens - 60) / per_doc))
+    return limit_dataset(n_docs=n, items_per_doc=28, n_queries=4, seed=0), n
 
 
 def tl_worker(target_tokens: int) -> None:
@@ -63,17 +72,14 @@ def tl_worker(target_tokens: int) -> None:
     from transformers import AutoModelForCausalLM
     from transformer_lens.model_bridge import TransformerBridge
 
-    from lens.data.datasets import limit_dataset
     from lens.data.layout import build_pool_layout, corpus_for_query, dense_layout, LayoutConfig
     from lens.models.registry import load_tokenizer, smollm2_folder
 
     torch.set_grad_enabled(False)
     folder = smollm2_folder()
     tok = load_tokenizer(folder)
-    data = limit_dataset(n_docs=200, items_per_doc=28, n_queries=4, seed=0)
+    data, n = _tl_data(target_tokens)
     pool = build_pool_layout(data, tok, LayoutConfig())
-    per_doc = sum(map(len, pool.doc_token_ids)) / len(pool.doc_token_ids)
-    n = max(2, round((target_tokens - 60) / per_doc))
     t0 = time.perf_counter()
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     bridge = TransformerBridge.boot_transformers(
@@ -106,18 +112,16 @@ def tl_worker(target_tokens: int) -> None:
 
 
 def lens_stats(target_tokens: int, dtype: torch.dtype) -> dict:
-    from lens.data.datasets import limit_dataset
     from lens.runtime import BlockSearchRunner
     from lens.models.registry import load_model
 
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     model = load_model("smollm2-135m", dtype=dtype)
-    data = limit_dataset(n_docs=200, items_per_doc=28, n_queries=4, seed=0)
+    data, n = _tl_data(target_tokens)
     t_load = time.perf_counter() - t0
     t0 = time.perf_counter()
     runner = BlockSearchRunner(model, data, progress=False)
-    n = _layout_for_tokens(runner, target_tokens)
     run = runner.run_query("q0", n)  # prefill + query pass + decoding, recording every layer
     mass = [l.document_mass(0)[:, run.gold_positions].sum(-1) for l in run.layers]
     t_run = time.perf_counter() - t0
@@ -126,7 +130,8 @@ def lens_stats(target_tokens: int, dtype: torch.dtype) -> dict:
 
 
 def part_tl(args) -> None:
-    print("== lens vs TransformerLens: per-layer, per-head gold statistics from text (SmolLM2, fp32)")
+    print("== lens vs TransformerLens: per-layer, per-head gold statistics from text (SmolLM2; TransformerLens in fp32; "
+          "both sides given the same corpus, a dataset of exactly its documents)")
     results = {}
     for target in args.tl_tokens:
         cmd = [sys.executable, __file__, "--tl-worker", str(target)]
@@ -153,8 +158,9 @@ def part_tl(args) -> None:
         print("TransformerLens held no size; nothing to compare")
         return
     best = max(held, key=lambda r: r["tokens"])
+    target = next(t for t, r in results.items() if r is best)
     for dtype in (torch.float32, torch.bfloat16):
-        ours = lens_stats(best["tokens"], dtype)
+        ours = lens_stats(target, dtype)
         print(f"lens {str(dtype).split('.')[-1]:<8} T={ours['tokens']:>5}: {ours['run_s']:.2f}s prefill+query+stats "
               f"(+{ours['load_s']:.1f}s load)  -> {best['run_s'] / ours['run_s']:.1f}x faster than TransformerLens")
         if dtype is torch.float32:
@@ -448,6 +454,7 @@ def part_paths(args) -> None:
     times = {(p, w, sp): [] for p in paths for w in ways for sp in specs}
     spent = {(p, w): dict.fromkeys(breakdown.spent, 0.0) for p in paths for w in ways}
     codes, work = {}, {}
+    roof, roofs = Roof(dtype), {w: [] for w in ways}
     saved = os.environ.get("LENS_KERNEL")
     try:
         for rep in range(args.repeats + 1):  # the first turn warms each path (builds, caches), untimed
@@ -468,6 +475,8 @@ def part_paths(args) -> None:
                             times[path, way, spec].append(el / n_q)
                             for k, v in breakdown.spent.items():
                                 spent[path, way][k] += v
+                    if rep:  # the roof in the same turn: this box's speed drifts within minutes
+                        roofs[way].append(roof()[0] / 1e9)
     finally:
         if saved is None:
             os.environ.pop("LENS_KERNEL", None)
@@ -490,7 +499,7 @@ def part_paths(args) -> None:
         calls = args.repeats * len(specs)
         per_call = {p: {k: v / calls for k, v in spent[p, way].items()} for p in paths}
         gflop = sum(work[paths[0], way, sp] for sp in specs) / len(specs) / 1e9
-        peak = Roof(dtype)()[0] / 1e9
+        peak = sorted(roofs[way])[len(roofs[way]) // 2]
         ours = per_call[paths[0]]["corpus attention"]
         rest = sum(sum(times[paths[0], way, sp]) for sp in specs) * ways[way] / calls - ours
         theirs = sum(sum(times[base, way, sp]) for sp in specs) * ways[way] / calls
@@ -498,7 +507,8 @@ def part_paths(args) -> None:
               f"{paths[0]} runs it at {gflop / ours:.0f} GFLOP/s = {gflop / ours / peak:.0%} of this box's "
               f"{peak:.0f} GFLOP/s {str(dtype).split('.')[-1]} matmul; at that roof the call would take "
               f"{rest + gflop / peak:.2f} s (the rest as measured), at most {theirs / (rest + gflop / peak):.2f}x "
-              f"the speed of {base}")
+              f"the speed of {base} (matmul measured in each timed turn: {', '.join(f'{r:.0f}' for r in roofs[way])} "
+              f"GFLOP/s, the median used)")
     same = sum(len(set(map(str, c.values()))) == 1 for c in codes.values())
     print(f"ranked codes equal across paths in {same} of {len(codes)} calls (paths differ in fp32 summation order)")
 

@@ -228,3 +228,24 @@ def test_shared_chunks_equal_one_stream_at_a_time():
             assert torch.allclose(getattr(a, name), getattr(b, name), atol=1e-6), (i, name)
         assert torch.allclose(a.output, dense.output, atol=1e-5)
         assert torch.allclose(a.doc_lse[:, 0], dense.doc_lse[:, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [None, SSMax(0.43, n="keys"), Temperature(0.6), HeadScale(0, (1, 3), 0.0)])
+@pytest.mark.parametrize("chunk_size", [7, 16384])
+def test_fused_routing_scores_are_the_raw_scores_maxsim_and_mean_key(fn, chunk_size):
+    """The routing scores a stream keeps on the fused path come from the raw scores, before the
+    intervention: each document's max over the query rows and its keys (QK-MaxSim) and the max
+    over the rows of its keys' mean score (mean-key), as computed densely.  A head whose scores
+    the intervention zeroes cannot be undone in the kernel; its stream takes the PyTorch pass."""
+    from kernels.corpus_attention import attend_chunks, iter_chunks
+
+    args = _inputs(seed=6, heads=9, kv=3, doc_lens=(40, 33, 1, 51, 8), q=4, s=4, d=64)
+    q, k, v, key_doc, n_docs = args["q"], args["corpus_k"], args["corpus_v"], args["key_doc"], args["n_docs"]
+    res = attend_chunks(q, iter_chunks(k, v, key_doc, chunk_size), n_docs, args["self_k"], args["self_v"],
+                        n_corpus_keys=key_doc.shape[0], n_docs_attended=n_docs, layer=args["layer"],
+                        scale=args["scale"], score_fn=fn, stats_rows="last", route_stats=True, route_mean=True)
+    raw = (q.float() @ k.float().repeat_interleave(3, 0).transpose(-1, -2)) * args["scale"]  # [head, Q, T]
+    for d in range(n_docs):
+        keys_of_d = key_doc == d
+        assert torch.allclose(res.route_max[:, d], raw[..., keys_of_d].amax((-1, -2)), atol=1e-5)
+        assert torch.allclose(res.route_mean[:, d], raw[..., keys_of_d].mean(-1).amax(-1), atol=1e-5)

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 namespace lens {
@@ -105,8 +106,13 @@ struct Call {
 
   Call(const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& values, const at::Tensor& key_doc,
        int64_t docs, const at::Tensor& stat_rows, const at::Tensor& gold_mask, double scale,
-       const at::Tensor& row_scale, const at::Tensor& route_rows, const at::Tensor& route_group, int64_t row_multiple = 1)
+       const std::optional<at::Tensor>& row_scale_in, const std::optional<at::Tensor>& route_rows_in,
+       const std::optional<at::Tensor>& route_group_in, int64_t row_multiple = 1)
       : n_docs(docs) {
+    const at::Tensor none = at::empty({0}, at::kLong);  // an argument not given: empty
+    const at::Tensor& row_scale = row_scale_in ? *row_scale_in : none;
+    const at::Tensor& route_rows = route_rows_in ? *route_rows_in : none;
+    const at::Tensor& route_group = route_group_in ? *route_group_in : none;
     TORCH_CHECK(q_in.dim() == 3 && keys.dim() == 3 && values.dim() == 3, "decode_attention: 3-d q, keys, values");
     G = keys.size(0), T = keys.size(1), D = keys.size(2), R = q_in.size(1);
     TORCH_CHECK(q_in.size(0) == G && q_in.size(2) == D && values.size(0) == G && values.size(1) == T &&

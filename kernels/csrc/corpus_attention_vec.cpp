@@ -275,20 +275,17 @@ void dispatch_types(lens::Call& c, const at::Tensor& keys, const at::Tensor& val
 
 // q [G, R, D]; keys, values [G, T, D] (rows contiguous); q and keys/values each fp32 or bf16
 // (keys and values alike); the rest as lens::Call says.  Returns out, lse, doc_max, doc_lse,
-// gold_out, route_max (lens::Call).
+// gold_out, route_max, route_sum, route_lo (lens::Call).
 std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                          double scale, const at::Tensor& key_doc, int64_t n_docs,
                                          const at::Tensor& stat_rows, const at::Tensor& gold_mask,
                                          const std::optional<at::Tensor>& row_scale,
                                          const std::optional<at::Tensor>& route_rows,
                                          const std::optional<at::Tensor>& route_group) {
-  const at::Tensor none = at::empty({0}, at::kLong);
-  auto given = [&](const std::optional<at::Tensor>& t) -> const at::Tensor& { return t.has_value() ? *t : none; };
   auto ok_type = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16; };
   TORCH_CHECK(ok_type(q) && ok_type(keys) && keys.scalar_type() == values.scalar_type(),
               "decode_attention: q, keys and values must be fp32 or bf16 (keys and values alike)");
-  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask, scale, given(row_scale), given(route_rows),
-               given(route_group));
+  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask, scale, row_scale, route_rows, route_group);
   if (c.T == 0) {
     c.out.zero_();
     c.lse.fill_(kNegInf);

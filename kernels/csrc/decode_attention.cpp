@@ -272,18 +272,16 @@ inline void block_values_any(const uint16_t* vblock, int nb, int64_t D, const fl
 }  // namespace
 
 // q [G, R, D] bf16; keys, values [G, T, D] bf16 (rows contiguous); the rest as lens::Call says.
-// Returns out, lse, doc_max, doc_lse, gold_out, route_max (lens::Call).
+// Returns out, lse, doc_max, doc_lse, gold_out, route_max, route_sum, route_lo (lens::Call).
 std::vector<at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
                                          double scale, const at::Tensor& key_doc, int64_t n_docs,
                                          const at::Tensor& stat_rows, const at::Tensor& gold_mask,
                                          const std::optional<at::Tensor>& row_scale,
                                          const std::optional<at::Tensor>& route_rows,
                                          const std::optional<at::Tensor>& route_group) {
-  const at::Tensor none = at::empty({0}, at::kLong);
-  auto given = [&](const std::optional<at::Tensor>& t) -> const at::Tensor& { return t.has_value() ? *t : none; };
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && keys.scalar_type() == at::kBFloat16 &&
               values.scalar_type() == at::kBFloat16, "decode_attention: bf16 q, keys and values");
-  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask, scale, given(row_scale), given(route_rows), given(route_group),
+  lens::Call c(q, keys, values, key_doc, n_docs, stat_rows, gold_mask, scale, row_scale, route_rows, route_group,
                kRowGroup);
   const int64_t G = c.G, D = c.D, R = c.R, S = c.S, n_parts = c.n_parts();
   const bool stats = c.stats, route = c.route;

@@ -64,8 +64,9 @@ def _native_for(q: Tensor, keys: Tensor, values: Tensor):
 def _update_native(kernel, fused, rows: list[Tensor], keys: Tensor, values: Tensor) -> bool:
     """The compiled kernel's pass over the streams' stacked rows (raw queries, each row's scaling
     applied in the kernel): statistics and routing scores (MaxSim and mean-key, from the raw
-    scores) in the first asking stream's document numbering, handed to each stream in its own.  False (nothing done) when a document's keys are
-    not one run in the chunk, which the kernel's per-document statistics need."""
+    scores) in the first asking stream's document numbering, handed to each stream in its own.
+    False (nothing done) when a document's keys are not one run in the chunk, which the kernel's
+    per-document statistics need."""
     kv = keys.shape[0]
     q = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
     sizes = [r.shape[1] for r in rows]

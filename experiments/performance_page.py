@@ -5,7 +5,7 @@ benchmarks' blocks in this CPU class's section of the page (keyed by the first l
 benchmark prints: CPU model, features, dtype, kernel path), leaving the section's other blocks and
 other CPU classes' sections as they were measured.
 
-    .venv/bin/python experiments/performance_page.py            # all benchmarks (~10 min on 2 cores)
+    .venv/bin/python experiments/performance_page.py            # all benchmarks (~15 min on 2 cores)
     .venv/bin/python experiments/performance_page.py --only shard_merge
     ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 LENS_KERNEL=vec-avx2 \
         .venv/bin/python experiments/performance_page.py --only paths --dtype float32   # an AVX2 machine's paths

@@ -23,6 +23,7 @@ score function's ``n_keys`` / ``n_docs`` count what is attended (kept documents 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Iterable, Iterator
 
 import torch
@@ -168,7 +169,7 @@ class CorpusAttentionStream:
         """Each row's score scale in :meth:`_grouped_q`'s layout, [kv_head, rows] fp32."""
         return self.row_scales.reshape(n_kv, -1)
 
-    @property
+    @cached_property
     def raw_routable(self) -> bool:
         """Whether the raw routing scores can be had from the scaled ones (every routing row's
         scale positive and finite), so the compiled kernel can give them in its pass."""

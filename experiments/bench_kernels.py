@@ -497,10 +497,9 @@ def part_paths(args) -> None:
             print(f"    {p:<14} where the time goes: {Breakdown.text(spent[p, way], total)}")
         # the ceiling the matmul roof puts on the ratio: corpus attention at the roof, the rest as measured
         calls = args.repeats * len(specs)
-        per_call = {p: {k: v / calls for k, v in spent[p, way].items()} for p in paths}
         gflop = sum(work[paths[0], way, sp] for sp in specs) / len(specs) / 1e9
         peak = sorted(roofs[way])[len(roofs[way]) // 2]
-        ours = per_call[paths[0]]["corpus attention"]
+        ours = spent[paths[0], way]["corpus attention"] / calls
         rest = sum(sum(times[paths[0], way, sp]) for sp in specs) * ways[way] / calls - ours
         theirs = sum(sum(times[base, way, sp]) for sp in specs) * ways[way] / calls
         print(f"    roof: corpus attention is {gflop:.0f} GFLOP per call ({str(dtype).split('.')[-1]} q.k and p.v); "

@@ -211,6 +211,11 @@ class MemoryKV(KVSource):
         documents are concatenated at every layer at once and kept (most recent first)
         within ``concat_budget_bytes``, so a pass's layers, its decoding steps and intervention
         reruns reuse them; smaller ones (kept or gold documents) are cut per layer (``concat_min_docs``)."""
+        key = (docs, instruction)
+        kept = self._concat.get(key) if len(docs) >= self.concat_min_docs else None
+        if kept is not None:  # a kept concatenation: no per-document work at all
+            self._concat.move_to_end(key)
+            return kept[0][layer], kept[1][layer], kept[2]
         kvs = ([self.instruction] if instruction else []) + [self._store[self._key(d, self._start)] for d in docs]
         key_doc = torch.cat([torch.full((kv.keys.shape[2],), j, dtype=torch.long) for j, kv in enumerate(kvs)])
         if instruction:
@@ -218,7 +223,6 @@ class MemoryKV(KVSource):
         if len(docs) < self.concat_min_docs:
             return (torch.cat([kv.keys[layer] for kv in kvs], dim=1), torch.cat([kv.values[layer] for kv in kvs], dim=1),
                     key_doc)
-        key = (docs, instruction)
         if key not in self._concat:
             n_layers = self.instruction.keys.shape[0]
             self._keep(key, ([torch.cat([kv.keys[l] for kv in kvs], dim=1) for l in range(n_layers)],

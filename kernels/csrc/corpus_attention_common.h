@@ -189,8 +189,11 @@ struct Call {
 
     // parts of the chunk, starting at document boundaries when key_doc is given; with
     // statistics each document's keys must be one run (so one task owns each document's statistics)
+    // at least four tasks per thread, and (where the chunk is long enough) as many for each thread
     const int64_t threads = at::get_num_threads();
-    int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>((4 * threads + G - 1) / G, T / 2048));
+    int64_t want = (4 * threads + G - 1) / G;
+    while ((G * want) % threads) ++want;
+    int64_t n_parts = std::max<int64_t>(1, std::min<int64_t>(want, T / 2048));
     bounds = {0};
     for (int64_t p = 1; p < n_parts; ++p) {
       int64_t t = T * p / n_parts;

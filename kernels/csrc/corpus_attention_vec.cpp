@@ -88,8 +88,9 @@ inline float exp_sum(const float* x, int n, float shift, float* out) {
   return hsum(s);
 }
 
-// The eight sums of a[0..7]'s lanes into out[0..7] (one shuffle tree on x86, lane sums elsewhere).
-inline void sums8(const Vec* a, float scale, float* out) {
+// The lane sums of a[0..7]: a[0..3]'s times s0 into o0[0..3], a[4..7]'s times s1 into o1[0..3]
+// (one shuffle tree on x86, lane sums elsewhere).
+inline void sums8(const Vec* a, float s0, float s1, float* o0, float* o1) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   __m256 h[8];
   for (int k = 0; k < 8; ++k) {
@@ -103,51 +104,72 @@ inline void sums8(const Vec* a, float scale, float* out) {
   const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
   const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(h[4], h[5]), _mm256_hadd_ps(h[6], h[7]));
   const __m256 r = _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
-  _mm256_storeu_ps(out, _mm256_mul_ps(r, _mm256_set1_ps(scale)));
+  _mm_storeu_ps(o0, _mm_mul_ps(_mm256_castps256_ps128(r), _mm_set1_ps(s0)));
+  _mm_storeu_ps(o1, _mm_mul_ps(_mm256_extractf128_ps(r, 1), _mm_set1_ps(s1)));
 #else
-  for (int k = 0; k < 8; ++k) out[k] = hsum(a[k]) * scale;
+  for (int k = 0; k < 4; ++k) o0[k] = hsum(a[k]) * s0, o1[k] = hsum(a[4 + k]) * s1;
 #endif
 }
 
 // sc[r * kBlock + i] = scale[r] * q_r . k_i for the block's nb keys; lanes past nb get -inf.
-// Eight keys share each load of q; key(i) points at key i's D fp32 values, zero past nb.
+// Register tiles of two rows by four keys: each load of a key serves two rows, each load of q
+// four keys.  key(i) points at key i's D fp32 values, zero past nb.
 template <int D, typename KeyAt>
 inline void block_scores(const KeyAt& key, int nb, const float* qf, int64_t R, const float* scale, float* sc) {
-  for (int i = 0; i < nb; i += 8) {
-    const float* k[8];
-    for (int j = 0; j < 8; ++j) k[j] = key(i + j);
-    for (int64_t r = 0; r < R; ++r) {
-      const float* q = qf + r * D;
+  float spare[4];
+  for (int i = 0; i < nb; i += 4) {
+    const float *k0 = key(i), *k1 = key(i + 1), *k2 = key(i + 2), *k3 = key(i + 3);
+    for (int64_t r = 0; r < R; r += 2) {
+      const bool pair = r + 1 < R;
+      const float* qa = qf + r * D;
+      const float* qb = pair ? qa + D : qa;
       Vec a[8];
       for (int j = 0; j < 8; ++j) a[j] = Vec(0.f);
       for (int c = 0; c < D; c += L) {
-        const Vec qv = Vec::loadu(q + c);
-        for (int j = 0; j < 8; ++j) a[j] = at::vec::fmadd(qv, Vec::loadu(k[j] + c), a[j]);
+        const Vec x = Vec::loadu(qa + c), y = Vec::loadu(qb + c);
+        const Vec w0 = Vec::loadu(k0 + c), w1 = Vec::loadu(k1 + c), w2 = Vec::loadu(k2 + c), w3 = Vec::loadu(k3 + c);
+        a[0] = at::vec::fmadd(x, w0, a[0]), a[1] = at::vec::fmadd(x, w1, a[1]);
+        a[2] = at::vec::fmadd(x, w2, a[2]), a[3] = at::vec::fmadd(x, w3, a[3]);
+        a[4] = at::vec::fmadd(y, w0, a[4]), a[5] = at::vec::fmadd(y, w1, a[5]);
+        a[6] = at::vec::fmadd(y, w2, a[6]), a[7] = at::vec::fmadd(y, w3, a[7]);
       }
-      sums8(a, scale[r], sc + r * kBlock + i);
+      sums8(a, scale[r], pair ? scale[r + 1] : 0.f, sc + r * kBlock + i, pair ? sc + (r + 1) * kBlock + i : spare);
     }
   }
   for (int64_t r = 0; r < R; ++r)
     for (int i = nb; i < (nb + 7) / 8 * 8; ++i) sc[r * kBlock + i] = kNegInf;
 }
 
-// acc[r] += sum_i pr[r, i] * v_i over the block (vf: [nb][D] fp32), a row's accumulator held in
+// acc[r] += sum_i pr[r, i] * v_i over the block (vf: [nb][D] fp32).  Register tiles of RT rows by
+// CT vectors of the head dim: each load of a value serves RT rows, the accumulators stay in
 // registers across the block's keys.
+template <int D, int RT>
+inline void values_tile(const float* vf, int nb, const float* p, float* acc) {
+  constexpr int NV = D / L, CT = NV < 4 ? NV : 4;
+  static_assert(NV % CT == 0, "head dim must be a multiple of the column tile");
+  for (int c0 = 0; c0 < NV; c0 += CT) {
+    Vec a[RT][CT];
+    for (int r = 0; r < RT; ++r)
+      for (int j = 0; j < CT; ++j) a[r][j] = Vec::loadu(acc + r * D + (c0 + j) * L);
+    for (int i = 0; i < nb; ++i) {
+      const float* v = vf + (int64_t)i * D + c0 * L;
+      Vec pv[RT];
+      for (int r = 0; r < RT; ++r) pv[r] = Vec(p[r * kBlock + i]);
+      for (int j = 0; j < CT; ++j) {
+        const Vec x = Vec::loadu(v + j * L);
+        for (int r = 0; r < RT; ++r) a[r][j] = at::vec::fmadd(pv[r], x, a[r][j]);
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int j = 0; j < CT; ++j) a[r][j].store(acc + r * D + (c0 + j) * L);
+  }
+}
+
 template <int D>
 inline void block_values(const float* vf, int nb, const float* pr, int64_t R, float* acc) {
-  constexpr int NV = D / L;
-  for (int64_t r = 0; r < R; ++r) {
-    Vec a[NV];
-    float* ar = acc + r * D;
-    for (int j = 0; j < NV; ++j) a[j] = Vec::loadu(ar + j * L);
-    const float* p = pr + r * kBlock;
-    for (int i = 0; i < nb; ++i) {
-      Vec pv(p[i]);
-      const float* v = vf + (int64_t)i * D;
-      for (int j = 0; j < NV; ++j) a[j] = at::vec::fmadd(pv, Vec::loadu(v + j * L), a[j]);
-    }
-    for (int j = 0; j < NV; ++j) a[j].store(ar + j * L);
-  }
+  int64_t r = 0;
+  for (; r + 3 <= R; r += 3) values_tile<D, 3>(vf, nb, pr + r * kBlock, acc + r * D);
+  for (; r < R; ++r) values_tile<D, 1>(vf, nb, pr + r * kBlock, acc + r * D);
 }
 
 // y += a * x and x *= a over N floats (N = the head dim, a multiple of the vector width)

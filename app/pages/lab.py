@@ -30,14 +30,17 @@ if not chosen:
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _runs(model_name, dataset_name, query_ids, n, intervention):
+def _runs(model_name, dataset_name, query_ids, n, intervention, drafts=None):
+    """``drafts``: per query, codes verified in the query pass (the plain run's), so a decoding step
+    they answer costs no pass over the corpus; the decoded codes do not depend on them."""
     streams = [runner.stream(q, n, intervention, route_scores=False) for q in query_ids]  # routing recall not shown here
-    return runner.run_streams(streams, beam=2)
+    return runner.run_streams(streams, beam=2, drafts=[list(d) for d in drafts] if drafts else None)
 
 
 try:
     before = _runs(model, dataset, tuple(chosen), int(n_docs), Intervention())
-    after = _runs(model, dataset, tuple(chosen), int(n_docs), intervention)
+    after = before if intervention.spec() == "none" else _runs(
+        model, dataset, tuple(chosen), int(n_docs), intervention, tuple(tuple(r.ranked_codes) for r in before))
 except (LensError, InterventionSpecError) as err:
     st.error(str(err))
     st.stop()

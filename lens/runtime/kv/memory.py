@@ -223,12 +223,10 @@ class MemoryKV(KVSource):
         if len(docs) < self.concat_min_docs:
             return (torch.cat([kv.keys[layer] for kv in kvs], dim=1), torch.cat([kv.values[layer] for kv in kvs], dim=1),
                     key_doc)
-        if key not in self._concat:
-            n_layers = self.instruction.keys.shape[0]
-            self._keep(key, ([torch.cat([kv.keys[l] for kv in kvs], dim=1) for l in range(n_layers)],
-                             [torch.cat([kv.values[l] for kv in kvs], dim=1) for l in range(n_layers)], key_doc))
-        self._concat.move_to_end(key)
-        keys, values, key_doc = self._concat[key]
+        n_layers = self.instruction.keys.shape[0]
+        keys, values, key_doc = self._keep(key, ([torch.cat([kv.keys[l] for kv in kvs], dim=1) for l in range(n_layers)],
+                                                 [torch.cat([kv.values[l] for kv in kvs], dim=1) for l in range(n_layers)],
+                                                 key_doc))
         return keys[layer], values[layer], key_doc
 
     def _feed_by_corpus(self, layer: int, streams: list[QueryStream], chunk_size: int) -> None:

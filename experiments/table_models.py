@@ -1,5 +1,5 @@
-"""Models side by side, one row per (records folder, N, intervention), as a markdown table: hit@1,
-Recall@2 and the dense baseline's Recall@2 with 95% intervals and query counts, and per layer the
+"""Models side by side, one row per (records folder, N, intervention), as a markdown table: how
+the codes were ranked (the beam's order or by exclusion, docs/records.md), hit@1, Recall@2 and the dense baseline's Recall@2 with 95% intervals and query counts, and per layer the
 best R_any / R_sum and the logit lens (its best layer against the last layer).
 
     .venv/bin/python experiments/table_models.py RECORDS [RECORDS ...] [--layers]
@@ -27,7 +27,7 @@ def rows(folder: str, band: bool) -> list[str]:
     out = []
     for run in sorted(summary["runs"], key=lambda r: (r["intervention"], r["n_docs"])):
         n, q = str(run["n_docs"]), run["queries"]
-        cells = [summary["model"], run["intervention"], n, str(run["tokens"]), str(q),
+        cells = [summary["model"], run["intervention"], summary.get("ranking", "beam"), n, str(run["tokens"]), str(q),
                  format_rate(run["hit_at_k"].get("1"), run.get("hit_at_k_ci", {}).get("1"), q),
                  format_rate(run["recall_at_k"].get("2"), run.get("recall_at_k_ci", {}).get("2"), q)]
         if n in base.get("recall_at_k", {}):
@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("records", nargs="+")
     parser.add_argument("--layers", action="store_true", help="add the layers with R_any >= 0.8")
     args = parser.parse_args()
-    head = ["model", "intervention", "N", "tokens", "queries", "hit@1", "Recall@2", "MiniLM Recall@2",
+    head = ["model", "intervention", "ranking", "N", "tokens", "queries", "hit@1", "Recall@2", "MiniLM Recall@2",
             "max R_any", "max R_sum", "logit-lens first digit (best; last layer)"] + (["R_any >= 0.8 at"] if args.layers else [])
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))

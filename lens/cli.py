@@ -169,6 +169,8 @@ def sweep(
     baseline: Annotated[Optional[str], typer.Option(help="dense baseline: minilm")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     beam: Annotated[int, typer.Option(help="codes ranked by a beam over the corpus's codes (Recall@k for k <= beam)")] = 2,
+    ranking: Annotated[str, typer.Option(help="beam: the beam's order | exclude: each next code decoded with the "
+                                              "documents ranked before it hidden (beam query passes; docs/records.md)")] = "beam",
     positions: Positions = "shared", code_position: CodePosition = None, max_doc_tokens: MaxDocTokens = None,
     truncate: Truncate = False, drop_unjudged: DropUnjudged = False, dtype: Dtype = "auto", split: Split = None,
     kv: Annotated[str, typer.Option(help="memory | disk (a verified on-disk KV cache, for corpora beyond RAM)")] = "memory",
@@ -193,15 +195,15 @@ def sweep(
     missing = [f"--{k}" for k in ("model", "dataset", "n", "out") if given[k] is None]
     if missing:
         raise LensError(f"{', '.join(missing)} missing: give them as flags or in --config")
-    model, dataset, n, out, queries, intervention, baseline, seed, beam, positions, code_position, max_doc_tokens, \
-        truncate, drop_unjudged, dtype, kv, batch, ray, ray_workers, split, backend = (given[k] for k in (
-            "model", "dataset", "n", "out", "queries", "intervention", "baseline", "seed", "beam", "positions",
+    model, dataset, n, out, queries, intervention, baseline, seed, beam, ranking, positions, code_position, \
+        max_doc_tokens, truncate, drop_unjudged, dtype, kv, batch, ray, ray_workers, split, backend = (given[k] for k in (
+            "model", "dataset", "n", "out", "queries", "intervention", "baseline", "seed", "beam", "ranking", "positions",
             "code_position", "max_doc_tokens", "truncate", "drop_unjudged", "dtype", "kv", "batch", "ray", "ray_workers",
             "split", "backend"))
 
     cfg = SweepConfig(
         model=model, dataset=dataset, n=parse_sizes(n), queries=queries, interventions=intervention or ["none"],
-        baseline=baseline, seed=seed, beam=beam, positions=positions, code_position=code_position,
+        baseline=baseline, seed=seed, beam=beam, ranking=ranking, positions=positions, code_position=code_position,
         max_doc_tokens=max_doc_tokens,
         truncate=truncate, drop_unjudged=drop_unjudged, dtype=dtype, kv=kv, batch=batch, split=split,
         backend=None if backend == "lens" else backend,

@@ -31,6 +31,7 @@ from lens.log import log, show_progress
 from lens.paths import exclusive_lock
 from lens.metrics import RECALL_K, RECORDS_FORMAT, REDUCES, ROUTERS, rate_col, read_records, routing_cols
 from lens.options import RunOptions, check_queries, check_sizes
+from lens.runtime.ranking import check_ranking
 from lens.stats import CONFIDENCE, rate_interval
 from lens.sweep_worker import LocalUnits
 
@@ -47,6 +48,7 @@ class SweepConfig:
     baseline: str | None = None
     seed: int = 0
     beam: int = 2
+    ranking: str | None = None  # None: the beam's order; "exclude": each next code with the ones before it hidden
     positions: str = "shared"
     code_position: str | None = None  # None: the model's own (blocksearch-135m: end)
     max_doc_tokens: int | None = None  # None: the model's own (LayoutConfig.for_model), else 256
@@ -175,6 +177,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path, progress: bool = True, on_unit=
         raise LensError(f"baseline {cfg.baseline!r}: the dense baseline available is 'minilm'")
     if cfg.beam < 1 or not cfg.n or min(cfg.n) < 1 or cfg.queries < 1 or cfg.batch < 1:
         raise LensError("--beam, every N, --queries and --batch must be >= 1")
+    cfg = replace(cfg, ranking=check_ranking(cfg.ranking, cfg.beam))
     data = cfg.options().dataset(cfg.dataset)
     check_sizes(cfg.n, data)
     check_queries(cfg.queries, data)
@@ -363,7 +366,7 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
                 entry["layers"].append(item)
             runs.append(entry)
     summary = dict(model=cfg.model, dataset=cfg.dataset, dtype=cfg.dtype, backend=backend or {},
-                   confidence=CONFIDENCE, runs=runs)
+                   beam=cfg.beam, ranking=cfg.ranking or "beam", confidence=CONFIDENCE, runs=runs)
     if cfg.baseline:
         base = records[records.level == "baseline"]
         bks = [k for k in RECALL_K if R(k) in base.columns and base[R(k)].notna().any()]

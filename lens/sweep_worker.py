@@ -13,6 +13,7 @@ import torch
 from kernels.spec import parse_intervention
 from lens.errors import LensError
 from lens.metrics import head_rows, layer_rows, query_row
+from lens.runtime.ranking import rank_by_exclusion, run_in_order
 
 
 class SweepWorker:
@@ -68,15 +69,9 @@ class SweepWorker:
         self.breakdown.reset()
         t0 = time.perf_counter()
         streams = self.streams(n, query_ids)
-        runs = [None] * len(streams)
-        # unrouted streams first: a routed one then starts at its route layer, from the states the
-        # run of its score function alone left (the layers before are the same computation)
-        for routed in (False, True):
-            which = [i for i, s in enumerate(streams) if (s.route is not None) == routed]
-            if which:
-                part = self.runner.run_streams([streams[i] for i in which], desc=desc, beam=self.cfg.beam)
-                for i, run in zip(which, part):
-                    runs[i] = run
+        runs = run_in_order(self.runner, streams, desc=desc, beam=self.cfg.beam)
+        if self.cfg.ranking == "exclude":
+            rank_by_exclusion(self.runner, streams, runs, self.cfg.beam, self.cfg.beam, desc=desc)
         timing = dict(n=n, queries=len(query_ids), interventions=len(self.specs), seconds=time.perf_counter() - t0,
                       threads=torch.get_num_threads(), **self.breakdown.spent)
         return unit_rows(runs, self.specs), timing

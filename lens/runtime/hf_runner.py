@@ -83,7 +83,7 @@ class HFRunner:
                             f"now {self.layout.query_offset}) or use a smaller N")
 
     def _run(self, s: QueryStream, beam: int) -> QueryRun:
-        codes = {self.pool.codes[d] for d in s.corpus}
+        codes = s.codes(self.pool)
         score_fn = model_score_function(self.model, s.score_fn)
         hypotheses, readout = [s], None
         for step in range(CODE_DIGITS):
@@ -121,8 +121,8 @@ class HFRunner:
                 allowed = layout.mask[rows]
                 routed = s.attends_routed(layer)
                 if routed:
-                    allowed = allowed & kept_keys(key_doc, s.keep_docs)
-                n_docs = int(s.keep_docs.sum()) if routed else s.n_docs
+                    allowed = allowed & kept_keys(key_doc, s.attended(layer))
+                n_docs = int(s.attended(layer).sum()) if routed else s.n_docs
                 ctx = ScoreContext(layer, n_heads, allowed.sum(-1).view(1, -1, 1), n_docs, key_doc, mask=allowed)
                 scores, sink = apply_score_function(raw, score_fn, ctx)
                 scores = scores.masked_fill(~allowed, float("-inf"))
@@ -134,12 +134,12 @@ class HFRunner:
                     out = softmax.output.clone()
                     out[:, :, rows] = probs.to(out.dtype)
                     softmax.output = out
-                deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
+                deciding = s.deciding(layer)
                 if deciding or record:
                     keep_raw = raw.masked_fill(~allowed, float("-inf"))
                 if deciding:
                     stats = _route_stats(keep_raw[0], key_doc, s.n_docs, s.route.by, s.route_chunks(True, False))
-                    s.keep_docs = s.route.keep(stats, s.n_docs)
+                    s.decide(stats)
                 if record:
                     matmul = [n for n in inner.names if "matmul" in n][-1]
                     values = getattr(inner, matmul).inputs[0][1].float()  # [B, head, T, d]

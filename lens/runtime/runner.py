@@ -85,10 +85,11 @@ class BlockSearchRunner:
         self.source.prefill(corpus)
 
     def stream(self, query_id: str, n_docs: int, intervention=None, record: bool = True,
-               route_scores: bool = True) -> QueryStream:
+               route_scores: bool = True, hidden: tuple[int, ...] = ()) -> QueryStream:
         """``intervention``: an :class:`~kernels.score_functions.Intervention`, a score function, a
         route or None.  ``route_scores=False`` skips the per-layer routing scores (routing
-        recall) in the record, a QK pass over every query row: the lab's reruns leave them out."""
+        recall) in the record, a QK pass over every query row: the lab's reruns leave them out.
+        ``hidden``: corpus positions the query never attends (the documents keep their places)."""
         intervention = as_intervention(intervention)
         corpus, gold_positions = self.corpus(query_id, n_docs)
         n_layers = self.model.cfg.n_layers
@@ -101,7 +102,7 @@ class BlockSearchRunner:
         q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
         return QueryStream(
             query_id, corpus, gold_positions, self.pool.query_token_ids(self.model.tokenizer, query_id),
-            intervention, record, q_start, n_layers, route_scores, max(lengths),
+            intervention, record, q_start, n_layers, route_scores, max(lengths), hidden=tuple(sorted(set(hidden))),
         )
 
     def run_query(self, query_id: str, n_docs: int, intervention=None, record: bool = True, beam: int = 1) -> QueryRun:
@@ -136,7 +137,7 @@ class BlockSearchRunner:
         for s in streams:  # each in its own order: under `sequential` positions depend on it
             self.source.prefill(s.corpus)
         readout: dict[int, Tensor] = {}
-        codes = {id(s): {self.pool.codes[d] for d in s.corpus} for s in streams}
+        codes = {id(s): s.codes(self.pool) for s in streams}
         hypotheses = {id(s): [s] for s in streams}
         total = CODE_DIGITS * self.model.cfg.n_layers
         with tqdm(total=total, desc=desc or "query layers", disable=not self.progress or len(streams) < 2, leave=False) as bar:
@@ -203,7 +204,7 @@ class BlockSearchRunner:
         """What fixes an unrouted run's states: the query over its corpus, what it records, and its
         intervention (``intervention``, default the stream's own)."""
         spec = (s.intervention if intervention is None else intervention).spec()
-        return (s.query_id, tuple(s.query_ids), tuple(s.corpus), s.next_position, s.record, s.route_record, spec)
+        return (s.query_id, tuple(s.query_ids), tuple(s.corpus), s.hidden, s.next_position, s.record, s.route_record, spec)
 
     def _save_plain(self, saving) -> None:
         for h, inputs, key in saving:
@@ -307,12 +308,12 @@ class BlockSearchRunner:
         else:
             s.self_k[layer] = torch.cat([s.self_k[layer], k_new], dim=1)
             s.self_v[layer] = torch.cat([s.self_v[layer], v_new], dim=1)
-        deciding = s.route is not None and layer == s.route.layer and s.keep_docs is None
+        deciding = s.deciding(layer)
         routed = s.attends_routed(layer)
         score_fn = model_score_function(self.model, s.score_fn)
         kw = dict(
             n_corpus_keys=self.source.corpus_keys(s, layer), n_self=s.self_k[layer].shape[1],
-            n_docs_attended=int(s.keep_docs.sum()) if routed else s.n_docs,
+            n_docs_attended=int(s.attended(layer).sum()) if routed else s.n_docs,
             layer=layer, scale=attn.scale, score_fn=score_fn,
             gold_docs=s.gold_positions if record and s.record else None,
             stats=record and s.record, route_stats=deciding or (record and s.record and s.route_record),
@@ -346,8 +347,8 @@ class BlockSearchRunner:
     def _close_stream(self, layer: int, s: QueryStream) -> CorpusAttentionResult:
         res = s.attention.finish(s.self_k[layer], s.self_v[layer])
         s.attention = None
-        if s.route is not None and layer == s.route.layer and s.keep_docs is None:
-            s.keep_docs = s.route.keep(s.route.document_scores(res), s.n_docs)
+        if s.deciding(layer):
+            s.decide(s.route.document_scores(res))
         return res
 
     def _record(self, s: QueryStream, attn, res: CorpusAttentionResult) -> None:
@@ -378,7 +379,7 @@ class BlockSearchRunner:
             decoded="".join(map(str, best.digits)), digit_logprobs=torch.stack(best.step_logprobs),
             readout_logits=readout,
             ranked_codes=["".join(map(str, h.digits)) for h in ranked], ranked_logprobs=[h.score for h in ranked],
-            routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.keep_docs is not None else None,
+            routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.route_decided else None,
             n_tokens=n_inst + sum(len(self.pool.doc_token_ids[d]) for d in s.corpus) + len(s.query_ids),
         )
         layers = s.recording.get("layers")

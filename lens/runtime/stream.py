@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import torch
 from torch import Tensor
 
 from kernels.corpus_attention import CorpusAttentionStream
@@ -39,7 +40,10 @@ class QueryStream:
     longest_doc: int = 0  # tokens of the corpus's longest document (chunk-mean routing's chunks per document)
     self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
     self_v: list = field(default_factory=list)
-    keep_docs: Tensor | None = None  # bool [N], set at the route layer
+    keep_docs: Tensor | None = None  # bool [N], the route's documents, set at the route layer
+    hidden: tuple = ()  # corpus positions the query never attends, at any layer (exclusion ranking)
+    visible: Tensor | None = None  # bool [N], False at the hidden positions (None: none hidden)
+    route_decided: bool = False
     recording: dict = field(default_factory=dict)
     # per step, set by the engine
     resid: Tensor | None = None
@@ -63,6 +67,9 @@ class QueryStream:
     def __post_init__(self):
         if not self.self_k:
             self.self_k, self.self_v = [None] * self.n_layers, [None] * self.n_layers
+        if self.hidden and self.visible is None:
+            self.visible = torch.ones(len(self.corpus), dtype=torch.bool)
+            self.visible[list(self.hidden)] = False
 
     def extend(self, digit: int, logprobs: Tensor) -> "QueryStream":
         """A hypothesis one digit longer, sharing this one's KV so far (the lists are copied)."""
@@ -88,6 +95,11 @@ class QueryStream:
     def n_docs(self) -> int:
         return len(self.corpus)
 
+    def codes(self, pool) -> set[str]:
+        """The codes a beam may decode: those of the corpus's documents not hidden."""
+        hidden = set(self.hidden)
+        return {pool.codes[d] for p, d in enumerate(self.corpus) if p not in hidden}
+
     def route_chunks(self, deciding: bool, recording: bool) -> dict[int, int] | None:
         """Chunk-mean routing's {keys per chunk: chunks per document at most} where a layer needs
         its scores: the route's own chunk to decide a chunk-mean route, ``ROUTE_CHUNK`` for the
@@ -99,6 +111,29 @@ class QueryStream:
             sizes.add(ROUTE_CHUNK)
         return {c: max(1, -(-self.longest_doc // c)) for c in sorted(sizes)} or None
 
+    def routed_at(self, layer: int) -> bool:
+        """Past its route layer, once the route decided: it reads the route's documents alone."""
+        return self.route is not None and layer > self.route.layer and self.route_decided
+
+    def attended(self, layer: int) -> Tensor | None:
+        """bool [N], the documents the stream reads at ``layer`` where it reads not all: the
+        route's past its route layer once it decided, else those not hidden."""
+        return self.keep_docs if self.routed_at(layer) else self.visible
+
     def attends_routed(self, layer: int) -> bool:
-        return self.route is not None and layer > self.route.layer and self.keep_docs is not None
+        """Whether the stream reads only some of its documents at ``layer`` (routed or hiding)."""
+        return self.attended(layer) is not None
+
+    def deciding(self, layer: int) -> bool:
+        """The route layer, before the route decided."""
+        return self.route is not None and layer == self.route.layer and not self.route_decided
+
+    def decide(self, document_scores: Tensor) -> None:
+        """The route's top-B documents by these per-head scores [head, N], among those not hidden."""
+        if self.hidden:
+            document_scores = document_scores.clone()
+            document_scores[:, list(self.hidden)] = float("-inf")
+        keep = self.route.keep(document_scores, self.n_docs)
+        self.keep_docs = keep if self.visible is None else keep & self.visible
+        self.route_decided = True
 

@@ -155,10 +155,10 @@ class MemoryKV(KVSource):
         if self.layout.positions == "sequential":
             self._feed_by_corpus(layer, streams, chunk_size)
             return
-        whole = []
+        whole = []  # streams reading their whole corpus, or all of it but a few hidden documents
         for s in streams:
-            if s.attends_routed(layer):
-                index = s.keep_docs.nonzero().squeeze(1)
+            if s.routed_at(layer):
+                index = s.attended(layer).nonzero().squeeze(1)
                 kept = tuple(s.corpus[i] for i in index.tolist())
                 self._feed_docs(layer, [s], kept, True, [index], chunk_size)
             else:
@@ -194,16 +194,26 @@ class MemoryKV(KVSource):
     def _feed_docs(self, layer: int, streams: list[QueryStream], docs: tuple, instruction: bool,
                    positions: list[Tensor], chunk_size: int) -> None:
         """``docs`` (pool indices, the instruction first where ``instruction``) to each of
-        ``streams``, one kernel call per chunk; ``positions``: each stream's positions of them."""
+        ``streams``, one kernel call per chunk (per run of keys between hidden documents where
+        streams hide some); ``positions``: each stream's positions of them."""
         if not docs and not instruction:
             return
         keys, values, key_doc = self._docs_kv(docs, instruction, layer)
         for k, v, kd in iter_chunks(keys, values, key_doc, chunk_size):
-            if len(streams) == 1:
-                streams[0].attention.update(k, v, renumber(kd, positions[0]))
-            else:  # streams that do not read document ids (decoding steps without statistics) skip the renumbering
-                update_shared([s.attention for s in streams], k, v,
-                              [renumber(kd, p) if s.attention.uses_key_doc else kd for s, p in zip(streams, positions)])
+            # streams that do not read document ids (decoding steps without statistics) skip the renumbering
+            ids = [renumber(kd, p) if s.attention.uses_key_doc or s.visible is not None else kd
+                   for s, p in zip(streams, positions)]
+            # a stream that hides documents reads the runs of keys between them (views, no copies),
+            # beside every other stream that reads the same run
+            seen = [None if s.visible is None else i.lt(0) | s.visible[i.clamp(min=0)] for s, i in zip(streams, ids)]
+            cuts = sorted({0, kd.shape[0], *(c for m in seen if m is not None for c in _edges(m))})
+            for a, b in zip(cuts, cuts[1:]):
+                members = [j for j, m in enumerate(seen) if m is None or bool(m[a])]
+                if len(members) == 1:
+                    streams[members[0]].attention.update(k[:, a:b], v[:, a:b], ids[members[0]][a:b])
+                elif members:
+                    update_shared([streams[j].attention for j in members], k[:, a:b], v[:, a:b],
+                                  [ids[j][a:b] for j in members])
 
     def _docs_kv(self, docs: tuple, instruction: bool, layer: int) -> tuple[Tensor, Tensor, Tensor]:
         """``docs``' keys and values at ``layer`` concatenated (the instruction first where
@@ -243,7 +253,7 @@ class MemoryKV(KVSource):
             for s in members:
                 remap = self._remap(leader, s.corpus)
                 if s.attends_routed(layer):  # its kept documents, in the leader's numbering
-                    keep = s.keep_docs if remap is None else s.keep_docs[remap]
+                    keep = s.attended(layer) if remap is None else s.attended(layer)[remap]
                     for k, v, docs in iter_chunks(keys, values, key_doc, chunk_size, keep):
                         s.attention.update(k, v, renumber(docs, remap))
                 else:
@@ -280,3 +290,8 @@ class MemoryKV(KVSource):
             return torch.tensor([where[d] for d in leader], dtype=torch.long)
 
         return self._per_corpus("remap", (leader, corpus), compute)
+
+
+def _edges(kept: Tensor) -> list[int]:
+    """Where a bool vector changes value (the index of each first element after a change)."""
+    return (torch.nonzero(kept[1:] != kept[:-1]).squeeze(1) + 1).tolist()

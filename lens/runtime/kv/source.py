@@ -42,7 +42,7 @@ class KVSource:
         n_inst = len(self.pool.instruction_ids)
         if layer is not None and stream.attends_routed(layer):
             lengths = [len(self.pool.doc_token_ids[d]) for d in stream.corpus]
-            return n_inst + sum(n for n, keep in zip(lengths, stream.keep_docs.tolist()) if keep)
+            return n_inst + sum(n for n, keep in zip(lengths, stream.attended(layer).tolist()) if keep)
         return n_inst + self._per_corpus(
             "tokens", (stream.corpus,), lambda: sum(len(self.pool.doc_token_ids[d]) for d in stream.corpus))
 
@@ -50,7 +50,7 @@ class KVSource:
     def update(stream: QueryStream, layer: int, keys: Tensor, values: Tensor, key_doc: Tensor) -> None:
         """One chunk to one stream, past its route layer only the keys of its kept documents."""
         if stream.attends_routed(layer):
-            kept = kept_keys(key_doc, stream.keep_docs)
+            kept = kept_keys(key_doc, stream.attended(layer))
             if not kept.any():
                 return
             keys, values, key_doc = keys[:, kept], values[:, kept], key_doc[kept]

@@ -53,6 +53,16 @@ def layer_table(run: QueryRun) -> pd.DataFrame:
     return layers[cols].merge(agg.reset_index(), on="layer")
 
 
+def ranked_by_exclusion(runner: BlockSearchRunner, query_id: str, n_docs: int, k: int = 2) -> list[str]:
+    """The query's top ``k`` codes by exclusion (lens.runtime.ranking): the beam's best, then each
+    next best with the ones before it hidden; k query passes, none recorded."""
+    from lens.runtime.ranking import rank_by_exclusion
+
+    stream = runner.stream(query_id, n_docs, record=False, route_scores=False)
+    run = runner.run_streams([stream], beam=2)[0]
+    return rank_by_exclusion(runner, [stream], [run], k=k, beam=2)[0].ranked_codes
+
+
 def top_documents(runner: BlockSearchRunner, run: QueryRun, layer: int, k: int = 5) -> pd.DataFrame:
     """The k documents with the highest attention mass (summed over heads) at one layer."""
     res = run.layers[layer]

@@ -5,7 +5,7 @@ import streamlit as st
 
 from app.common import chart, model_and_dataset, table_download
 from lens.errors import LensError
-from lens.workbench import layer_table, maxsim_distribution, top_documents
+from lens.workbench import layer_table, maxsim_distribution, ranked_by_exclusion, top_documents
 
 st.title("Query inspector")
 model, dataset, runner = model_and_dataset("insp")
@@ -22,6 +22,11 @@ def _run(model_name, dataset_name, query_id, n):  # the runner is this (model, d
     return runner.run_query(query_id, n, beam=2)
 
 
+@st.cache_data(show_spinner="asking again with the first code's document hidden", max_entries=32)
+def _excluded(model_name, dataset_name, query_id, n):
+    return ranked_by_exclusion(runner, query_id, n, k=2)
+
+
 try:
     run = _run(model, dataset, query, int(n_docs))
 except LensError as err:
@@ -34,6 +39,12 @@ c1.metric("decoded", run.decoded)
 c2.metric("gold", ", ".join(run.gold_codes))
 c3.metric("hit@1", "yes" if run.correct else "no")
 c4.metric("context tokens", run.n_tokens)
+gold = set(run.gold_codes)
+mark = lambda codes: ", ".join(f"{c} ({'relevant' if c in gold else 'not relevant'})" for c in codes)  # noqa: E731
+st.markdown(f"**the beam's two codes**: {mark(run.ranked_codes)}")
+if st.checkbox("rank by exclusion: decode again with the first code's document hidden (one more pass)",
+               key="insp-exclude"):
+    st.markdown(f"**by exclusion**: {mark(_excluded(model, dataset, query, int(n_docs)))}")
 band = table[table.r_any_hit]
 st.markdown(f"**retrieval band** (layers where some head ranks a gold document first): "
             f"{', '.join(map(str, band.layer.tolist())) or 'none'}")

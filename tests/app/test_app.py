@@ -100,6 +100,13 @@ def test_inspector_shows_the_lens_run(tmp_path):
     assert shown["decoded"] == run.decoded
     assert shown["gold"] == ", ".join(run.gold_codes)
     assert shown["context tokens"] == str(run.n_tokens)
+    at.checkbox(key="insp-exclude").check().run()
+    assert not at.exception and not at.error
+    from lens.workbench import ranked_by_exclusion
+
+    codes = ranked_by_exclusion(_runner(), "q3", 16)
+    assert codes[0] == run.ranked_codes[0] and len(set(codes)) == 2
+    assert any(f"**by exclusion**: {codes[0]}" in m.value for m in at.markdown)
 
 
 def test_lab_controls_change_the_numbers_as_the_api_does(tmp_path):

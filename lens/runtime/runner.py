@@ -97,12 +97,15 @@ class BlockSearchRunner:
         if route is not None and not 0 <= route.layer < n_layers - 1:
             raise LensError(f"route layer {route.layer}: must be 0..{n_layers - 2} for a {n_layers}-layer model")
         validate_for_model(intervention, n_layers, self.model.cfg.n_heads)
+        hidden = tuple(sorted(set(hidden)))
+        if hidden and (hidden[0] < 0 or hidden[-1] >= n_docs or len(hidden) == n_docs):
+            raise LensError(f"hidden documents {list(hidden)}: give corpus positions 0..{n_docs - 1}, leaving one or more seen")
         n_inst = len(self.pool.instruction_ids)
         lengths = [len(self.pool.doc_token_ids[d]) for d in corpus]
         q_start = query_start(self.layout, n_inst, sum(lengths), max(lengths))
         return QueryStream(
             query_id, corpus, gold_positions, self.pool.query_token_ids(self.model.tokenizer, query_id),
-            intervention, record, q_start, n_layers, route_scores, max(lengths), hidden=tuple(sorted(set(hidden))),
+            intervention, record, q_start, n_layers, route_scores, max(lengths), hidden=hidden,
         )
 
     def run_query(self, query_id: str, n_docs: int, intervention=None, record: bool = True, beam: int = 1) -> QueryRun:

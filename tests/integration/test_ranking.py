@@ -70,6 +70,13 @@ def test_exclusion_ranks_each_next_code_with_the_ones_before_it_hidden(models, s
             assert again.ranked_logprobs[0] == pytest.approx(run.ranked_logprobs[depth], rel=1e-6)  # alone vs beside others
 
 
+def test_hidden_positions_are_checked(models, small_limit):
+    runner = BlockSearchRunner(models("tiny-llama"), small_limit, progress=False)
+    for bad in [(9,), (-1,), tuple(range(4))]:
+        with pytest.raises(LensError, match="give corpus positions 0..3, leaving one or more seen"):
+            runner.stream("q0", 4, hidden=bad)
+
+
 def test_ranking_is_checked():
     assert check_ranking("beam", 1) is None and check_ranking(None, 2) is None
     assert check_ranking("exclude", 2) == "exclude"

@@ -382,7 +382,7 @@ class BlockSearchRunner:
             decoded="".join(map(str, best.digits)), digit_logprobs=torch.stack(best.step_logprobs),
             readout_logits=readout,
             ranked_codes=["".join(map(str, h.digits)) for h in ranked], ranked_logprobs=[h.score for h in ranked],
-            routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.route_decided else None,
+            routed=s.keep_docs.nonzero().squeeze(1).tolist() if s.keep_docs is not None else None,
             n_tokens=n_inst + sum(len(self.pool.doc_token_ids[d]) for d in s.corpus) + len(s.query_ids),
         )
         layers = s.recording.get("layers")

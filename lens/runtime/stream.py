@@ -40,10 +40,9 @@ class QueryStream:
     longest_doc: int = 0  # tokens of the corpus's longest document (chunk-mean routing's chunks per document)
     self_k: list = field(default_factory=list)  # per layer [kv_head, S, d]
     self_v: list = field(default_factory=list)
-    keep_docs: Tensor | None = None  # bool [N], the route's documents, set at the route layer
+    keep_docs: Tensor | None = None  # bool [N], the route's documents, set when it decides (at its layer)
     hidden: tuple = ()  # corpus positions the query never attends, at any layer (exclusion ranking)
     visible: Tensor | None = None  # bool [N], False at the hidden positions (None: none hidden)
-    route_decided: bool = False
     recording: dict = field(default_factory=dict)
     # per step, set by the engine
     resid: Tensor | None = None
@@ -113,7 +112,7 @@ class QueryStream:
 
     def routed_at(self, layer: int) -> bool:
         """Past its route layer, once the route decided: it reads the route's documents alone."""
-        return self.route is not None and layer > self.route.layer and self.route_decided
+        return self.route is not None and layer > self.route.layer and self.keep_docs is not None
 
     def attended(self, layer: int) -> Tensor | None:
         """bool [N], the documents the stream reads at ``layer`` where it reads not all: the
@@ -126,7 +125,7 @@ class QueryStream:
 
     def deciding(self, layer: int) -> bool:
         """The route layer, before the route decided."""
-        return self.route is not None and layer == self.route.layer and not self.route_decided
+        return self.route is not None and layer == self.route.layer and self.keep_docs is None
 
     def decide(self, document_scores: Tensor) -> None:
         """The route's top-B documents by these per-head scores [head, N], among those not hidden."""
@@ -135,5 +134,4 @@ class QueryStream:
             document_scores[:, list(self.hidden)] = float("-inf")
         keep = self.route.keep(document_scores, self.n_docs)
         self.keep_docs = keep if self.visible is None else keep & self.visible
-        self.route_decided = True
 

@@ -14,7 +14,10 @@ synthetic-limit generator and key-value needles, from seeds >= 1,000,000 (evalua
 seeds and the evaluation half of the vocabulary), or a BEIR folder (--beir).  Mixed N
 (--n-docs), and ``pairs-large``: LIMIT's large-corpus design, the pairs of --large-core documents
 among others up to --large-n-docs, so the softmax meets hundreds of documents at the memory of a
-64-document pairs corpus.  --ssmax trains one length-aware softmax scale s_L per layer with the adapter.
+64-document pairs corpus.  --ssmax trains one length-aware softmax scale s_L per layer with the adapter;
+with --freeze-lora it trains the s_L alone on a trained adapter: the documents' states then carry no
+gradient, so their prefill runs once per corpus and serves --corpus-steps steps (different queries
+each), which brings corpora of 1,000+ documents within a CPU's reach.
 Codes sit at the end of each document by default (--code-position; docs/training.md says why).
 bf16 autocast where the CPU multiplies bf16 natively (--dtype); progress bar; a checkpoint
 every --save-every steps; rerunning the same command resumes.
@@ -40,7 +43,7 @@ from tqdm import tqdm
 TRAIN_SEED_BASE = 1_000_000  # training corpora use seeds >= this; evaluation uses small seeds
 
 
-def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=None) -> dict:
+def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=None, n_queries=None) -> dict:
     """One training corpus and several queries over it.
 
     ``pairs`` (LIMIT's design, lens.data.datasets.limit_pairs_dataset on the training half of the
@@ -50,14 +53,17 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
     items nobody is asked about); ``limit``: the
     synthetic-limit generator (items per document from --items, hard negatives sharing filler
     items); ``needle``: N key-value documents, one relevant each; BEIR (``beir``): the judged
-    documents of a few queries plus random others.  Codes are fresh, random and unique per corpus."""
+    documents of a few queries plus random others.  Codes are fresh, random and unique per corpus.
+    ``n_queries``: at most this many queries (default --queries)."""
     from lens.data.datasets import limit_dataset, limit_pairs_dataset, needle_dataset
+
+    n_q = n_queries or args.queries
 
     n_docs = rng.choice(args.n_docs)
     seed = TRAIN_SEED_BASE + step
     if beir is not None:
         kind = "beir"
-        picked = rng.sample(beir.queries, min(args.queries, len(beir.queries)))
+        picked = rng.sample(beir.queries, min(n_q, len(beir.queries)))
         chosen: list[int] = []  # pool indices
         for q in picked:
             chosen += [d for d in beir.gold(q.id) if d not in chosen]
@@ -70,21 +76,21 @@ def sample_example(rng: random.Random, step: int, args, tokenizer, layout, beir=
         kinds, weights = zip(*args.mix.items())
         kind = rng.choices(kinds, weights)[0]
         if kind == "pairs":
-            data = limit_pairs_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs * (n_docs - 1) // 2),
+            data = limit_pairs_dataset(n_docs=n_docs, n_queries=min(n_q, n_docs * (n_docs - 1) // 2),
                                        split="train", seed=seed, order="pairs")
         elif kind == "pairs-large":
             n_docs, core = rng.choice(args.large_n_docs), args.large_core
-            data = limit_pairs_dataset(n_docs=n_docs, core=core, n_queries=min(args.queries, core * (core - 1) // 2),
+            data = limit_pairs_dataset(n_docs=n_docs, core=core, n_queries=min(n_q, core * (core - 1) // 2),
                                        split="train", seed=seed, order="pairs")
         elif kind == "limit":
             n_docs = min(n_docs, args.limit_max_docs)
             items = rng.choice(args.items)
             # at most half the item slots go to query items: the generator's random pairing can run
             # out of open documents near full capacity (4 documents x 8 items x 16 queries did)
-            data = limit_dataset(n_docs=n_docs, items_per_doc=items, n_queries=min(args.queries, n_docs * items // 4),
+            data = limit_dataset(n_docs=n_docs, items_per_doc=items, n_queries=min(n_q, n_docs * items // 4),
                                  seed=seed)
         else:
-            data = needle_dataset(n_docs=n_docs, n_queries=min(args.queries, n_docs), seed=seed)
+            data = needle_dataset(n_docs=n_docs, n_queries=min(n_q, n_docs), seed=seed)
         doc_texts = [d.text for d in data.documents]
         asked = [(q.text, data.gold(q.id)) for q in data.queries]
     order = list(range(len(doc_texts)))
@@ -143,6 +149,10 @@ def main() -> None:
                         help="s_L starts at 1/log(this): the identity at this N (default: the geometric mean of --n-docs)")
     parser.add_argument("--ssmax-lr", type=float, default=None, help="learning rate of the s_L (default: --lr)")
     parser.add_argument("--init-adapter", default=None, help="start the LoRA from this adapter folder")
+    parser.add_argument("--freeze-lora", action="store_true",
+                        help="train the s_L alone (needs --ssmax and --init-adapter): the LoRA stays as given")
+    parser.add_argument("--corpus-steps", type=int, default=1,
+                        help="with --freeze-lora: steps one corpus serves (its prefill reused, --queries new queries each)")
     parser.add_argument("--code-position", default="end", choices=["start", "end"],
                         help="where the code sits in a document (README: code-first did not learn in budget)")
     parser.add_argument("--queries", type=int, default=32,
@@ -161,12 +171,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="compute dtype (bf16 autocast over fp32 weights); auto: bf16 only with native bf16 matmuls")
     args = parser.parse_args()
+    if args.freeze_lora and not (args.ssmax and args.init_adapter):
+        parser.error("--freeze-lora trains the s_L of a trained adapter: give --ssmax and --init-adapter")
+    if args.corpus_steps < 1 or (args.corpus_steps > 1 and not args.freeze_lora):
+        parser.error("--corpus-steps > 1 reuses a corpus's prefill, which needs a frozen adapter: add --freeze-lora")
 
     from lens.data.layout import LayoutConfig
     from lens.models.registry import load_model
     from lens.paths import cache_dir
     from lens.models.lora import LORA_TARGETS, add_lora, lora_state
-    from lens.training import LearnedSSMax, layout_digit_logits
+    from lens.training import LearnedSSMax, layout_digit_logits, prefill_training_corpus
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,15 +198,18 @@ def main() -> None:
         if missing:
             raise SystemExit(f"{args.init_adapter}: {len(missing)} tensors do not match this model's LoRA")
         model.load_state_dict(start, strict=False)
+    if args.freeze_lora:
+        for p in params:
+            p.requires_grad_(False)
     ssmax = None
-    groups = [dict(params=params)]
+    groups = [] if args.freeze_lora else [dict(params=params)]
     if args.ssmax:
         init_n = args.ssmax_init_n or math.exp(sum(map(math.log, args.n_docs)) / len(args.n_docs))
         ssmax = LearnedSSMax(model.cfg.n_layers, init_n)
         if args.init_adapter and "ssmax.s" in init_tensors and args.ssmax_init_n is None:  # continue its s_L
             ssmax.s.data.copy_(init_tensors["ssmax.s"].float())
         groups.append(dict(params=list(ssmax.parameters()), lr=args.ssmax_lr or args.lr))
-        params = params + list(ssmax.parameters())
+        params = (params if not args.freeze_lora else []) + list(ssmax.parameters())
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / args.warmup) * max(0.05, 1 - s / args.steps))
@@ -205,6 +222,8 @@ def main() -> None:
     compute_dtype = resolve_dtype(args.dtype)
     print(stamp(compute_dtype))
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads", "dtype")}
+    if not args.freeze_lora:  # configs of recipes without these options stay as they were
+        config.pop("freeze_lora"), config.pop("corpus_steps")
     log_path = ckpt_dir / "loss_log.jsonl"
     step = 0
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -226,14 +245,34 @@ def main() -> None:
     model.train()
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
+    held = None  # with --corpus-steps: (corpus index, its example, its prefilled states)
     while step < args.steps:
-        rng = random.Random(f"{args.seed}:{step}")
-        ex = sample_example(rng, step, args, tok, layout, beir)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
+        if args.corpus_steps > 1:
+            c, part = divmod(step, args.corpus_steps)
+            if held is None or held[0] != c:
+                held = None  # free the last corpus's states before the next prefill
+                rng = random.Random(f"{args.seed}:{c}")
+                full = sample_example(rng, c, args, tok, layout, beir, n_queries=args.queries * args.corpus_steps)
+                bar.set_postfix_str(f"prefill {len(full['docs'])} documents")
+                with torch.no_grad(), autocast:
+                    held = (c, full, prefill_training_corpus(model, instruction_ids, full["docs"]))
+            full, prefilled = held[1], held[2]
+            n_q = len(full["queries"])
+            picked = [full["queries"][(part * args.queries + i) % n_q] for i in range(min(args.queries, n_q))]
+            ex = dict(full, queries=picked)
+        else:
+            rng = random.Random(f"{args.seed}:{step}")
+            ex = sample_example(rng, step, args, tok, layout, beir)
+            prefilled = None
+            if args.freeze_lora:
+                with torch.no_grad(), autocast:
+                    prefilled = prefill_training_corpus(model, instruction_ids, ex["docs"])
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+        with autocast:
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,
                                           query_offset=layout.query_offset, mass_layer=args.aux_layer, ssmax=ssmax,
-                                          checkpoint=sum(map(len, ex["docs"])) > 4000)
+                                          checkpoint=sum(map(len, ex["docs"])) > 4000, prefilled=prefilled)
         # loss: -log P(any relevant code) (marginal) or the mean over relevant codes of -log P(code) (each)
         losses, auxes, first_right, all_right = [], [], 0, 0
         i = 0
@@ -282,6 +321,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.to(torch.bfloat16) for k, v in lora_state(model).items()}
     extra = {}
+    if args.freeze_lora:  # the LoRA is the given adapter's: say how that was trained
+        init_config = json.loads((Path(args.init_adapter) / "adapter_config.json").read_text())
+        extra["lora_training"] = init_config.get("lora_training", init_config.get("training"))
     if ssmax is not None:
         tensors["ssmax.s"] = ssmax.s.detach().float().clone()
         extra["ssmax"] = dict(n="docs", s=[round(float(x), 5) for x in ssmax.s.detach()],

@@ -10,6 +10,7 @@ loaded decoder (how ``blocksearch-135m`` is registered).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -23,35 +24,28 @@ from lens.models.decoder import Decoder
 
 
 
-def layout_digit_logits(
-    model: Decoder,
-    instruction_ids: list[int],
-    docs: list[list[int]],
-    passes: list[tuple[list[int], list[int]]],
-    digit_ids: Tensor,
-    query_offset: int = 4096,
-    score_fn: ScoreFunction | None = None,
-    mass_layer: int | None = None,
-    ssmax: "LearnedSSMax | None" = None,
-    checkpoint: bool = False,
-) -> list[tuple[Tensor, Tensor | None]]:
-    """Teacher-forced code digits for several queries over one corpus.
+@dataclass
+class TrainingCorpus:
+    """One corpus's prefilled states for the query passes: per layer the instruction's and the
+    documents' keys and values in corpus order [kv_head, T, d], and each key's document (-1:
+    the instruction)."""
 
-    The documents are prefilled once (block-sparse: they never see the query, so every query over
-    the same corpus shares their states and their gradient); each pass ``(query_ids, code_digits)``
-    then runs the query block with the code's first three digits appended.  Returns, per pass, the
-    digit logits [4, 10] at the four code positions and, if ``mass_layer`` is given, the readout
-    token's log attention mass per document at that layer [head, N].
+    keys: list[Tensor]
+    values: list[Tensor]
+    key_doc: Tensor
+    n_docs: int
 
-    ``ssmax`` (a :class:`LearnedSSMax`) scales the query rows' scores by s_L·log N at every layer,
-    differentiably in s_L: the trained length-aware softmax (the same function as
-    ``SSMax(s, n="docs")`` on the query side at inference).  ``checkpoint`` recomputes each
-    prefill layer in the backward pass instead of keeping its activations (corpora of 10K+
-    tokens)."""
+
+def prefill_training_corpus(model: Decoder, instruction_ids: list[int], docs: list[list[int]],
+                            checkpoint: bool = False) -> TrainingCorpus:
+    """The instruction block and the block-sparse prefill of ``docs``, as the engine runs them,
+    with gradients unless called under ``torch.no_grad()`` (a frozen adapter: the states can
+    then serve the passes of several steps).  ``checkpoint`` recomputes each prefill layer in the
+    backward pass instead of keeping its activations (corpora of 10K+ tokens)."""
     n_inst = len(instruction_ids)
     instruction = run_instruction(model, instruction_ids)
     pad_id = model.tokenizer.pad_token_id or 0
-    if checkpoint:
+    if checkpoint and torch.is_grad_enabled():
         keys, values = _prefill_checkpointed(model, instruction, docs, [n_inst] * len(docs), pad_id)
     else:
         keys, values = prefill_batch(model, instruction, docs, [n_inst] * len(docs), pad_id, stack=False)
@@ -60,13 +54,47 @@ def layout_digit_logits(
     # one gather per layer (not one slice per document: each slice's backward is a full-size zero fill)
     real = torch.cat([torch.arange(n) + i * width for i, n in enumerate(lengths)])
 
-    def corpus(states: list[Tensor], prefix: Tensor, layer: int) -> Tensor:
+    def corpus(states: list[Tensor], prefix: list[Tensor], layer: int) -> Tensor:
         flat = states[layer].flatten(0, 1).index_select(0, real).transpose(0, 1)
         return torch.cat([prefix[layer], flat], 1)
 
-    corpus_k = [corpus(keys, instruction.keys, l) for l in range(model.cfg.n_layers)]
-    corpus_v = [corpus(values, instruction.values, l) for l in range(model.cfg.n_layers)]
-    key_doc = torch.cat([torch.full((n_inst,), -1)] + [torch.full((n,), j) for j, n in enumerate(lengths)])
+    n_layers = model.cfg.n_layers
+    return TrainingCorpus(
+        keys=[corpus(keys, instruction.keys, l) for l in range(n_layers)],
+        values=[corpus(values, instruction.values, l) for l in range(n_layers)],
+        key_doc=torch.cat([torch.full((n_inst,), -1)] + [torch.full((n,), j) for j, n in enumerate(lengths)]),
+        n_docs=len(docs),
+    )
+
+
+def layout_digit_logits(
+    model: Decoder,
+    instruction_ids: list[int],
+    docs: list[list[int]] | None,
+    passes: list[tuple[list[int], list[int]]],
+    digit_ids: Tensor,
+    query_offset: int = 4096,
+    score_fn: ScoreFunction | None = None,
+    mass_layer: int | None = None,
+    ssmax: "LearnedSSMax | None" = None,
+    checkpoint: bool = False,
+    prefilled: TrainingCorpus | None = None,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Teacher-forced code digits for several queries over one corpus.
+
+    The documents are prefilled once (block-sparse: they never see the query, so every query over
+    the same corpus shares their states and their gradient), or given already prefilled
+    (``prefilled``, from :func:`prefill_training_corpus`; ``docs`` is then unused); each pass
+    ``(query_ids, code_digits)`` then runs the query block with the code's first three digits
+    appended.  Returns, per pass, the digit logits [4, 10] at the four code positions and, if
+    ``mass_layer`` is given, the readout token's log attention mass per document at that layer
+    [head, N].
+
+    ``ssmax`` (a :class:`LearnedSSMax`) scales the query rows' scores by s_L·log N at every layer,
+    differentiably in s_L: the trained length-aware softmax (the same function as
+    ``SSMax(s, n="docs")`` on the query side at inference)."""
+    c = prefilled if prefilled is not None else prefill_training_corpus(model, instruction_ids, docs, checkpoint)
+    corpus_k, corpus_v, key_doc, n_docs = c.keys, c.values, c.key_doc, c.n_docs
     # all passes in one right-padded batch (one read of every weight); padding comes after each
     # row's real tokens, so under the causal self-attention no real token sees it
     rows = [query_ids + [int(digit_ids[d]) for d in code_digits[:-1]] for query_ids, code_digits in passes]
@@ -85,7 +113,7 @@ def layout_digit_logits(
 
     def attend(layer, q, k, v):
         if ssmax is not None:
-            q = q * ssmax.factor(layer, len(docs)).to(q.dtype)
+            q = q * ssmax.factor(layer, n_docs).to(q.dtype)
         if score_fn is not None or layer == mass_layer:
             return attend_each(layer, q, k, v)
         # every pass's rows in one attention over the corpus: the corpus keys and their gradient are
@@ -104,7 +132,7 @@ def layout_digit_logits(
         outputs = []
         for b in range(q.shape[0]):
             res = corpus_attention(
-                q[b].transpose(0, 1), corpus_k[layer], corpus_v[layer], key_doc, len(docs), k[b].transpose(0, 1),
+                q[b].transpose(0, 1), corpus_k[layer], corpus_v[layer], key_doc, n_docs, k[b].transpose(0, 1),
                 v[b].transpose(0, 1), layer=layer, scale=model.blocks[layer].attn.scale, score_fn=score_fn,
                 stats=layer == mass_layer, stats_rows="all",
             )

@@ -119,3 +119,38 @@ def test_learned_ssmax_and_checkpointed_prefill_equal_the_engine_under_the_model
         assert torch.allclose(torch.log_softmax(out[0][0], -1), run.digit_logprobs, atol=1e-4)
         torch.log_softmax(out[0][0], -1)[0, 3].backward()
     assert ssmax.s.grad is not None and ssmax.s.grad.abs().sum() > 0
+
+
+def test_a_corpus_prefilled_without_gradient_serves_the_s_l_training(models):
+    """A frozen adapter's corpus, prefilled once under no_grad (how --freeze-lora trains the s_L
+    alone), gives the same digits and the same s_L gradient as the prefill inside the pass, and
+    no gradient reaches the documents' side."""
+    from lens.training import LearnedSSMax, prefill_training_corpus
+
+    model, data, runner = _setup(models)
+    pool = runner.pool
+    params = add_lora(model, 4, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+            p.requires_grad_(False)
+    q = data.queries[0]
+    run = runner.run_query(q.id, 8, record=False)
+    docs = [pool.doc_token_ids[d] for d in run.corpus]
+    passes = [(pool.query_token_ids(model.tokenizer, q.id), [int(c) for c in run.decoded])]
+    grads, logits = [], []
+    with torch.no_grad():
+        prefilled = prefill_training_corpus(model, pool.instruction_ids, docs)
+    assert not any(k.requires_grad for k in prefilled.keys + prefilled.values)
+    for given in (None, prefilled):
+        ssmax = LearnedSSMax(model.cfg.n_layers, init_n=4.0)
+        with torch.enable_grad():
+            out = layout_digit_logits(model, pool.instruction_ids, docs, passes, runner.digit_ids,
+                                      query_offset=runner.layout.query_offset, ssmax=ssmax, prefilled=given)
+            torch.log_softmax(out[0][0], -1)[torch.arange(4), torch.tensor(passes[0][1])].sum().backward()
+        grads.append(ssmax.s.grad.clone())
+        logits.append(out[0][0].detach())
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0
+    assert all(p.grad is None for p in params)

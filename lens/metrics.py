@@ -31,6 +31,7 @@ from lens.runtime.records import QueryRun
 
 ROUTING_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RECALL_K = (1, 2, 5, 10)
+MASS_RECALL_K = (2, 5, 10)  # Recall@k of the ranking by attention mass, per layer (k = 1 is R_sum)
 ROUTERS = ("maxsim", "meankey", "chunkmean")  # the order of QueryRun.route_scores' rows (each reduced by max, then mean)
 REDUCES = ("max", "mean")
 RECORDS_FORMAT = 2
@@ -164,6 +165,12 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
             layer_gold_mass=float(mass[:, gold].sum(-1).mean()),  # head-mean of the gold mass
             first_digit_hit=int(run.logit_lens[layer].argmax()) in first_digits,
         )
+        # Recall@k of the documents ranked by their head-summed mass (R_sum's ranking, read to k)
+        by_mass = torch.argsort(mass.sum(0), descending=True, stable=True).tolist()
+        n_attended = int(torch.isfinite(doc_max[0]).sum())
+        for k in MASS_RECALL_K:
+            if k <= n_attended:
+                row[rate_col("mass_recall", k)] = len(set(by_mass[:k]) & set(gold)) / len(gold)
         scores = [] if run.route_scores is None else run.route_scores[layer]  # [routers x reduces, N]
         for i, values in enumerate(scores):  # older runs may carry fewer routers
             router, reduce = ROUTERS[i // len(REDUCES)], REDUCES[i % len(REDUCES)]

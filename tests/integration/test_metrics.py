@@ -61,6 +61,8 @@ def test_metrics_by_hand():
     (layer,) = layer_rows(run)
     assert layer["r_sum_hit"] is False  # summed mass: doc0 0.8, doc1 0.6
     assert layer["r_any_hit"] is True  # head 0 ranks the gold first
+    assert layer["mass_recall_at_2"] == 1.0  # by summed mass doc0 0.8, doc1 0.6, doc2 0.2: the gold is second
+    assert "mass_recall_at_5" not in layer  # deeper than the three documents
     assert layer["gold_share"] == pytest.approx(2.0 / 5.0)
     assert layer["first_digit_hit"] is True  # logit lens argmax 5 == gold code's first digit
     assert layer["routing_hit_maxsim_max_at_1"] is False and layer["routing_hit_maxsim_max_at_2"] is True
@@ -118,6 +120,8 @@ def test_metrics_equal_a_dense_computation_from_hook_patterns(models, small_limi
         assert torch.allclose(torch.tensor([r["gold_mass"] for r in rows]), pattern[:, gold].sum(-1), atol=1e-5)
         assert torch.allclose(torch.tensor([r["gold_maxsim"] for r in rows]), doc_max[:, run.gold_positions].amax(-1), atol=1e-4)
         assert layers[layer]["r_sum_hit"] == (int(doc_mass.sum(0).argmax()) in run.gold_positions)
+        top = doc_mass.sum(0).topk(5).indices.tolist()
+        assert layers[layer]["mass_recall_at_5"] == len(set(top) & set(run.gold_positions)) / len(run.gold_positions)
         assert layers[layer]["r_any_hit"] == any(int(doc_max[h].argmax()) in run.gold_positions for h in range(doc_max.shape[0]))
         v = cache[f"blocks.{layer}.attn.hook_v"][0].repeat_interleave(n_rep, dim=1)  # [T, head, d]
         a = torch.einsum("ht,thd->hd", pattern, v).reshape(-1)

@@ -62,6 +62,14 @@ def test_records_and_summary(uninterrupted):
     q = per_query[(per_query.n_docs == 12) & (per_query.intervention == "none")]
     entry = next(r for r in summary["runs"] if r["n_docs"] == 12 and r["intervention"] == "none")
     assert entry["recall_at_k"]["2"] == pytest.approx(q["recall_at_2"].mean())
+    # Recall@k by attention mass per layer, with its interval (k up to N: 2 and 5 at N=12, not 10 at N=4)
+    lyr = records[(records.level == "layer") & (records.n_docs == 12) & (records.intervention == "none")]
+    item = entry["layers"][2]
+    assert set(item["mass_recall"]) == {"2", "5", "10"} and set(item["mass_recall_ci"]) == {"2", "5", "10"}
+    assert item["mass_recall"]["2"] == pytest.approx(lyr[lyr.layer == 2]["mass_recall_at_2"].mean())
+    low, high = item["mass_recall_ci"]["2"]
+    assert low <= item["mass_recall"]["2"] <= high
+    assert "10" not in next(r for r in summary["runs"] if r["n_docs"] == 4)["layers"][0]["mass_recall"]
     # every router's routing recall, with intervals; plain column names, codes as lists
     by = run["layers"][1]["routing_recall_by"]
     assert set(by) == {"maxsim_max", "maxsim_mean", "meankey_max", "meankey_mean", "chunkmean_max", "chunkmean_mean"}

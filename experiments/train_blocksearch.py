@@ -245,10 +245,10 @@ def main() -> None:
     model.train()
     t0 = time.time()
     bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
-    held = None  # with --corpus-steps: (corpus index, its example, its prefilled states)
+    held = None  # with --freeze-lora: (corpus index, its example, its prefilled states)
     while step < args.steps:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
-        if args.corpus_steps > 1:
+        if args.freeze_lora:  # a corpus prefilled once, without autograd, serves --corpus-steps steps
             c, part = divmod(step, args.corpus_steps)
             if held is None or held[0] != c:
                 held = None  # free the last corpus's states before the next prefill
@@ -265,9 +265,6 @@ def main() -> None:
             rng = random.Random(f"{args.seed}:{step}")
             ex = sample_example(rng, step, args, tok, layout, beir)
             prefilled = None
-            if args.freeze_lora:
-                with torch.no_grad(), autocast:
-                    prefilled = prefill_training_corpus(model, instruction_ids, ex["docs"])
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
         with autocast:
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,

@@ -170,7 +170,7 @@ def layer_rows(run: QueryRun, routing_b: tuple[int, ...] = ROUTING_B) -> list[di
         n_attended = int(torch.isfinite(doc_max[0]).sum())
         for k in MASS_RECALL_K:
             if k <= n_attended:
-                row[rate_col("mass_recall", k)] = len(set(by_mass[:k]) & set(gold)) / len(gold)
+                row[rate_col("mass_recall", k)] = recall_at_k(by_mass, gold, k)
         scores = [] if run.route_scores is None else run.route_scores[layer]  # [routers x reduces, N]
         for i, values in enumerate(scores):  # older runs may carry fewer routers
             router, reduce = ROUTERS[i // len(REDUCES)], REDUCES[i % len(REDUCES)]

@@ -353,11 +353,11 @@ def summarize(records: pd.DataFrame, cfg: SweepConfig, backend: dict | None = No
                     r_sum_ci=_interval(group.r_sum_hit), r_any_ci=_interval(group.r_any_hit),
                     first_digit_acc_ci=_interval(group.first_digit_hit),
                 )
-                mass_cols = [(k, rate_col("mass_recall", k)) for k in MASS_RECALL_K]
-                mass = {str(k): _mean(group[c]) for k, c in mass_cols if c in group and group[c].notna().any()}
-                if mass:  # records from before this column lack it
-                    item["mass_recall"] = mass
-                    item["mass_recall_ci"] = {k: _interval(group[rate_col("mass_recall", int(k))]) for k in mass}
+                mass_cols = {str(k): rate_col("mass_recall", k) for k in MASS_RECALL_K}
+                mass_cols = {k: c for k, c in mass_cols.items() if c in group and group[c].notna().any()}
+                if mass_cols:  # records from before this column lack it
+                    item["mass_recall"] = {k: _mean(group[c]) for k, c in mass_cols.items()}
+                    item["mass_recall_ci"] = {k: _interval(group[c]) for k, c in mass_cols.items()}
                 # routing recall@B: "routing_recall" is QK-MaxSim with heads reduced by max (the
                 # paper's router); "routing_recall_by" every router and reduction
                 by = {name: {str(b): _mean(group[c]) for b, c in cols if group[c].notna().any()}

@@ -435,9 +435,9 @@ def part_paths(args) -> None:
     torch.set_grad_enabled(False)
     dtype = resolve_dtype(args.dtype)
     paths = args.paths or [chosen_path(dtype), "pytorch"]
-    print(f"== the lab's call on each corpus-attention path: SmolLM2 {dtype}, PyTorch dispatch "
+    print(f"== the lab's call on each corpus-attention path: {args.model} {dtype}, PyTorch dispatch "
           f"{torch.backends.cpu.get_cpu_capability()}, paths {', '.join(paths)} (timed in turns)")
-    model = load_model("smollm2-135m", dtype=dtype)
+    model = load_model(args.model, dtype=dtype)
     data = limit_dataset(n_docs=args.rerun_docs, items_per_doc=28, n_queries=8, seed=0)
     runner = BlockSearchRunner(model, data, progress=True)
     n = args.rerun_docs
@@ -662,6 +662,8 @@ def main() -> None:
     parser.add_argument("--paths", type=lambda s: s.split(","), default=None,
                         help="paths for --part paths (LENS_KERNEL values; default: lens's choice here, pytorch)")
     parser.add_argument("--repeats", type=int, default=2, help="timed turns per path in --part paths")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="the model of --part paths (a trained one, e.g. blocksearch-135m, lets more drafts stand)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="the model's dtype in the rerun and overhead parts (auto: lens info)")
     parser.add_argument("--tl-worker", type=int, default=None, help=argparse.SUPPRESS)

@@ -40,6 +40,8 @@ BENCHMARKS = {  # name -> (what it measures, command)
               [PY, "experiments/bench_sweep.py", "--n", "16,64", "--queries", "16"]),
     "paths": ("the lab's call on a cached 1,000-document corpus on lens's kernel path and PyTorch's, in turns",
               [PY, "experiments/bench_kernels.py", "--part", "paths"]),
+    "paths_trained": ("the same call on blocksearch-135m, a model trained for the task, whose codes let more drafts stand",
+                      [PY, "experiments/bench_kernels.py", "--part", "paths", "--model", "blocksearch-135m"]),
     "tl": ("gold statistics end to end from text, lens against TransformerLens run_with_cache at the largest T it holds",
            [PY, "experiments/bench_kernels.py", "--part", "tl"]),
     "kv": ("the lab's call in fp32 with the corpus's KV cached in fp32 or in bf16, in turns",

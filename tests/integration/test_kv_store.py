@@ -207,3 +207,23 @@ def test_bf16_kv_under_an_fp32_model(models, data, tmp_path):
     for a, b in zip(_runs(memory), _runs(exact)):
         assert torch.allclose(a.readout_logits, b.readout_logits, atol=0.05)
         assert (a.readout_logits - b.readout_logits).abs().max() > 0  # the KV was rounded
+
+
+def test_reads_are_views_of_the_mapped_file_that_never_write_it(models, data, tmp_path):
+    """The kernels read the cache in place (no copy per read), and a tensor read from it cannot
+    change the file: the map is copy-on-write."""
+    model = models("tiny-qwen3")
+    disk = BlockSearchRunner(model, data, progress=False, batch_tokens=100, kv="disk", kv_folder=tmp_path).source
+    keys, values = disk._read(1, 5, 30)
+    again, _ = disk._read(1, 0, 40)
+    assert keys.untyped_storage().data_ptr() == again.untyped_storage().data_ptr()  # one map, not copies
+    assert keys.stride(-1) == 1 and keys.stride(-2) == disk.d_head  # each head's rows contiguous (the kernels' layout)
+    path = disk._layer_path(disk.root, 1)
+    before = path.read_bytes()
+    keys.fill_(7.0)
+    assert torch.equal(again[:, 5:30], keys)  # the process sees its own write
+    assert path.read_bytes() == before  # the file does not
+    disk.close()
+    reopened = BlockSearchRunner(model, data, progress=False, batch_tokens=100, kv="disk", kv_folder=tmp_path).source
+    assert torch.equal(reopened._read(1, 0, 40)[0], torch.frombuffer(bytearray(before), dtype=disk.dtype).view(
+        2, disk.n_kv, disk.n_tokens, disk.d_head)[0, :, 0:40])

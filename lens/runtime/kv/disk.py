@@ -4,8 +4,10 @@ token, so a million-token corpus is 23 GB).
 The whole pool is prefilled once, in the seeded permutation order that every query's corpus is
 drawn from, into one file per layer (``[k|v, kv_head, token, d_head]``).  A query's corpus at
 size N is then a prefix of that order plus its gold documents, so the engine streams each
-layer's prefix once for all streams with plain positioned reads (no memory map: resident memory
-stays at a chunk, not the corpus).
+layer's prefix once for all streams.  The files are memory-mapped copy-on-write and never
+written through the map: the kernels read the page cache in place, with no copy per read.  Those
+pages belong to the page cache, which the OS evicts under memory pressure (a corpus larger than
+RAM runs at the disk's speed); they are counted in the process's resident set while mapped.
 
 The folder is content-addressed (model fingerprint, layout, every document's tokens and code,
 storage order, dtype), built in a ``.partial`` folder that a restarted build resumes batch by
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import zlib
@@ -126,8 +129,18 @@ class DiskKV(KVSource):
             return False
         tensors = load_file(self.root / "instruction.safetensors")
         self.instruction = DocumentKV(tensors["keys"], tensors["values"])
-        self._fds = [os.open(self._layer_path(self.root, l), os.O_RDONLY) for l in range(self.n_layers)]
+        self._layers = [self._map(self._layer_path(self.root, l)) for l in range(self.n_layers)]
         return True
+
+    def _map(self, path: Path) -> torch.Tensor:
+        """A layer file as a tensor [k|v, kv_head, token, d] over a copy-on-write map of it (the
+        tensor holds the map; the file is never written through it)."""
+        shape = (2, self.n_kv, self.n_tokens, self.d_head)
+        if self._layer_bytes() == 0:
+            return torch.empty(shape, dtype=self.dtype)
+        with path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(mapped, dtype=self.dtype).view(shape)
 
     def _verify(self, manifest_path: Path) -> str | None:
         try:
@@ -266,18 +279,10 @@ class DiskKV(KVSource):
             os.pwrite(fd, data[head].tobytes(), offset)
 
     def _read(self, layer: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Storage tokens [start, stop) of a layer: keys, values [kv_head, stop - start, d]."""
-        n = stop - start
-        out = np.empty((2, self.n_kv, n, self.d_head), dtype=_NUMPY[self.dtype])
-        for which in range(2):
-            for head in range(self.n_kv):
-                offset = ((which * self.n_kv + head) * self.n_tokens + start) * self.d_head * self.itemsize
-                buf = os.pread(self._fds[layer], n * self.d_head * self.itemsize, offset)
-                out[which, head] = np.frombuffer(buf, dtype=out.dtype).reshape(n, self.d_head)
-        t = torch.from_numpy(out)
-        if self.itemsize == 2:
-            t = t.view(self.dtype)
-        return t[0], t[1]
+        """Storage tokens [start, stop) of a layer: keys, values [kv_head, stop - start, d], views
+        of the mapped file (each head's rows contiguous)."""
+        t = self._layers[layer]
+        return t[0, :, start:stop], t[1, :, start:stop]
 
     # -------------------------------------------------------------------------- the engine's side
     def prefill(self, corpus: list[int]) -> None:
@@ -341,12 +346,5 @@ class DiskKV(KVSource):
                 update_shared([streams[i].attention for i in whole], keys, values, [plans[i][2][docs] for i in whole])
 
     def close(self) -> None:
-        for fd in getattr(self, "_fds", []):
-            os.close(fd)
-        self._fds = []
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        """Drops this cache's maps (each is unmapped once no tensor read from it is left)."""
+        self._layers = []

@@ -42,6 +42,8 @@ BENCHMARKS = {  # name -> (what it measures, command)
               [PY, "experiments/bench_kernels.py", "--part", "paths"]),
     "paths_trained": ("the same call on blocksearch-135m, a model trained for the task, whose codes let more drafts stand",
                       [PY, "experiments/bench_kernels.py", "--part", "paths", "--model", "blocksearch-135m"]),
+    "lab256": ("the lab's call at N=256 on blocksearch-135m (the app's default model), on each path in turns",
+               [PY, "experiments/bench_kernels.py", "--part", "paths", "--model", "blocksearch-135m", "--rerun-docs", "256"]),
     "tl": ("gold statistics end to end from text, lens against TransformerLens run_with_cache at the largest T it holds",
            [PY, "experiments/bench_kernels.py", "--part", "tl"]),
     "kv": ("the lab's call in fp32 with the corpus's KV cached in fp32 or in bf16, in turns",

@@ -15,9 +15,14 @@ from lens.models.registry import REGISTRY, load_model
 from lens.workbench import DEFAULT_DATASET, default_model
 
 
+def app_dtype() -> str:
+    """The dtype the app's models and sweeps run in: ``LENS_DTYPE``, else ``auto`` (lens.backend)."""
+    return os.environ.get("LENS_DTYPE", "auto")
+
+
 @st.cache_resource(show_spinner="loading model")
 def cached_model(name: str):
-    return load_model(name, dtype=resolve_dtype(os.environ.get("LENS_DTYPE", "auto")))
+    return load_model(name, dtype=resolve_dtype(app_dtype()))
 
 
 @st.cache_resource(show_spinner="preparing corpus")

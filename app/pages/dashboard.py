@@ -5,7 +5,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from app.common import chart, model_and_dataset, parse_sizes
+from app.common import app_dtype, chart, model_and_dataset, parse_sizes
 from kernels.score_functions import INTERVENTIONS
 from kernels.spec import InterventionSpecError
 from lens.errors import LensError
@@ -41,7 +41,7 @@ auto = folder == default_folder and not (folder.exists() and any(folder.iterdir(
 if run_clicked or (auto and not (folder / "summary.json").is_file()):
     bar = st.progress(0.0, text="sweep: starting (prefilling documents)")
     cfg = SweepConfig(model=model, dataset=dataset, n=sizes, queries=int(queries),
-                      interventions=interventions or ["none"], beam=2, batch=int(queries))
+                      interventions=interventions or ["none"], beam=2, batch=int(queries), dtype=app_dtype())
     try:
         run_sweep(cfg, folder, progress=False,
                   on_unit=lambda done, total: bar.progress(done / total, text=f"sweep: {done}/{total} units"))

@@ -48,6 +48,20 @@ def test_dashboard_runs_the_default_sweep_and_shows_its_numbers(tmp_path):
     assert {"dash-records-download", "dash-summary-download", "fig-rsum-download", "fig-heads-download"} <= buttons
 
 
+def test_the_dashboards_sweep_runs_in_the_apps_dtype(tmp_path, monkeypatch):
+    """LENS_DTYPE sets the dtype of the dashboard's sweeps as it does the app's models."""
+    import torch
+
+    from lens.backend import auto_dtype
+
+    want = "float32" if auto_dtype() == torch.bfloat16 else "bfloat16"  # not what auto picks here
+    monkeypatch.setenv("LENS_DTYPE", want)
+    at = _app(tmp_path, **{"dash-n": "4"}).run()
+    at.button(key="dash-run").click().run()
+    assert not at.exception and not at.error
+    assert json.loads((tmp_path / "records" / "summary.json").read_text())["dtype"] == want
+
+
 def test_dashboard_bad_input_is_a_message_not_a_traceback(tmp_path):
     at = _app(tmp_path, **{"dash-n": "4,400"}).run()
     assert not at.exception

@@ -20,14 +20,24 @@ def app_dtype() -> str:
     return os.environ.get("LENS_DTYPE", "auto")
 
 
-@st.cache_resource(show_spinner="loading model")
 def cached_model(name: str):
-    return load_model(name, dtype=resolve_dtype(app_dtype()))
+    """The model ``name`` in the app's dtype, loaded once per (name, dtype)."""
+    return _cached_model(name, app_dtype())
+
+
+@st.cache_resource(show_spinner="loading model")
+def _cached_model(name: str, dtype: str):
+    return load_model(name, dtype=resolve_dtype(dtype))
+
+
+def cached_runner(model_name: str, dataset: str) -> BlockSearchRunner:
+    """The runner over ``dataset`` with the app's model, built once per (model, dataset, dtype)."""
+    return _cached_runner(model_name, dataset, app_dtype())
 
 
 @st.cache_resource(show_spinner="preparing corpus")
-def cached_runner(model_name: str, dataset: str) -> BlockSearchRunner:
-    return BlockSearchRunner(cached_model(model_name), load_dataset(dataset), progress=False)
+def _cached_runner(model_name: str, dataset: str, dtype: str) -> BlockSearchRunner:
+    return BlockSearchRunner(_cached_model(model_name, dtype), load_dataset(dataset), progress=False)
 
 
 def model_and_dataset(key: str):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import time
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -175,6 +176,25 @@ def build_root() -> Path:
     return Path(os.environ.get("LENS_CACHE") or Path.home() / ".cache" / "lens").expanduser() / "build"
 
 
+STALE_LOCK_SECONDS = 600  # a build takes ~15-30 s; a lock this old was left by a killed one
+
+
+def clear_stale_lock(folder: Path) -> bool:
+    """Removes the lock file a killed build left in ``folder`` (PyTorch's extension builder
+    waits on it forever otherwise); a lock younger than :data:`STALE_LOCK_SECONDS` belongs to a
+    build under way and is kept.  Returns whether one was removed."""
+    lock = folder / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    warnings.warn(f"lens: removing {lock}, left {age / 60:.0f} min ago by a kernel build that did not finish")
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def build(path: str = "native-avx512", ablate: int = 0, root: Path | None = None):
     """Compile (or load the cached build of) one path's kernel into ``root`` (default
     :func:`build_root`).  ``ablate`` != 0 builds a variant of ``native-avx512`` with parts of the
@@ -188,6 +208,7 @@ def build(path: str = "native-avx512", ablate: int = 0, root: Path | None = None
     tag = f"{stem}_{digest}_ablate{ablate}" if ablate else f"{stem}_{digest}"
     folder = (root or build_root()) / tag
     folder.mkdir(parents=True, exist_ok=True)
+    clear_stale_lock(folder)
     return load(
         name=f"lens_{tag}", sources=[str(source)], build_directory=str(folder),
         extra_cflags=["-O3", *flags, "-fopenmp", f"-DLENS_ABLATE={int(ablate)}", f"-DLENS_ISA={stem}"],

@@ -30,3 +30,22 @@ def test_a_compile_error_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setitem(native.BUILDS, "vec-default", (broken, [], ()))
     with pytest.raises(RuntimeError, match="vec-default: .* failed"):
         compile_only("vec-default", tmp_path)
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    """PyTorch's extension builder waits forever on the lock file of a build that was killed;
+    lens removes a lock older than any build takes, and leaves a build under way alone."""
+    import os
+    import time
+
+    import kernels.native as native
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not native.clear_stale_lock(tmp_path) and lock.exists()  # a build under way
+    old = time.time() - native.STALE_LOCK_SECONDS - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="did not finish"):
+        assert native.clear_stale_lock(tmp_path)
+    assert not lock.exists()
+    assert not native.clear_stale_lock(tmp_path)  # nothing to remove

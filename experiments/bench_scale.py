@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -27,13 +28,9 @@ def memory_text() -> str:
     """Peak RSS, and where Linux reports it, the anonymous part of the RSS now (the process's own
     memory, without the mapped KV cache's page-cache pages)."""
     text = f"peak RSS {peak_rss_gb():.2f} GB (mapped KV cache pages included)"
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return text + f", anonymous memory now {int(line.split()[1]) / 1024**2:.2f} GB"
-    except OSError:
-        pass
-    return text
+    status = Path("/proc/self/status")
+    anon = [line.split()[1] for line in status.read_text().splitlines() if line.startswith("RssAnon:")] if status.exists() else []
+    return text + (f", anonymous memory now {int(anon[0]) / 1024**2:.2f} GB" if anon else "")
 
 
 def main() -> None:

@@ -67,6 +67,41 @@ def prefill_training_corpus(model: Decoder, instruction_ids: list[int], docs: li
     )
 
 
+def gradient_leaves(c: TrainingCorpus) -> TrainingCorpus:
+    """``c``'s states as leaves that collect the query passes' gradient (for
+    :func:`backward_through_prefill`)."""
+    leaf = lambda t: t.detach().requires_grad_()  # noqa: E731
+    return TrainingCorpus([leaf(k) for k in c.keys], [leaf(v) for v in c.values], c.key_doc, c.n_docs)
+
+
+def backward_through_prefill(model: Decoder, instruction_ids: list[int], docs: list[list[int]],
+                             leaves: TrainingCorpus, chunk_docs: int) -> None:
+    """The prefill's half of a step's backward, ``chunk_docs`` documents at a time.
+
+    The step prefilled ``docs`` without autograd, ran its passes on :func:`gradient_leaves` of
+    those states and called ``backward()``: the leaves now hold the loss's gradient with respect
+    to every key and value.  Each chunk's prefill is recomputed with autograd and that gradient
+    sent through it.  Documents see only the instruction and themselves, so the chunks' gradients
+    sum to the backward through the whole prefill, at the memory of one chunk's activations:
+    corpora of 1,000 documents (85K tokens) train jointly with the adapter on a CPU."""
+    n_inst = len(instruction_ids)
+    bounds = [n_inst]
+    for d in docs:
+        bounds.append(bounds[-1] + len(d))
+    for start in range(0, len(docs), chunk_docs):
+        stop = min(start + chunk_docs, len(docs))
+        part = prefill_training_corpus(model, instruction_ids, docs[start:stop])
+        lo, hi = bounds[start], bounds[stop]
+        total = 0.0
+        for states, given in ((part.keys, leaves.keys), (part.values, leaves.values)):
+            for layer, t in enumerate(states):
+                g = given[layer].grad
+                total = total + (t[:, n_inst:].float() * g[:, lo:hi].float()).sum()
+                if start == 0:  # the passes read the instruction's states too: their gradient once
+                    total = total + (t[:, :n_inst].float() * g[:, :n_inst].float()).sum()
+        total.backward()
+
+
 def layout_digit_logits(
     model: Decoder,
     instruction_ids: list[int],

@@ -154,3 +154,47 @@ def test_a_corpus_prefilled_without_gradient_serves_the_s_l_training(models):
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5) and grads[0].abs().sum() > 0
     assert all(p.grad is None for p in params)
+
+
+def test_the_prefill_backward_chunk_by_chunk_equals_the_whole(models):
+    """A step whose corpus is prefilled without autograd and whose prefill backward then runs
+    a few documents at a time (how --doc-chunk trains at 1,000 documents) gives every LoRA and
+    s_L gradient of the step that keeps the whole prefill in its graph."""
+    from lens.training import LearnedSSMax, backward_through_prefill, gradient_leaves, prefill_training_corpus
+
+    model, data, runner = _setup(models)
+    pool = runner.pool
+    params = add_lora(model, 4, 8)
+    named = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    q = data.queries[0]
+    run = runner.run_query(q.id, 8, record=False)
+    docs = [pool.doc_token_ids[d] for d in run.corpus]
+    passes = [(pool.query_token_ids(model.tokenizer, q.id), [int(c) for c in run.decoded]),
+              (pool.query_token_ids(model.tokenizer, data.queries[1].id), [3, 1, 4, 1])]
+    grads = []
+    for chunk in (None, 3):
+        ssmax = LearnedSSMax(model.cfg.n_layers, init_n=4.0)
+        for p in params:
+            p.grad = None
+        with torch.enable_grad():
+            leaves = None
+            if chunk:
+                with torch.no_grad():
+                    leaves = gradient_leaves(prefill_training_corpus(model, pool.instruction_ids, docs))
+            out = layout_digit_logits(model, pool.instruction_ids, docs, passes, runner.digit_ids,
+                                      query_offset=runner.layout.query_offset, ssmax=ssmax, prefilled=leaves)
+            sum(torch.log_softmax(o[0], -1)[torch.arange(4), torch.tensor(code)].sum()
+                for o, (_, code) in zip(out, passes)).backward()
+            if chunk:
+                backward_through_prefill(model, pool.instruction_ids, docs, leaves, chunk)
+        grads.append({n: p.grad.clone() for n, p in named.items()} | {"s": ssmax.s.grad.clone()})
+    whole, chunked = grads
+    assert len(docs) > 3 and whole.keys() == chunked.keys()
+    # layer 0's key adapter acts on the documents' keys (and on the query's own)
+    assert whole["blocks.0.attn.k_proj.lora_A.default.weight"].abs().sum() > 0
+    for n in whole:
+        assert torch.allclose(whole[n], chunked[n], atol=1e-6, rtol=1e-4), n

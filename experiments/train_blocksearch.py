@@ -153,6 +153,9 @@ def main() -> None:
                         help="train the s_L alone (needs --ssmax and --init-adapter): the LoRA stays as given")
     parser.add_argument("--corpus-steps", type=int, default=1,
                         help="with --freeze-lora: steps one corpus serves (its prefill reused, --queries new queries each)")
+    parser.add_argument("--doc-chunk", type=int, default=0,
+                        help="prefill each corpus without autograd and run its backward this many documents at a "
+                             "time (the same gradient at one chunk's memory: corpora of 1,000 documents); 0: whole")
     parser.add_argument("--code-position", default="end", choices=["start", "end"],
                         help="where the code sits in a document (README: code-first did not learn in budget)")
     parser.add_argument("--queries", type=int, default=32,
@@ -175,12 +178,15 @@ def main() -> None:
         parser.error("--freeze-lora trains the s_L of a trained adapter: give --ssmax and --init-adapter")
     if args.corpus_steps < 1 or (args.corpus_steps > 1 and not args.freeze_lora):
         parser.error("--corpus-steps > 1 reuses a corpus's prefill, which needs a frozen adapter: add --freeze-lora")
+    if args.doc_chunk < 0 or (args.doc_chunk and args.freeze_lora):
+        parser.error("--doc-chunk K (K >= 1) runs the documents' backward in chunks; a frozen adapter has none")
 
     from lens.data.layout import LayoutConfig
     from lens.models.registry import load_model
     from lens.paths import cache_dir
     from lens.models.lora import LORA_TARGETS, add_lora, lora_state
-    from lens.training import LearnedSSMax, layout_digit_logits, prefill_training_corpus
+    from lens.training import (LearnedSSMax, backward_through_prefill, gradient_leaves, layout_digit_logits,
+                               prefill_training_corpus)
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,6 +230,8 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads", "dtype")}
     if not args.freeze_lora:  # configs of recipes without these options stay as they were
         config.pop("freeze_lora"), config.pop("corpus_steps")
+    if not args.doc_chunk:
+        config.pop("doc_chunk")
     log_path = ckpt_dir / "loss_log.jsonl"
     step = 0
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -265,6 +273,9 @@ def main() -> None:
             rng = random.Random(f"{args.seed}:{step}")
             ex = sample_example(rng, step, args, tok, layout, beir)
             prefilled = None
+            if args.doc_chunk:  # prefilled without autograd; the passes' gradient lands on these leaves
+                with torch.no_grad(), autocast:
+                    prefilled = gradient_leaves(prefill_training_corpus(model, instruction_ids, ex["docs"]))
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
         with autocast:
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,
@@ -296,6 +307,10 @@ def main() -> None:
         total = loss + args.aux_weight * aux
         optimizer.zero_grad()
         total.backward()
+        if args.doc_chunk:  # ... and goes through the prefill, recomputed a chunk of documents at a time
+            with autocast:
+                backward_through_prefill(model, instruction_ids, ex["docs"], prefilled, args.doc_chunk)
+            prefilled = None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()

@@ -194,6 +194,7 @@ def main() -> None:
     ckpt_dir = Path(args.checkpoints) if args.checkpoints else cache_dir() / "train" / out.name
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(args.base, dtype=torch.float32)
+    torch.manual_seed(args.seed)  # the LoRA's initial A (peft draws it at random)
     params = add_lora(model, args.rank, args.alpha)
     if args.init_adapter:
         from safetensors.torch import load_file

@@ -153,9 +153,10 @@ def main() -> None:
                         help="train the s_L alone (needs --ssmax and --init-adapter): the LoRA stays as given")
     parser.add_argument("--corpus-steps", type=int, default=1,
                         help="with --freeze-lora: steps one corpus serves (its prefill reused, --queries new queries each)")
-    parser.add_argument("--doc-chunk", type=int, default=0,
-                        help="prefill each corpus without autograd and run its backward this many documents at a "
-                             "time (the same gradient at one chunk's memory: corpora of 1,000 documents); 0: whole")
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="prefill each corpus without autograd and run its backward a chunk of documents of at most "
+                             "this many tokens at a time (the same gradient at one chunk's memory: corpora of 1,000 "
+                             "documents); 0: the whole prefill in the graph")
     parser.add_argument("--code-position", default="end", choices=["start", "end"],
                         help="where the code sits in a document (README: code-first did not learn in budget)")
     parser.add_argument("--queries", type=int, default=32,
@@ -178,8 +179,8 @@ def main() -> None:
         parser.error("--freeze-lora trains the s_L of a trained adapter: give --ssmax and --init-adapter")
     if args.corpus_steps < 1 or (args.corpus_steps > 1 and not args.freeze_lora):
         parser.error("--corpus-steps > 1 reuses a corpus's prefill, which needs a frozen adapter: add --freeze-lora")
-    if args.doc_chunk < 0 or (args.doc_chunk and args.freeze_lora):
-        parser.error("--doc-chunk K (K >= 1) runs the documents' backward in chunks; a frozen adapter has none")
+    if args.chunk_tokens < 0 or (args.chunk_tokens and args.freeze_lora):
+        parser.error("--chunk-tokens T (T >= 1) runs the documents' backward in chunks; a frozen adapter has none")
 
     from lens.data.layout import LayoutConfig
     from lens.models.registry import load_model
@@ -231,8 +232,8 @@ def main() -> None:
     config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads", "dtype")}
     if not args.freeze_lora:  # configs of recipes without these options stay as they were
         config.pop("freeze_lora"), config.pop("corpus_steps")
-    if not args.doc_chunk:
-        config.pop("doc_chunk")
+    if not args.chunk_tokens:
+        config.pop("chunk_tokens")
     log_path = ckpt_dir / "loss_log.jsonl"
     step = 0
     ckpt = ckpt_dir / "checkpoint.pt"
@@ -274,7 +275,7 @@ def main() -> None:
             rng = random.Random(f"{args.seed}:{step}")
             ex = sample_example(rng, step, args, tok, layout, beir)
             prefilled = None
-            if args.doc_chunk:  # prefilled without autograd; the passes' gradient lands on these leaves
+            if args.chunk_tokens:  # prefilled without autograd; the passes' gradient lands on these leaves
                 with torch.no_grad(), autocast:
                     prefilled = gradient_leaves(prefill_training_corpus(model, instruction_ids, ex["docs"]))
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
@@ -308,9 +309,9 @@ def main() -> None:
         total = loss + args.aux_weight * aux
         optimizer.zero_grad()
         total.backward()
-        if args.doc_chunk:  # ... and goes through the prefill, recomputed a chunk of documents at a time
+        if args.chunk_tokens:  # ... and goes through the prefill, recomputed a chunk of documents at a time
             with autocast:
-                backward_through_prefill(model, instruction_ids, ex["docs"], prefilled, args.doc_chunk)
+                backward_through_prefill(model, instruction_ids, ex["docs"], prefilled, args.chunk_tokens)
             prefilled = None
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

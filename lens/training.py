@@ -75,8 +75,9 @@ def gradient_leaves(c: TrainingCorpus) -> TrainingCorpus:
 
 
 def backward_through_prefill(model: Decoder, instruction_ids: list[int], docs: list[list[int]],
-                             leaves: TrainingCorpus, chunk_docs: int) -> None:
-    """The prefill's half of a step's backward, ``chunk_docs`` documents at a time.
+                             leaves: TrainingCorpus, chunk_tokens: int) -> None:
+    """The prefill's half of a step's backward, a chunk of documents of at most ``chunk_tokens``
+    tokens (or one document) at a time.
 
     The step prefilled ``docs`` without autograd, ran its passes on :func:`gradient_leaves` of
     those states and called ``backward()``: the leaves now hold the loss's gradient with respect
@@ -88,8 +89,11 @@ def backward_through_prefill(model: Decoder, instruction_ids: list[int], docs: l
     bounds = [n_inst]
     for d in docs:
         bounds.append(bounds[-1] + len(d))
-    for start in range(0, len(docs), chunk_docs):
-        stop = min(start + chunk_docs, len(docs))
+    chunks = [0]
+    for j in range(1, len(docs) + 1):
+        if j == len(docs) or bounds[j + 1] - bounds[chunks[-1]] > chunk_tokens:
+            chunks.append(j)
+    for start, stop in zip(chunks, chunks[1:]):
         part = prefill_training_corpus(model, instruction_ids, docs[start:stop])
         lo, hi = bounds[start], bounds[stop]
         total = 0.0

@@ -27,9 +27,14 @@ def default_model() -> str:
     return "blocksearch-135m" if entry is not None and entry.weights_present() else "smollm2-135m"
 
 
-def records_folder(model: str, dataset: str, sizes: list[int], queries: int) -> Path:
-    key = hashlib.sha256(json.dumps([model, dataset, sizes, queries]).encode()).hexdigest()[:12]
-    return cache_dir() / "records" / f"app-{key}"
+def records_folder(model: str, dataset: str, sizes: list[int], queries: int, dtype: str = "auto") -> Path:
+    """The app's own records folder for a sweep: one per model, dataset, sizes, queries and dtype
+    (``auto`` resolved, so a folder never holds records of two dtypes)."""
+    from lens.backend import resolve_dtype
+
+    resolved = str(resolve_dtype(dtype)).removeprefix("torch.")
+    key = hashlib.sha256(json.dumps([model, dataset, sizes, queries, resolved]).encode()).hexdigest()[:12]
+    return cache_dir() / "records" / f"app-{resolved}-{key}"
 
 
 def intervention_from_controls(chosen: dict[str, dict]) -> Intervention:

@@ -30,7 +30,7 @@ if runner is None:
 sizes = parse_sizes(sizes_text, runner.dataset)
 if sizes is None:
     st.stop()
-default_folder = records_folder(model, dataset, sizes, int(queries))
+default_folder = records_folder(model, dataset, sizes, int(queries), app_dtype())
 if os.environ.get("LENS_APP_RECORDS"):  # the browser test keeps its records apart
     default_folder = Path(os.environ["LENS_APP_RECORDS"]) / default_folder.name
 folder = Path(st.sidebar.text_input("records folder", str(default_folder), key="dash-folder"))

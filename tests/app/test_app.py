@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from streamlit.testing.v1 import AppTest
 
 from kernels.interventions import SSMax, Temperature
@@ -60,6 +61,18 @@ def test_the_dashboards_sweep_runs_in_the_apps_dtype(tmp_path, monkeypatch):
     at.button(key="dash-run").click().run()
     assert not at.exception and not at.error
     assert json.loads((tmp_path / "records" / "summary.json").read_text())["dtype"] == want
+
+
+def test_the_apps_records_folder_is_one_per_dtype():
+    """A sweep in another dtype gets its own folder (``auto`` as the dtype it resolves to), so the
+    first visit never resumes records made in another dtype."""
+    from lens.backend import auto_dtype
+    from lens.workbench import records_folder
+
+    args = ("blocksearch-135m", "limit-pairs:docs=46", [4, 16], 8)
+    f32, bf16 = records_folder(*args, "float32"), records_folder(*args, "bfloat16")
+    assert f32 != bf16 and "float32" in f32.name and "bfloat16" in bf16.name
+    assert records_folder(*args) == (bf16 if auto_dtype() == torch.bfloat16 else f32)
 
 
 def test_dashboard_bad_input_is_a_message_not_a_traceback(tmp_path):

@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--aux-weight", type=float, default=0.1)
     parser.add_argument("--aux-tau", type=float, default=1.0)
     parser.add_argument("--save-every", type=int, default=50)
+    parser.add_argument("--stop-after", type=int, default=None,
+                        help="write the adapter after this step (the learning-rate schedule stays that of --steps)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -229,7 +231,7 @@ def main() -> None:
 
     compute_dtype = resolve_dtype(args.dtype)
     print(stamp(compute_dtype))
-    config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads", "dtype")}
+    config = {k: v for k, v in vars(args).items() if k not in ("checkpoints", "threads", "dtype", "stop_after")}
     if not args.freeze_lora:  # configs of recipes without these options stay as they were
         config.pop("freeze_lora"), config.pop("corpus_steps")
     if not args.chunk_tokens:
@@ -254,9 +256,12 @@ def main() -> None:
         beir = load_beir(args.beir, drop_unjudged=True)
     model.train()
     t0 = time.time()
-    bar = tqdm(total=args.steps, initial=step, desc="train", unit="step")
+    last = min(args.steps, args.stop_after or args.steps)
+    if step > last:
+        raise SystemExit(f"{ckpt} is at step {step}, past --stop-after {last}")
+    bar = tqdm(total=last, initial=step, desc="train", unit="step")
     held = None  # with --freeze-lora: (corpus index, its example, its prefilled states)
-    while step < args.steps:
+    while step < last:
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16)
         if args.freeze_lora:  # a corpus prefilled once, without autograd, serves --corpus-steps steps
             c, part = divmod(step, args.corpus_steps)
@@ -325,7 +330,7 @@ def main() -> None:
                                     elapsed_s=round(time.time() - t0, 1))) + "\n")
         bar.set_postfix(loss=f"{loss.item():.3f}")
         bar.update(1)
-        if step % args.save_every == 0 or step == args.steps:
+        if step % args.save_every == 0 or step == last:
             tmp = ckpt.with_suffix(".tmp")
             torch.save(dict(config=config, lora=lora_state(model), optimizer=optimizer.state_dict(),
                             schedule=schedule.state_dict(), step=step,
@@ -346,6 +351,7 @@ def main() -> None:
     (out / "adapter_config.json").write_text(json.dumps(dict(
         base=args.base, r=args.rank, lora_alpha=args.alpha, target_modules=LORA_TARGETS, training=config,
         layout=dict(code_position=args.code_position, max_doc_tokens=args.max_doc_tokens), **extra,
+        **(dict(stopped_after_step=last) if last < args.steps else {}),
         wall_seconds_this_run=round(time.time() - t0),
     ), indent=1))
     (out / "loss_log.jsonl").write_text(log_path.read_text())

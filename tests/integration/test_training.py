@@ -225,3 +225,27 @@ def test_the_training_script_takes_the_same_step_with_the_prefill_backward_in_ch
     assert whole.keys() == chunked.keys() and "ssmax.s" in whole
     for name in whole:
         assert torch.allclose(whole[name].float(), chunked[name].float(), atol=1e-3, rtol=1e-2), name
+
+
+def test_the_training_script_stops_after_a_step_and_resumes_from_it(tmp_path):
+    """`--stop-after K` writes the adapter after step K of the --steps schedule (and says so);
+    the same command with a later K resumes there."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "experiments" / "train_blocksearch.py"
+    out = tmp_path / "adapter"
+    base = [sys.executable, str(script), "--base", "tiny-llama", "--steps", "3", "--n-docs", "6", "--mix", "needle=1",
+            "--queries", "2", "--rank", "4", "--alpha", "8", "--warmup", "1", "--save-every", "1", "--dtype",
+            "float32", "--out", str(out), "--checkpoints", str(tmp_path / "ckpt")]
+    for k, steps_logged in ((1, 1), (3, 3)):
+        done = subprocess.run(base + ["--stop-after", str(k)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config.get("stopped_after_step") == (k if k < 3 else None)
+        assert [json.loads(l)["step"] for l in (out / "loss_log.jsonl").read_text().splitlines()] == list(
+            range(1, steps_logged + 1))
+    past = subprocess.run(base + ["--stop-after", "2"], capture_output=True, text=True)
+    assert past.returncode != 0 and "past --stop-after 2" in past.stderr

@@ -282,7 +282,8 @@ def main() -> None:
             prefilled = None
             if args.chunk_tokens:  # prefilled without autograd; the passes' gradient lands on these leaves
                 with torch.no_grad(), autocast:
-                    prefilled = gradient_leaves(prefill_training_corpus(model, instruction_ids, ex["docs"]))
+                    prefilled = gradient_leaves(prefill_training_corpus(model, instruction_ids, ex["docs"]),
+                                                compute_dtype)
         passes = [(q["ids"], code) for q in ex["queries"] for code in q["codes"]]
         with autocast:
             outputs = layout_digit_logits(model, instruction_ids, ex["docs"], passes, digit_ids,

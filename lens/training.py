@@ -96,15 +96,11 @@ def backward_through_prefill(model: Decoder, instruction_ids: list[int], docs: l
             chunks.append(j)
     for start, stop in zip(chunks, chunks[1:]):
         part = prefill_training_corpus(model, instruction_ids, docs[start:stop])
-        lo, hi = bounds[start], bounds[stop]
-        total = 0.0
-        for states, given in ((part.keys, leaves.keys), (part.values, leaves.values)):
-            for layer, t in enumerate(states):
-                g = given[layer].grad
-                total = total + (t[:, n_inst:].float() * g[:, lo:hi].float()).sum()
-                if start == 0:  # the passes read the instruction's states too: their gradient once
-                    total = total + (t[:, :n_inst].float() * g[:, :n_inst].float()).sum()
-        total.backward()
+        # the passes read the instruction's states too: their gradient goes through the first chunk only
+        first, lo, hi = (0, 0, bounds[stop]) if start == 0 else (n_inst, bounds[start], bounds[stop])
+        states = [t[:, first:] for t in (*part.keys, *part.values)]
+        grads = [leaf.grad[:, lo:hi].to(t.dtype) for leaf, t in zip((*leaves.keys, *leaves.values), states)]
+        torch.autograd.backward(states, grads)
 
 
 def layout_digit_logits(

@@ -44,10 +44,15 @@ bench: setup
 	$(VENV)/bin/python experiments/bench_prefill.py
 
 # Train BlockSearch-135M's LoRA adapters (recipe v2 starts from the v1 adapter; each resumes from
-# its checkpoints in $LENS_CACHE/train).  README, "Training BlockSearch-135M", gives wall times and the CPU.
+# its checkpoints in $LENS_CACHE/train).  docs/findings.md, "Training", gives wall times and the CPU.
+# blocksearch-135m is recipe v2 (80 steps) continued for 48 steps at N in {32, 46, 64}, 32 queries a step.
+LENS_CACHE ?= $(HOME)/.cache/lens
 TRAIN_V2 := --steps 80 --queries 24 --lr 1e-3 --warmup 5 --save-every 10 --init-adapter lens/adapters/blocksearch-135m-v1
+TRAIN_V2_CONTINUED := --steps 48 --n-docs 32,46,64 --queries 32 --lr 6e-4 --warmup 3 --save-every 4 --seed 43
 train: setup
-	$(VENV)/bin/python experiments/train_blocksearch.py $(TRAIN_V2) --out lens/adapters/blocksearch-135m
+	$(VENV)/bin/python experiments/train_blocksearch.py $(TRAIN_V2) --out $(LENS_CACHE)/train/blocksearch-135m-stage1
+	$(VENV)/bin/python experiments/train_blocksearch.py $(TRAIN_V2_CONTINUED) \
+		--init-adapter $(LENS_CACHE)/train/blocksearch-135m-stage1 --out lens/adapters/blocksearch-135m
 
 train-ssmax: setup
 	$(VENV)/bin/python experiments/train_blocksearch.py $(TRAIN_V2) --ssmax --out lens/adapters/blocksearch-135m-ssmax

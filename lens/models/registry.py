@@ -133,8 +133,8 @@ def _adapter_present(name: str) -> bool:
 
 
 _ADAPTER_DESCRIPTIONS = {
-    "blocksearch-135m": "SmolLM2-135M-Instruct + lens's BlockSearch LoRA, recipe v2 (LIMIT pairs, N 16-64)",
-    "blocksearch-135m-ssmax": "blocksearch-135m's recipe with a trained length-aware softmax (s_L log N per layer)",
+    "blocksearch-135m": "SmolLM2-135M-Instruct + lens's BlockSearch LoRA, recipe v2 continued at N 32-64 (LIMIT pairs)",
+    "blocksearch-135m-ssmax": "recipe v2 (80 steps) with a trained length-aware softmax (s_L log N per layer)",
     "blocksearch-135m-v1": "SmolLM2-135M-Instruct + the first BlockSearch LoRA (N 4-16, 8-20 items)",
 }
 

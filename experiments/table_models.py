@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from lens.errors import LensError
 from lens.report import load_records
 from lens.stats import format_rate
 
@@ -80,11 +81,13 @@ def main() -> None:
         if args.mass_best or args.mass_layer is not None else []
     head = ["model", "intervention", "ranking", "N", "tokens", "queries", "hit@1", "Recall@2", "MiniLM Recall@2",
             "max R_any", "max R_sum", "logit-lens first digit (best; last layer)"] + mass + (["R_any >= 0.8 at"] if args.layers else [])
+    try:  # every folder read before the table starts, so a bad one prints no half table
+        lines = [line for folder in args.records for line in rows(folder, args.layers, args.mass_layer, args.mass_best)]
+    except LensError as err:
+        raise SystemExit(f"table_models: {err}") from None
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
-    for folder in args.records:
-        for line in rows(folder, args.layers, args.mass_layer, args.mass_best):
-            print(line)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ nothing written to --out; and the silent cases give an error or the right result
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -214,3 +215,13 @@ def test_extreme_but_finite_settings_keep_masses_in_range_and_json_strict(tmp_pa
     records = pd.read_parquet(out / "records.parquet")
     assert records.query("level == 'head'").gold_mass.between(0, 1).all()
     assert records.query("level == 'layer'").layer_gold_mass.between(0, 1).all()
+
+
+@pytest.mark.parametrize("script", ["table_models.py", "gold_ranks.py"])
+def test_a_table_script_given_a_folder_without_records_says_so_and_prints_no_table(script, tmp_path):
+    path = Path(__file__).parents[2] / "experiments" / script
+    result = subprocess.run([sys.executable, str(path), str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == "", (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr and str(tmp_path) in lines[0], result.stderr
+    assert "lens sweep --out" in lines[0], lines[0]

@@ -97,9 +97,9 @@ def backward_through_prefill(model: Decoder, instruction_ids: list[int], docs: l
     for start, stop in zip(chunks, chunks[1:]):
         part = prefill_training_corpus(model, instruction_ids, docs[start:stop])
         # the passes read the instruction's states too: their gradient goes through the first chunk only
-        first, lo, hi = (0, 0, bounds[stop]) if start == 0 else (n_inst, bounds[start], bounds[stop])
+        first, lo = (0, 0) if start == 0 else (n_inst, bounds[start])
         states = [t[:, first:] for t in (*part.keys, *part.values)]
-        grads = [leaf.grad[:, lo:hi].to(t.dtype) for leaf, t in zip((*leaves.keys, *leaves.values), states)]
+        grads = [leaf.grad[:, lo:bounds[stop]].to(t.dtype) for leaf, t in zip((*leaves.keys, *leaves.values), states)]
         torch.autograd.backward(states, grads)
 
 
